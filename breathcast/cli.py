@@ -1,0 +1,145 @@
+"""The ``breathcast`` command line: a thin layer that parses, calls the library and prints.
+
+Bad input ends with a one-line ``breathcast: error: ...`` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import breathcast
+from breathcast.errors import BreathcastError
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("breathcast")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _simulation_config(args: argparse.Namespace):
+    from breathcast.simulator import SimulationConfig
+
+    return SimulationConfig(grid_size=args.grid, n_scans=args.scans, noise_hu=args.noise_hu, n_tumours=args.tumours)
+
+
+def _add_simulation_options(parser: argparse.ArgumentParser, scans_default: int = 25) -> None:
+    from breathcast.simulator import MIN_GRID_SIZE
+
+    parser.add_argument("--grid", type=_int_at_least(MIN_GRID_SIZE), default=64, metavar="N",
+                        help=f"scan grid N x N x N voxels (at least {MIN_GRID_SIZE}; default 64)")
+    parser.add_argument("--scans", type=_int_at_least(1), default=scans_default, metavar="K",
+                        help=f"fast helical free-breathing scans per patient (default {scans_default})")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same data (default 0)")
+    parser.add_argument("--noise-hu", type=_non_negative_float, default=15.0, metavar="HU",
+                        help="CT noise standard deviation in HU (default 15)")
+    parser.add_argument("--tumours", type=_int_at_least(0), default=1, metavar="T", help="lung tumours per patient (default 1)")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from breathcast.simulator import simulate_dataset
+
+    start = time.perf_counter()
+    folders = simulate_dataset(args.out, args.patients, _simulation_config(args), seed=args.seed, progress=not args.quiet)
+    print(f"wrote {len(folders)} patient(s) to {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from breathcast.dataset import prepare_output_dir
+    from breathcast.plots import plot_patient_overview
+    from breathcast.simulator import save_patient, simulate_patient
+
+    out = prepare_output_dir(args.out)
+    start = time.perf_counter()
+    patient = simulate_patient(args.seed, _simulation_config(args), patient_id="demo_patient")
+    elapsed = time.perf_counter() - start
+    save_patient(patient, out / "dataset")
+    png = plot_patient_overview(patient, out / "demo_patient.png")
+    amplitudes = [float(scan.amplitude.mean()) for scan in patient.scans]
+    print(f"simulated {patient.patient_id}: {len(patient.scans)} scans on {patient.grid} in {elapsed:.1f} s")
+    print(f"  diaphragm motion {patient.motion.si_amplitude_mm:.1f} mm at amplitude 1; "
+          f"scan mean amplitudes {min(amplitudes):.2f} .. {max(amplitudes):.2f}")
+    print(f"  dataset: {out / 'dataset'}")
+    print(f"  figure:  {png}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``breathcast`` command."""
+    parser = argparse.ArgumentParser(
+        prog="breathcast",
+        description="Real-time respiratory motion prediction for radiotherapy: simulate 5DCT data, "
+        "train and run motion models, stream predictions.",
+    )
+    parser.add_argument("--version", action="version", version=f"breathcast {breathcast.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="write a synthetic 5DCT dataset (scans, per-slice traces, true fields)",
+        description="Simulate patients with fast helical free-breathing scans and their ground-truth "
+        "motion, and write them in the dataset format of docs/data-format.md.",
+    )
+    sim.add_argument("--patients", type=_int_at_least(1), required=True, metavar="N", help="number of patients")
+    _add_simulation_options(sim)
+    sim.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset folder (created if needed)")
+    sim.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sim.set_defaults(run=_cmd_simulate)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the main job on the embedded default: simulate a patient and draw it",
+        description="Simulate one patient and write a figure: coronal slices at exhale and inhale, "
+        "the breathing trace with each scan's per-slice trace, and the true motion.",
+    )
+    _add_simulation_options(demo)
+    demo.add_argument("--out", type=Path, default=Path("demo-output"), metavar="DIR", help="output folder (default demo-output)")
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 success, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except BreathcastError as exc:
+        print(f"breathcast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("breathcast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The simulator's breathing motion: a smooth, invertible displacement as a function of (amplitude, rate).
+
+The field is a pull-back displacement from the rest anatomy (amplitude 0): a scan at breathing state
+(A, Ȧ) shows ``rest(x + u(x; A, Ȧ))``. It is built from two spatial basis fields with nonlinear
+coefficients, so that it is deliberately *not* the linear 5D model of Low et al. (u = α·A + β·Ȧ):
+
+* superior-inferior ``si``: largest at the diaphragm, decaying to the apex, inside the rib cage only.
+  Its sharp (4 mm) edge at the inner chest wall is a shear: the lungs slide along the pleura, the chest
+  wall and spine do not follow. Coefficient ``c_si(A) = (A + κ·A·|A|) / (1 + κ)``: nonlinear in amplitude.
+* chest wall ``chest_wall``: anterior and lateral expansion, larger in the lower thorax. Coefficient
+  ``c_cw(A, Ȧ) = A + τ·Ȧ``: the chest wall leads the diaphragm, which gives hysteresis loops.
+
+Shears and gentle gradients keep det(I + ∇u) well above 0 for amplitudes in the physiological range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from breathcast.anatomy import AnatomyParams
+from breathcast.geometry import Grid, field_from_lps_mm
+
+__all__ = ["MotionParams", "MotionField", "sample_motion", "build_motion_field"]
+
+
+@dataclass(frozen=True)
+class MotionParams:
+    """One patient's breathing motion.
+
+    Args:
+        si_amplitude_mm: superior-inferior motion of the diaphragm at amplitude 1 (5-25 mm).
+        chest_wall_mm: anterior motion of the anterior chest wall at amplitude 1.
+        lateral_mm: lateral motion of the lower lateral chest wall at amplitude 1.
+        si_nonlinearity: κ of ``c_si``; 0 would make the SI motion linear in amplitude.
+        hysteresis_s: τ of ``c_cw``, seconds the chest wall leads by.
+        right_to_left: ratio of right to left hemithorax SI motion.
+        apex_exponent: shape of the SI decay from the diaphragm (1) to the apex (0).
+        sliding_width_mm: width of the shear layer at the inner chest wall.
+    """
+
+    si_amplitude_mm: float
+    chest_wall_mm: float
+    lateral_mm: float
+    si_nonlinearity: float
+    hysteresis_s: float
+    right_to_left: float
+    apex_exponent: float
+    sliding_width_mm: float = 4.0
+
+
+def sample_motion(rng: np.random.Generator) -> MotionParams:
+    """Draw one patient's motion: 5-25 mm superior-inferior at the diaphragm, and the rest around it."""
+    si = rng.uniform(5.0, 25.0)
+    return MotionParams(
+        si_amplitude_mm=si,
+        chest_wall_mm=si * rng.uniform(0.2, 0.4),
+        lateral_mm=si * rng.uniform(0.1, 0.25),
+        si_nonlinearity=rng.uniform(0.15, 0.45),
+        hysteresis_s=rng.uniform(0.08, 0.25),
+        right_to_left=rng.uniform(0.85, 1.15),
+        apex_exponent=rng.uniform(1.2, 1.8),
+    )
+
+
+@dataclass(frozen=True)
+class MotionField:
+    """The displacement model of one patient on one grid.
+
+    Args:
+        si: (3, Z, Y, X) float32 voxels (dz, dy, dx): the superior-inferior basis at c_si = 1.
+        chest_wall: (3, Z, Y, X) float32 voxels: the chest-wall basis at c_cw = 1.
+        params: the motion parameters the bases were built with.
+    """
+
+    si: np.ndarray
+    chest_wall: np.ndarray
+    params: MotionParams
+
+    def coefficients(self, amplitude: np.ndarray, rate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(c_si, c_cw) for amplitude (dimensionless) and rate (1/s), arrays of any matching shape."""
+        a = np.asarray(amplitude, dtype=np.float64)
+        kappa = self.params.si_nonlinearity
+        c_si = (a + kappa * a * np.abs(a)) / (1.0 + kappa)
+        c_cw = a + self.params.hysteresis_s * np.asarray(rate, dtype=np.float64)
+        return c_si, c_cw
+
+    def displacement(self, amplitude: float | np.ndarray, rate: float | np.ndarray) -> np.ndarray:
+        """Pull-back displacement (3, Z, Y, X) float32 voxels at a breathing state.
+
+        Args:
+            amplitude: a scalar (every slice in one state) or (Z,) per slice (a helical scan).
+            rate: 1/s, same shape as ``amplitude``.
+        """
+        nz = self.si.shape[1]
+        a = np.broadcast_to(np.asarray(amplitude, dtype=np.float64), (nz,))
+        r = np.broadcast_to(np.asarray(rate, dtype=np.float64), (nz,))
+        c_si, c_cw = self.coefficients(a, r)
+        out = self.si * c_si.astype(np.float32)[None, :, None, None]
+        out += self.chest_wall * c_cw.astype(np.float32)[None, :, None, None]
+        return out
+
+
+def _smooth_step(distance_mm: np.ndarray, width_mm: float) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(distance_mm / width_mm))
+
+
+def build_motion_field(anatomy: AnatomyParams, motion: MotionParams, grid: Grid) -> MotionField:
+    """Build the patient's two motion bases on ``grid`` (axis-aligned, patient LPS)."""
+    nz, ny, nx = grid.shape
+    ox, oy, oz = grid.origin
+    sx, sy, sz = grid.spacing
+    x = (ox + sx * np.arange(nx))[None, None, :]
+    y = (oy + sy * np.arange(ny))[None, :, None]
+    z = (oz + sz * np.arange(nz))[:, None, None]
+
+    # Superior-inferior: per-side dome height, decay to the apex above it, gentle decay into the abdomen.
+    right = _smooth_step(-x, 20.0)
+    dome = anatomy.dome_z[0] * right + anatomy.dome_z[1] * (1.0 - right)
+    above = np.clip((anatomy.apex_z - z) / (anatomy.apex_z - dome), 0.0, 1.0) ** motion.apex_exponent
+    below = 1.0 - 0.5 * np.clip((dome - z) / 150.0, 0.0, 1.0)
+    profile = np.where(z > dome, above, below)
+    cax, cay = anatomy.cavity_half_axes
+    depth = (1.0 - np.sqrt((x / cax) ** 2 + (y / cay) ** 2)) * min(cax, cay)  # ~mm inside the rib cage
+    inside = _smooth_step(depth, motion.sliding_width_mm)
+    spine = _smooth_step(30.0 - np.abs(x), 4.0) * _smooth_step(y - (anatomy.spine_y - 25.0), 4.0)
+    hc, hr = np.asarray(anatomy.heart_center), np.asarray(anatomy.heart_radii)
+    heart = np.sqrt(((x - hc[0]) / hr[0]) ** 2 + ((y - hc[1]) / hr[1]) ** 2 + ((z - hc[2]) / hr[2]) ** 2)
+    heart_damping = 1.0 - 0.5 * _smooth_step(1.0 - heart, 0.15)
+    side = motion.right_to_left * right + (1.0 - right)
+    u_si = motion.si_amplitude_mm * profile * inside * (1.0 - spine) * heart_damping * side
+
+    # Chest wall: anterior and lateral expansion growing towards the lower thorax.
+    lower = 0.5 + 0.5 * np.clip((anatomy.apex_z - z) / (anatomy.apex_z - dome), 0.0, 1.0)
+    anterior = np.clip((anatomy.spine_y - y) / (anatomy.spine_y + anatomy.body_half_depth), 0.0, 1.2)
+    u_ap = motion.chest_wall_mm * anterior * lower  # pull-back: the wall came from further posterior
+    u_lr = -motion.lateral_mm * (x / anatomy.body_half_width) * lower
+
+    shape = (3, nz, ny, nx)
+    si_lps = np.zeros(shape, dtype=np.float32)
+    si_lps[2] = u_si  # pull-back at inhale: the tissue seen at x came from further superior
+    cw_lps = np.zeros(shape, dtype=np.float32)
+    cw_lps[0] = np.broadcast_to(u_lr, shape[1:])
+    cw_lps[1] = np.broadcast_to(u_ap, shape[1:])
+    return MotionField(
+        si=field_from_lps_mm(si_lps, grid),
+        chest_wall=field_from_lps_mm(cw_lps, grid),
+        params=motion,
+    )

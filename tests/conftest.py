@@ -1,0 +1,25 @@
+"""Shared fixtures: small simulated patients and the project's shared real data (skipped when absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from breathcast.simulator import SimulatedPatient, SimulationConfig, simulate_patient
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data_file(relative: str) -> Path:
+    """A path under ../shared/data, or skip the test with the reason when it is not there."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"shared data not present: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_patient() -> SimulatedPatient:
+    """A 32³ patient with 6 noiseless scans: quick, and its ground truth is exact up to interpolation."""
+    return simulate_patient(7, SimulationConfig(grid_size=32, n_scans=6, noise_hu=0.0))
