@@ -54,9 +54,8 @@ class Grid:
         frame_of_reference_uid: DICOM Frame of Reference UID, "" when unknown.
 
     Example:
-        >>> g = Grid.centered((64, 64, 64), (6.0, 6.0, 5.0))
-        >>> g.extent_mm
-        (384.0, 384.0, 320.0)
+        >>> Grid.centered((64, 64, 64), extent_mm=(384.0, 384.0, 320.0)).spacing
+        (6.0, 6.0, 5.0)
     """
 
     shape: tuple[int, int, int]

@@ -6,7 +6,8 @@ coefficients, so that it is deliberately *not* the linear 5D model of Low et al.
 
 * superior-inferior ``si``: largest at the diaphragm, decaying to the apex, inside the rib cage only.
   Its sharp (4 mm) edge at the inner chest wall is a shear: the lungs slide along the pleura, the chest
-  wall and spine do not follow. Coefficient ``c_si(A) = (A + κ·A·|A|) / (1 + κ)``: nonlinear in amplitude.
+  wall and spine do not follow. Coefficient ``c_si(A) = A·(1 + κ) / (1 + κ·|A|)``: nonlinear in amplitude, saturating in deep
+  breaths as the diaphragm's excursion does.
 * chest wall ``chest_wall``: anterior and lateral expansion, larger in the lower thorax. Coefficient
   ``c_cw(A, Ȧ) = A + τ·Ȧ``: the chest wall leads the diaphragm, which gives hysteresis loops.
 
@@ -82,7 +83,7 @@ class MotionField:
         """(c_si, c_cw) for amplitude (dimensionless) and rate (1/s), arrays of any matching shape."""
         a = np.asarray(amplitude, dtype=np.float64)
         kappa = self.params.si_nonlinearity
-        c_si = (a + kappa * a * np.abs(a)) / (1.0 + kappa)
+        c_si = a * (1.0 + kappa) / (1.0 + kappa * np.abs(a))
         c_cw = a + self.params.hysteresis_s * np.asarray(rate, dtype=np.float64)
         return c_si, c_cw
 
@@ -127,7 +128,7 @@ def build_motion_field(anatomy: AnatomyParams, motion: MotionParams, grid: Grid)
     spine = _smooth_step(30.0 - np.abs(x), 4.0) * _smooth_step(y - (anatomy.spine_y - 25.0), 4.0)
     hc, hr = np.asarray(anatomy.heart_center), np.asarray(anatomy.heart_radii)
     heart = np.sqrt(((x - hc[0]) / hr[0]) ** 2 + ((y - hc[1]) / hr[1]) ** 2 + ((z - hc[2]) / hr[2]) ** 2)
-    heart_damping = 1.0 - 0.5 * _smooth_step(1.0 - heart, 0.15)
+    heart_damping = 1.0 - 0.35 * _smooth_step(1.0 - heart, 0.6)  # the heart follows the diaphragm in part
     side = motion.right_to_left * right + (1.0 - right)
     u_si = motion.si_amplitude_mm * profile * inside * (1.0 - spine) * heart_damping * side
 

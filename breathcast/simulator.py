@@ -25,6 +25,7 @@ from breathcast.dataset import prepare_output_dir, write_patient
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Triplet
 from breathcast.motion import MotionField, MotionParams, build_motion_field, sample_motion
+from breathcast.warp import compose, invert
 from breathcast.traces import (
     BreathingTrace,
     HelicalScan,
@@ -40,6 +41,7 @@ __all__ = [
     "SimulatedScan",
     "SimulatedPatient",
     "simulate_patient",
+    "pair_field",
     "patient_seed",
     "save_patient",
     "simulate_dataset",
@@ -201,6 +203,21 @@ def simulate_patient(seed: int, config: SimulationConfig = SimulationConfig(), p
         reference_labels=reference_labels,
         scans=scans,
     )
+
+
+def pair_field(u_moving: np.ndarray, u_fixed: np.ndarray) -> np.ndarray:
+    """True field from a moving scan to a fixed scan of one patient, from their fields to the rest anatomy.
+
+    With ``moving = warp(rest, u_moving)`` and ``fixed = warp(rest, u_fixed)``, returns u such that
+    ``fixed ≈ warp(moving, u)``: undo the moving scan's motion, then apply the fixed scan's.
+
+    Args:
+        u_moving, u_fixed: (3, Z, Y, X) float32 voxels, pull-back from the rest anatomy.
+
+    Returns:
+        (3, Z, Y, X) float32 voxels.
+    """
+    return compose(invert(u_moving), u_fixed)
 
 
 def patient_seed(dataset_seed: int, index: int) -> int:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from breathcast.anatomy import DICE_BUCKETS, LUNG_LABELS, Label, render_phantom, sample_anatomy
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, field_to_lps_mm, hu_to_unit
 from breathcast.metrics import lung_region_mask, masked_mse
 from breathcast.motion import build_motion_field, sample_motion
-from breathcast.simulator import SimulationConfig, simulate_patient
+from breathcast.simulator import SimulationConfig, pair_field, simulate_patient
 from breathcast.traces import axial_slice_positions_mm
 from breathcast.warp import count_folds, warp_image
 
@@ -77,24 +78,26 @@ def test_each_slice_is_acquired_at_its_own_breathing_state(small_patient):
 
 
 def test_ground_truth_warps_the_reference_onto_each_scan(small_patient):
-    """Warping the rest anatomy with a scan's true field reproduces the scan (masked MSE < 5% of no deformation).
+    """Warping the rest anatomy with a scan's true field reproduces it: masked MSE < 5% of no deformation.
 
     The scans were rendered from the anatomy at twice the resolution, so this is not the same computation
-    run twice: the residual is trilinear interpolation error. Scans whose largest displacement is under a
-    voxel are checked in aggregate (their no-deformation error is itself at interpolation level).
+    run twice. With cubic-spline warping every scan passes by far; our trilinear kernel adds interpolation
+    error comparable to the motion itself on scans that move less than a voxel, so it is held to the bar
+    over the patient's scans together.
     """
     p = small_patient
     reference = hu_to_unit(p.reference_hu)
     mask = lung_region_mask(np.isin(p.reference_labels, LUNG_LABELS), p.grid, margin_mm=10.0)
-    truth_total = no_deformation_total = 0.0
+    index = np.indices(p.grid.shape, dtype=np.float32)
+    trilinear_total = no_deformation_total = 0.0
     for scan in p.scans:
         image = hu_to_unit(scan.image_hu)
         no_deformation = masked_mse(reference, image, mask)
-        truth = masked_mse(warp_image(reference, scan.field), image, mask)
-        truth_total, no_deformation_total = truth_total + truth, no_deformation_total + no_deformation
-        if np.abs(scan.field).max() >= 1.0:
-            assert truth < 0.05 * no_deformation, scan.amplitude.max()
-    assert truth_total < 0.05 * no_deformation_total
+        cubic = ndimage.map_coordinates(reference, index + scan.field, order=3, mode="nearest")
+        assert masked_mse(cubic, image, mask) < 0.05 * no_deformation
+        trilinear_total += masked_mse(warp_image(reference, scan.field), image, mask)
+        no_deformation_total += no_deformation
+    assert trilinear_total < 0.05 * no_deformation_total
 
 
 def test_simulation_is_deterministic_from_the_seed():
@@ -125,3 +128,16 @@ def test_bad_simulation_config_is_refused(kwargs, message):
     """Impossible configurations fail at construction with a clear message."""
     with pytest.raises(BreathcastError, match=message):
         SimulationConfig(**kwargs)
+
+
+def test_pair_field_maps_one_scan_onto_another(small_patient):
+    """The true moving -> fixed field, made from two stored fields, warps the moving scan onto the fixed one."""
+    p = small_patient
+    mask = lung_region_mask(np.isin(p.reference_labels, LUNG_LABELS), p.grid, margin_mm=10.0)
+    amplitudes = [scan.amplitude.mean() for scan in p.scans]
+    moving, fixed = p.scans[int(np.argmin(amplitudes))], p.scans[int(np.argmax(amplitudes))]
+    u = pair_field(moving.field, fixed.field)
+    warped = warp_image(hu_to_unit(moving.image_hu), u)
+    no_deformation = masked_mse(hu_to_unit(moving.image_hu), hu_to_unit(fixed.image_hu), mask)
+    assert masked_mse(warped, hu_to_unit(fixed.image_hu), mask) < 0.1 * no_deformation
+    assert count_folds(u) == 0
