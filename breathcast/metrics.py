@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid
+from breathcast.warp import count_folds
 
 __all__ = [
     "WANG_MS_SSIM_WEIGHTS",
@@ -238,8 +239,6 @@ def folded_voxels(u: np.ndarray) -> int:
     Returns:
         The count (0 for a diffeomorphic field).
     """
-    from breathcast.warp import count_folds  # the numba kernel lives with the other warp kernels
-
     u = np.asarray(u)
     if u.ndim != 4 or u.shape[0] != 3:
         raise BreathcastError(f"displacement must have shape (3, Z, Y, X), got {u.shape}")
