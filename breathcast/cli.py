@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -91,6 +92,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_cvae(args: argparse.Namespace) -> int:
+    from breathcast.training.cvae import CVAEConfig
+    from breathcast.training.losses import LossWeights
+    from breathcast.training.train import TrainConfig, train
+
+    config = TrainConfig(
+        out=args.out,
+        data=args.data,
+        simulate_patients=args.simulate,
+        simulation_seed=args.seed,
+        model=CVAEConfig(grid=args.grid),
+        loss=LossWeights(kl=args.kl_weight, smooth=args.smooth_weight, multiscale=not args.single_scale),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        val_patients=args.val_patients,
+        test_patients=args.test_patients,
+        val_every=args.val_every,
+        checkpoint_every=args.val_every,
+        seed=args.seed,
+        threads=args.threads,
+        resume=not args.restart,
+        progress=not args.quiet,
+    )
+    out = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"model, manifest and metrics in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``breathcast`` command."""
     parser = argparse.ArgumentParser(
@@ -123,6 +154,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulation_options(demo)
     demo.add_argument("--out", type=Path, default=Path("demo-output"), metavar="DIR", help="output folder (default demo-output)")
     demo.set_defaults(run=_cmd_demo)
+
+    train = sub.add_parser("train", help="train a motion model", description="Train a motion model.")
+    models = train.add_subparsers(dest="model", metavar="MODEL", required=True)
+    cvae = models.add_parser(
+        "cvae",
+        help="the conditional VAE of the paper (section 2)",
+        description="Train the cVAE on pairs of scans of the same patient. Runs alone, or data parallel as "
+        "`torchrun --nproc_per_node P -m breathcast.cli train cvae ...` (gloo on CPU, nccl on GPU).",
+    )
+    source = cvae.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, metavar="DIR", help="dataset folder (docs/data-format.md)")
+    source.add_argument("--simulate", type=_int_at_least(3), metavar="N", help="simulate N patients in memory instead")
+    cvae.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (checkpoint, metrics, model)")
+    cvae.add_argument("--grid", type=int, choices=(32, 64, 96, 128), default=64, help="model grid edge (default 64)")
+    cvae.add_argument("--steps", type=_int_at_least(1), default=5000, help="optimiser steps (default 5000)")
+    cvae.add_argument("--batch-size", type=_int_at_least(1), default=4, help="global batch of pairs (default 4)")
+    cvae.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, as the paper)")
+    cvae.add_argument("--kl-weight", type=_non_negative_float, default=1e-4, help="KL weight (default 1e-4)")
+    cvae.add_argument("--smooth-weight", type=_non_negative_float, default=0.01, help="velocity smoothness weight (default 0.01)")
+    cvae.add_argument("--single-scale", action="store_true", help="image loss at full resolution only (the paper's)")
+    cvae.add_argument("--val-patients", type=_int_at_least(0), default=2, help="validation patients (default 2)")
+    cvae.add_argument("--test-patients", type=_int_at_least(0), default=0, help="held-out test patients (default 0)")
+    cvae.add_argument("--val-every", type=_int_at_least(1), default=250, help="validate and checkpoint every N steps")
+    cvae.add_argument("--seed", type=int, default=0, help="seed of pairs, noise, weights and simulated patients")
+    cvae.add_argument("--threads", type=_int_at_least(1), default=None, help="torch threads per process")
+    cvae.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    cvae.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    cvae.set_defaults(run=_cmd_train_cvae)
     return parser
 
 

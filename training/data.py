@@ -1,0 +1,216 @@
+"""Training data: patients in memory at the model grid, patient-level splits, and deterministic pair batches.
+
+A training sample is a pair of scans of one patient: a moving scan k and a fixed scan j != k, with their
+per-slice traces b_m and b_f (paper §2). Batches are a pure function of (seed, step): the same step always
+draws the same pairs and the same latent noise, whatever the number of processes — which is what makes
+resuming from a checkpoint exact and data-parallel training equal to one process with the global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from breathcast.dataset import DatasetIndex, open_dataset, read_patient
+from breathcast.errors import BreathcastError, DatasetError
+from breathcast.geometry import Grid, Volume, hu_to_unit, resample_field, resample_volume
+from breathcast.simulator import SimulationConfig, pair_field, patient_seed, simulate_patient
+
+__all__ = ["PatientData", "Split", "split_patients", "load_patients", "simulate_patients", "PairBatch", "sample_pairs"]
+
+
+@dataclass(frozen=True)
+class PatientData:
+    """One patient at the model grid.
+
+    Args:
+        images: (K, D, D, D) float32 CT scaled to [0, 1], one per scan.
+        amplitude: (K, D) per-slice amplitude of each scan.
+        grid: the model grid (same field of view as the scans).
+        labels: (K, D, D, D) uint8 label maps, or None.
+        fields: (K, 3, D, D, D) float32 true pull-back fields from the rest anatomy (voxels), or None.
+        reference_labels: (D, D, D) uint8 labels of the rest anatomy, or None.
+    """
+
+    patient_id: str
+    images: np.ndarray
+    amplitude: np.ndarray
+    grid: Grid
+    labels: np.ndarray | None = None
+    fields: np.ndarray | None = None
+    reference_labels: np.ndarray | None = None
+
+    @property
+    def n_scans(self) -> int:
+        return self.images.shape[0]
+
+    def true_pair_field(self, moving: int, fixed: int) -> np.ndarray:
+        """(3, D, D, D) voxels: the true field with ``fixed ≈ warp(moving, u)`` (simulated data only)."""
+        if self.fields is None:
+            raise BreathcastError(f"patient {self.patient_id} has no ground-truth fields (real data)")
+        return pair_field(self.fields[moving], self.fields[fixed])
+
+
+@dataclass(frozen=True)
+class Split:
+    """Patient-level split: no patient appears in two parts."""
+
+    train: list[str]
+    val: list[str]
+    test: list[str] = field(default_factory=list)
+
+
+def split_patients(patient_ids: list[str], val: int, test: int, seed: int = 0) -> Split:
+    """Shuffle patients with ``seed`` and cut ``val`` and ``test`` patients off; the rest train.
+
+    Raises:
+        BreathcastError: when the training split would be empty, naming the counts.
+    """
+    if val < 0 or test < 0:
+        raise BreathcastError(f"split sizes must be >= 0, got val={val}, test={test}")
+    ids = sorted(patient_ids)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    shuffled = [ids[i] for i in order]
+    split = Split(train=sorted(shuffled[val + test :]), val=sorted(shuffled[:val]), test=sorted(shuffled[val : val + test]))
+    if not split.train:
+        raise BreathcastError(
+            f"the training split is empty: {len(ids)} patient(s), {val} for validation, {test} for testing"
+        )
+    return split
+
+
+def _to_model_grid(volume: Volume, grid_size: int, labels: bool = False) -> np.ndarray:
+    shape = (grid_size,) * 3
+    if volume.shape == shape:
+        return volume.array
+    return resample_volume(volume, shape, labels=labels).array
+
+
+def _trace_to_model_grid(values: np.ndarray, grid_size: int) -> np.ndarray:
+    """Per-slice values resampled to ``grid_size`` slices over the same z extent (slice centres)."""
+    n = values.shape[-1]
+    if n == grid_size:
+        return values.astype(np.float32)
+    source = (np.arange(n) + 0.5) / n
+    target = (np.arange(grid_size) + 0.5) / grid_size
+    return np.interp(target, source, values).astype(np.float32)
+
+
+def _patient_from_arrays(patient_id, grid, images_hu, amplitude, labels, fields, reference_labels, grid_size) -> PatientData:
+    model_grid = grid.with_shape((grid_size,) * 3)
+    images = np.stack([hu_to_unit(_to_model_grid(Volume(im, grid), grid_size)) for im in images_hu])
+    amps = np.stack([_trace_to_model_grid(a, grid_size) for a in amplitude])
+    if labels is not None:
+        labels = np.stack([_to_model_grid(Volume(lab, grid), grid_size, labels=True) for lab in labels])
+    if fields is not None:
+        fields = np.stack([f if f.shape[1:] == model_grid.shape else resample_field(f, grid, model_grid.shape)[0] for f in fields])
+    if reference_labels is not None:
+        reference_labels = _to_model_grid(Volume(reference_labels, grid), grid_size, labels=True)
+    return PatientData(patient_id, images.astype(np.float32), amps, model_grid, labels, fields, reference_labels)
+
+
+def load_patients(dataset: DatasetIndex | Path, patient_ids: list[str], grid_size: int, with_truth: bool = True) -> list[PatientData]:
+    """Read patients from a dataset folder into memory at the model grid (resampled if the scans differ)."""
+    if not isinstance(dataset, DatasetIndex):
+        dataset = open_dataset(Path(dataset))
+    patients = []
+    for pid in patient_ids:
+        record = read_patient(dataset, pid, with_fields=with_truth)
+        if len(record.scans) < 2:
+            raise DatasetError(f"{record.path / 'patient.json'}: a patient needs at least 2 scans to make pairs")
+        grid = record.scans[0].image.grid
+        has_labels = all(s.labels is not None for s in record.scans)
+        has_fields = with_truth and all(s.field is not None for s in record.scans)
+        patients.append(
+            _patient_from_arrays(
+                pid,
+                grid,
+                [s.image.array for s in record.scans],
+                [s.amplitude for s in record.scans],
+                [s.labels for s in record.scans] if has_labels else None,
+                [s.field for s in record.scans] if has_fields else None,
+                record.reference_labels,
+                grid_size,
+            )
+        )
+    return patients
+
+
+def simulate_patients(n: int, config: SimulationConfig, seed: int, grid_size: int, first: int = 0) -> list[PatientData]:
+    """Patients straight from the simulator (no files), ids ``patient_{i:03d}`` as ``breathcast simulate`` names them."""
+    patients = []
+    for i in range(first, first + n):
+        p = simulate_patient(patient_seed(seed, i), config, patient_id=f"patient_{i:03d}")
+        patients.append(
+            _patient_from_arrays(
+                p.patient_id, p.grid, [s.image_hu for s in p.scans], [s.amplitude for s in p.scans],
+                [s.labels for s in p.scans], [s.field for s in p.scans], p.reference_labels, grid_size,
+            )
+        )  # fmt: skip
+    return patients
+
+
+@dataclass
+class PairBatch:
+    """A batch of (moving, fixed) pairs as tensors: images (N, 1, D, D, D), traces (N, D), eps (N, latent)."""
+
+    moving: torch.Tensor
+    fixed: torch.Tensor
+    b_m: torch.Tensor
+    b_f: torch.Tensor
+    eps: torch.Tensor
+    pairs: list[tuple[str, int, int]]
+
+    def to(self, device: torch.device) -> PairBatch:
+        return PairBatch(*(t.to(device) for t in (self.moving, self.fixed, self.b_m, self.b_f, self.eps)), self.pairs)
+
+
+def sample_pairs(
+    patients: list[PatientData],
+    batch_size: int,
+    latent_dim: int,
+    seed: int,
+    step: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> PairBatch:
+    """The global batch of ``step`` (a pure function of seed and step), and this rank's share of it.
+
+    Args:
+        patients: the patients to draw from (each needs >= 2 scans).
+        batch_size: global batch size; must divide by ``world_size``.
+        latent_dim: size of the latent noise eps drawn with the pairs.
+        seed, step: what the batch is a function of.
+        rank, world_size: this process's slice of the global batch.
+    """
+    if batch_size % world_size:
+        raise BreathcastError(f"batch size {batch_size} does not divide over {world_size} processes")
+    rng = np.random.default_rng([seed, step])
+    which = rng.integers(len(patients), size=batch_size)
+    pairs, moving, fixed, b_m, b_f = [], [], [], [], []
+    for p_index in which:
+        patient = patients[p_index]
+        k, j = rng.choice(patient.n_scans, size=2, replace=False)
+        pairs.append((patient.patient_id, int(k), int(j)))
+        moving.append(patient.images[k])
+        fixed.append(patient.images[j])
+        b_m.append(patient.amplitude[k])
+        b_f.append(patient.amplitude[j])
+    eps = rng.standard_normal((batch_size, latent_dim)).astype(np.float32)
+    share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+
+    def tensor(values, image: bool = False) -> torch.Tensor:
+        t = torch.from_numpy(np.stack(values[share]) if isinstance(values, list) else values[share])
+        return t[:, None] if image else t
+
+    return PairBatch(
+        moving=tensor(moving, image=True),
+        fixed=tensor(fixed, image=True),
+        b_m=tensor(b_m),
+        b_f=tensor(b_f),
+        eps=torch.from_numpy(eps[share]),
+        pairs=pairs[share],
+    )
