@@ -46,6 +46,7 @@ __all__ = [
     "open_dataset",
     "read_patient",
     "prepare_output_dir",
+    "describe_dataset",
 ]
 
 FORMAT_NAME = "breathcast-5dct"
@@ -319,6 +320,14 @@ def _register_patient(dataset_dir: Path, patient_id: str, kind: str) -> None:
         raise BreathcastError(f"{index_path}: dataset holds {index.get('kind')} data; cannot add a {kind} patient")
     if patient_id not in index["patients"]:
         index["patients"].append(patient_id)
+    _write_json(index, index_path)
+
+
+def describe_dataset(dataset_dir: Path, generator: dict[str, Any]) -> None:
+    """Record how the dataset was made under ``generator`` in ``dataset.json`` (e.g. the simulator's seed)."""
+    index_path = Path(dataset_dir) / "dataset.json"
+    index = _read_json(index_path)
+    index["generator"] = generator
     _write_json(index, index_path)
 
 

@@ -11,10 +11,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from breathcast.anatomy import Label
-from breathcast.geometry import field_to_lps_mm
+from breathcast.geometry import Grid, field_to_lps_mm
 from breathcast.simulator import SimulatedPatient
 
-__all__ = ["plot_patient_overview"]
+__all__ = ["plot_patient_overview", "plot_prediction"]
 
 
 def plot_patient_overview(patient: SimulatedPatient, path: Path) -> Path:
@@ -66,5 +66,58 @@ def plot_patient_overview(patient: SimulatedPatient, path: Path) -> Path:
     )
     path = Path(path)
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_prediction(
+    moving: np.ndarray,
+    fixed: np.ndarray,
+    predicted: np.ndarray,
+    si_predicted_mm: np.ndarray,
+    si_true_mm: np.ndarray,
+    grid: Grid,
+    row: int,
+    path: Path,
+    title: str,
+) -> Path:
+    """Write a PNG in the manner of the paper's Fig. 4, on one coronal plane (array row ``row``).
+
+    Args:
+        moving, fixed, predicted: (Z, Y, X) images in [0, 1]: the planning scan, the true scan at the new
+            trace, and the planning scan warped by the predicted field.
+        si_predicted_mm, si_true_mm: (Z, Y, X) superior-inferior displacement (mm, LPS z) of the predicted and
+            the true field.
+        grid: the images' grid.
+    """
+    sx, _, sz = grid.spacing
+    extent = (0, grid.shape[2] * sx, 0, grid.shape[0] * sz)
+    fig, axes = plt.subplots(2, 4, figsize=(16, 8.5), layout="constrained")
+    panels = [
+        (moving, "planning scan M", "gray", (0, 1)),
+        (fixed, "true scan at the new trace F", "gray", (0, 1)),
+        (predicted, "predicted φ∘M", "gray", (0, 1)),
+        (np.abs(predicted - fixed) - np.abs(moving - fixed), "error vs no deformation (lower is better)", "RdBu_r", (-0.3, 0.3)),
+    ]
+    for ax, (image, name, cmap, (lo, hi)) in zip(axes[0], panels):
+        shown = ax.imshow(image[:, row, :], cmap=cmap, vmin=lo, vmax=hi, origin="lower", extent=extent)
+        ax.set_title(name)
+    fig.colorbar(shown, ax=axes[0, 3], label="|φ∘M - F| - |M - F|")
+    top = float(max(np.abs(si_true_mm[:, row, :]).max(), 1e-3))
+    for ax, field, name in ((axes[1, 0], si_true_mm, "true"), (axes[1, 1], si_predicted_mm, "predicted")):
+        shown = ax.imshow(field[:, row, :], cmap="coolwarm", vmin=-top, vmax=top, origin="lower", extent=extent)
+        ax.set_title(f"{name} superior-inferior displacement")
+    fig.colorbar(shown, ax=axes[1, 1], label="mm")
+    diff = si_predicted_mm[:, row, :] - si_true_mm[:, row, :]
+    shown = axes[1, 2].imshow(diff, cmap="RdBu_r", vmin=-top / 2, vmax=top / 2, origin="lower", extent=extent)
+    axes[1, 2].set_title("predicted - true (mm)")
+    fig.colorbar(shown, ax=axes[1, 2], label="mm")
+    axes[1, 3].axis("off")
+    for ax in axes.flat[:7]:
+        ax.set_xlabel("x (mm)")
+        ax.set_ylabel("z (mm)")
+    fig.suptitle(title)
+    path = Path(path)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

@@ -21,7 +21,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from breathcast.anatomy import DICE_BUCKETS, LUNG_LABELS, AnatomyParams, Label, render_phantom, sample_anatomy
-from breathcast.dataset import prepare_output_dir, write_patient
+from breathcast.dataset import describe_dataset, prepare_output_dir, write_patient
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Triplet
 from breathcast.motion import MotionField, MotionParams, build_motion_field, sample_motion
@@ -279,4 +279,5 @@ def simulate_dataset(
     for i in tqdm(range(n_patients), desc="simulating patients", unit="patient", disable=not progress):
         patient = simulate_patient(patient_seed(seed, i), config, patient_id=f"patient_{i:03d}")
         folders.append(save_patient(patient, out_dir))
+    describe_dataset(out_dir, {"name": "breathcast simulator", "seed": seed, "config": config})
     return folders

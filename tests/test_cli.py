@@ -19,11 +19,18 @@ def test_simulate_writes_a_dataset(tmp_path, capsys):
     assert "wrote 2 patient(s)" in capsys.readouterr().out
 
 
-def test_demo_writes_the_figure(tmp_path):
-    """`breathcast demo` simulates a patient and writes a PNG."""
-    assert main(["demo", "--grid", "24", "--scans", "4", "--out", str(tmp_path)]) == 0
-    png = tmp_path / "demo_patient.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_demo_writes_the_figures(tmp_path, capsys):
+    """`breathcast demo` simulates a patient, lets the shipped model predict, and writes both PNGs."""
+    assert main(["demo", "--scans", "4", "--out", str(tmp_path)]) == 0
+    for name in ("demo_patient.png", "demo_prediction.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "predicted position off by" in capsys.readouterr().out
+
+
+def test_demo_without_the_model(tmp_path):
+    """`breathcast demo --no-model` simulates and draws only, on any grid."""
+    assert main(["demo", "--grid", "24", "--scans", "4", "--no-model", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "demo_patient.png").is_file() and not (tmp_path / "demo_prediction.png").exists()
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,6 @@
-"""breathcast.training: models (cVAE, CT autoencoder, latent diffusion), losses, datasets, training loops.
+"""breathcast.training: the motion models and how they are trained and evaluated.
 
-May import breathcast (core) only. Nothing here yet: see the cVAE issue.
+``cvae`` (the paper's conditional VAE), ``losses``, ``data`` (patients at the model grid, deterministic pair
+batches), ``train`` (single process or torchrun/DDP), ``evaluate`` (Table 1, Fig. 5), ``inference`` (the shipped
+model). May import breathcast (core) only.
 """

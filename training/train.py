@@ -129,7 +129,8 @@ def _load_data(config: TrainConfig) -> tuple[Split, list[PatientData], list[Pati
         split = split_patients(dataset.patients, config.val_patients, config.test_patients, seed=config.seed)
         train = load_patients(dataset, split.train, grid, with_truth=False)
         val = load_patients(dataset, split.val, grid, with_truth=False)
-        summary = {"source": str(config.data), "kind": dataset.kind, "patients": len(dataset.patients)}
+        summary = {"source": str(Path(config.data).resolve()), "kind": dataset.kind, "patients": len(dataset.patients),
+                   "generator": dataset.metadata.get("generator")}
     else:
         n = config.simulate_patients
         sim = SimulationConfig(grid_size=grid)
