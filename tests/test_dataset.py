@@ -16,16 +16,12 @@ from breathcast.dataset import (
     write_field,
     write_volume,
 )
+from grids import OBLIQUE
+
 from breathcast.errors import BreathcastError, DatasetError
 from breathcast.geometry import Grid, Volume, field_to_lps_mm
 from breathcast.simulator import save_patient
 
-OBLIQUE = Grid(
-    shape=(4, 5, 6),
-    spacing=(0.8, 1.5, 2.5),
-    origin=(-10.0, 20.0, 35.0),
-    direction=((0.0, 0.0, 1.0), (-1.0, 0.0, 0.0), (0.0, -1.0, 0.0)),
-)
 
 
 def test_volume_round_trip_keeps_values_and_geometry(tmp_path):

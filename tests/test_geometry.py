@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from grids import OBLIQUE
 
 from breathcast.errors import BreathcastError
 from breathcast.geometry import (
@@ -15,14 +16,6 @@ from breathcast.geometry import (
     resample_field,
     resample_volume,
     unit_to_hu,
-)
-
-# An oblique-ish grid: axes permuted and flipped, anisotropic spacing, off-centre origin.
-OBLIQUE = Grid(
-    shape=(4, 5, 6),
-    spacing=(0.8, 1.5, 2.5),
-    origin=(-10.0, 20.0, 35.0),
-    direction=((0.0, 0.0, 1.0), (-1.0, 0.0, 0.0), (0.0, -1.0, 0.0)),
 )
 
 
