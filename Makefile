@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_cvae.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

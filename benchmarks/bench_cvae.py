@@ -1,0 +1,91 @@
+"""Accuracy benchmark of the shipped cVAE (breathcast/models/cvae64) on its held-out simulated patients.
+
+Run ``python benchmarks/bench_cvae.py`` (``make bench`` runs it too). The test patients are the ones the
+model's manifest names; by default they are simulated again in memory from the dataset seed (the same
+patients ``breathcast simulate --patients 60 --grid 64 --seed 2026`` writes, before that command rounds HU to
+integers), or read from ``--data DIR`` when that dataset is on disk. Writes ``benchmarks/results/cvae.json``,
+the full evaluation in ``benchmarks/results/cvae64/`` (Table 1, Fig. 5, an example) and the README table.
+
+Targets (cVAE issue): masked MSE at least 60% below No Deformation (the paper: 60.4%), 0 folded voxels, mean
+tumour-centroid error <= 1.5 mm, on >= 10 held-out patients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+from common import RESULTS, markdown_table, update_readme_table, write_results
+
+from breathcast.simulator import SimulationConfig
+from breathcast.training.data import load_patients, simulate_patients
+from breathcast.training.evaluate import CVAEPredictor, NoDeformation, evaluate
+from breathcast.training.evaluate import write_results as write_evaluation
+from breathcast.training.inference import DEFAULT_MODEL, default_model
+
+DATASET_SEED = 2026  # README: the command that made the shipped model's data
+
+
+def held_out(manifest: dict, data: Path | None, grid: int, dataset_seed: int) -> list:
+    ids = manifest["data"]["split"]["test"]
+    if data is not None:
+        return load_patients(data, ids, grid, with_truth=True)
+    patients = []
+    for pid in ids:
+        index = int(re.fullmatch(r"patient_(\d+)", pid).group(1))
+        patients += simulate_patients(1, SimulationConfig(grid_size=grid), dataset_seed, grid, first=index)
+    return patients
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None, help="the dataset on disk (default: simulate the test patients)")
+    parser.add_argument("--dataset-seed", type=int, default=DATASET_SEED, help=f"simulator seed of the dataset (default {DATASET_SEED})")
+    parser.add_argument("--pairs-per-patient", type=int, default=10, help="pairs per test patient (default 10)")
+    parser.add_argument("--no-readme", action="store_true", help="do not update README.md")
+    args = parser.parse_args()
+
+    manifest = json.loads((DEFAULT_MODEL.parent / "manifest.json").read_text())
+    model = default_model()
+    patients = held_out(manifest, args.data, model.config.grid, args.dataset_seed)
+    result = evaluate([NoDeformation(), CVAEPredictor(model)], patients, pairs_per_patient=args.pairs_per_patient, seed=0)
+    write_evaluation(result, RESULTS / "cvae64")
+    cvae, baseline = result.summary["cVAE"], result.summary[result.baseline]
+    checks = {
+        "masked MSE reduction vs No Deformation (%)": (cvae.masked_mse_reduction_percent, ">= 60", cvae.masked_mse_reduction_percent >= 60.0),
+        "folded voxels (all pairs)": (cvae.folded_voxels_total, "0", cvae.folded_voxels_total == 0),
+        "tumour-centroid error (mm, mean)": (cvae.tumour_error_mm, "<= 1.5", cvae.tumour_error_mm <= 1.5),
+    }
+    summary = {
+        "model": str(DEFAULT_MODEL.relative_to(DEFAULT_MODEL.parents[3])),
+        "model_sha256": manifest["files"]["model.pt"],
+        "patients": len(patients),
+        "pairs": cvae.pairs,
+        "torch_threads": torch.get_num_threads(),
+        "no_deformation": {"masked_mse": baseline.masked_mse, "tumour_error_mm": baseline.tumour_error_mm, "epe_mm": baseline.epe_mm},
+        "cvae": {"masked_mse": cvae.masked_mse, "mse": cvae.mse, "ms_ssim": cvae.ms_ssim, "epe_mm": cvae.epe_mm,
+                 "seconds_per_prediction": cvae.seconds_mean},
+        "targets": {name: {"value": v, "target": t, "met": bool(ok)} for name, (v, t, ok) in checks.items()},
+    }
+    path = write_results("cvae", summary)
+    rows = [{"": "No Deformation", "masked MSE": f"{baseline.masked_mse:.5f}", "MSE": f"{baseline.mse:.5f}",
+             "MS-SSIM": f"{baseline.ms_ssim:.4f}", "folded voxels": "-", "field error (mm)": f"{baseline.epe_mm:.2f}",
+             "tumour error (mm)": f"{baseline.tumour_error_mm:.2f}", "CPU s / prediction": "-"},
+            {"": "cVAE (shipped)", "masked MSE": f"{cvae.masked_mse:.5f}", "MSE": f"{cvae.mse:.5f}",
+             "MS-SSIM": f"{cvae.ms_ssim:.4f}", "folded voxels": str(cvae.folded_voxels_total),
+             "field error (mm)": f"{cvae.epe_mm:.2f}", "tumour error (mm)": f"{cvae.tumour_error_mm:.2f}",
+             "CPU s / prediction": f"{cvae.seconds_mean:.3f}"}]
+    table = markdown_table(rows, list(rows[0]))
+    verdicts = "\n".join(f"- {name}: {v:.2f} (target {t}): {'met' if ok else '**missed**'}" for name, (v, t, ok) in checks.items())
+    text = f"{table}\n\n{len(patients)} held-out patients, {cvae.pairs} pairs.\n{verdicts}"
+    print(text)
+    print(f"wrote {path} and {RESULTS / 'cvae64'}")
+    if not args.no_readme:
+        update_readme_table("cvae", text)
+
+
+if __name__ == "__main__":
+    main()
