@@ -89,6 +89,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"scan mean amplitudes {min(amplitudes):.2f} .. {max(amplitudes):.2f}")
     print(f"  dataset: {out / 'dataset'}")
     print(f"  figure:  {png}")
+    if args.no_model:
+        return 0
+    from breathcast.training.inference import DEFAULT_MODEL, default_model, demo_prediction
+
+    model = default_model()
+    if model.config.grid != args.grid:
+        print(f"the shipped model works on a {model.config.grid}³ grid; run the demo with --grid {model.config.grid} to see it predict")
+        return 0
+    result = demo_prediction(patient, model, out)
+    print(f"shipped cVAE ({DEFAULT_MODEL.parent.name}): scan {result.fixed_scan} predicted from scan {result.moving_scan} and the traces")
+    print(f"  masked MSE {result.masked_mse_predicted:.5f} vs {result.masked_mse_no_deformation:.5f} without deformation "
+          f"({result.masked_mse_reduction:.0%} lower); field error {result.field_error_mm:.2f} mm in the lungs")
+    print(f"  tumour moved {result.true_tumour_motion_mm:.1f} mm; predicted position off by {result.tumour_error_mm:.1f} mm; "
+          f"{result.folded_voxels} folded voxels")
+    print(f"  figure:  {result.figure}")
     return 0
 
 
@@ -122,6 +137,23 @@ def _cmd_train_cvae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from breathcast.training.evaluate import evaluate_models, markdown_report
+
+    result, files = evaluate_models(
+        args.model,
+        args.data,
+        args.out,
+        patient_ids=args.patients,
+        pairs_per_patient=args.pairs_per_patient,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(markdown_report(result, full=False))
+    print(f"wrote {', '.join(files)} to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``breathcast`` command."""
     parser = argparse.ArgumentParser(
@@ -147,12 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="the main job on the embedded default: simulate a patient and draw it",
-        description="Simulate one patient and write a figure: coronal slices at exhale and inhale, "
-        "the breathing trace with each scan's per-slice trace, and the true motion.",
+        help="the main job on the embedded default: simulate a patient, predict its motion, draw both",
+        description="Simulate one patient and write a figure (coronal slices at exhale and inhale, the "
+        "breathing trace with each scan's per-slice trace, the true motion); then let the shipped cVAE predict "
+        "the most inhaled scan from the most exhaled one and the traces, and compare with the truth.",
     )
     _add_simulation_options(demo)
     demo.add_argument("--out", type=Path, default=Path("demo-output"), metavar="DIR", help="output folder (default demo-output)")
+    demo.add_argument("--no-model", action="store_true", help="simulate and draw only; skip the shipped model's prediction")
     demo.set_defaults(run=_cmd_demo)
 
     train = sub.add_parser("train", help="train a motion model", description="Train a motion model.")
@@ -182,6 +216,27 @@ def build_parser() -> argparse.ArgumentParser:
     cvae.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     cvae.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cvae.set_defaults(run=_cmd_train_cvae)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="the paper's Table 1 and Fig. 5 on held-out patients, plus field and tumour errors",
+        description="Compare models with No Deformation on pairs of scans of held-out patients: masked MSE, MSE, "
+        "MS-SSIM, folded voxels, time per prediction (Table 1), Dice per bucket (Fig. 5) and, where the data hold "
+        "ground truth, the field end-point error and the tumour-centroid error. Writes results.json, results.md, "
+        "dice.png and example.png.",
+    )
+    evaluate.add_argument("--model", type=Path, action="append", required=True, metavar="PATH",
+                          help="a model.pt written by `breathcast train cvae`; repeat to compare several")
+    evaluate.add_argument("--data", type=Path, required=True, metavar="DIR", help="dataset folder (docs/data-format.md)")
+    evaluate.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder for the results")
+    evaluate.add_argument("--patients", nargs="+", metavar="ID",
+                          help="patients to evaluate (default: the test split in the manifest.json next to the model, "
+                          "when it was trained on --data)")
+    evaluate.add_argument("--pairs-per-patient", type=_int_at_least(1), default=10, metavar="N",
+                          help="(moving, fixed) scan pairs per patient (default 10)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the pairs (default 0)")
+    evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(run=_cmd_evaluate)
     return parser
 
 
