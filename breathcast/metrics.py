@@ -42,6 +42,7 @@ __all__ = [
     "endpoint_error_mm",
     "centroid_mm",
     "target_error_mm",
+    "target_motion_error_mm",
 ]
 
 WANG_MS_SSIM_WEIGHTS: tuple[float, ...] = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -331,6 +332,33 @@ def endpoint_error_mm(
         "p95": float(np.percentile(error, 95)),
         "max": float(np.max(error)),
     }
+
+
+def target_motion_error_mm(u_pred: np.ndarray, u_true: np.ndarray, target: np.ndarray, grid: Grid) -> float:
+    """Error of the predicted target position, from the fields: |mean over the target of (u_pred - u_true)|, mm.
+
+    With pull-back fields on the fixed grid, the mean displacement over the target mask (in the fixed frame)
+    is where the target's centroid comes from in the moving frame, so this is the distance between the
+    predicted and the true target centroid. Unlike :func:`target_error_mm` on warped label maps, it has no
+    label quantization: on a 64³ grid a 15-voxel tumour's label centroid jitters by millimetres between scans.
+
+    Args:
+        u_pred, u_true: (3, Z, Y, X) displacement, voxels, (dz, dy, dx).
+        target: (Z, Y, X) bool target mask in the fixed frame, at least one voxel.
+        grid: the grid of the fields.
+
+    Example:
+        >>> g = Grid((2, 2, 2), spacing=(1.0, 1.0, 2.5)); t = np.ones((2, 2, 2), bool)
+        >>> u = np.zeros((3, 2, 2, 2)); u[0] = 2.0  # two slices off along z
+        >>> target_motion_error_mm(u, np.zeros_like(u), t, g)
+        5.0
+    """
+    target = _mask(target, grid.shape, "target")
+    if not target.any():
+        raise BreathcastError("target mask selects no voxels")
+    spacing = np.asarray(grid.spacing_zyx, dtype=np.float64)
+    mean_difference = (np.asarray(u_pred, np.float64)[:, target] - np.asarray(u_true, np.float64)[:, target]).mean(axis=1)
+    return float(np.linalg.norm(mean_difference * spacing))
 
 
 def centroid_mm(mask: np.ndarray, grid: Grid) -> np.ndarray:

@@ -20,6 +20,7 @@ from breathcast.training.data import PatientData, simulate_patients
 from breathcast.training.evaluate import (
     NoDeformation,
     Predictor,
+    TrueField,
     draw_pairs,
     evaluate,
     markdown_report,
@@ -28,16 +29,6 @@ from breathcast.training.evaluate import (
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-class Oracle:
-    """Cheats: finds the fixed scan by its trace and returns the simulator's true pair field."""
-
-    name = "oracle"
-
-    def predict(self, patient: PatientData, moving: int, fixed_amplitude: np.ndarray) -> np.ndarray:
-        fixed = next(i for i in range(patient.n_scans) if np.array_equal(patient.amplitude[i], fixed_amplitude))
-        return patient.true_pair_field(moving, fixed)
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +40,16 @@ def patients() -> list[PatientData]:
 
 @pytest.fixture(scope="module")
 def result(patients):
-    return evaluate([NoDeformation(), Oracle()], patients, pairs_per_patient=2, seed=0, progress=False)
+    return evaluate([NoDeformation(), TrueField()], patients, pairs_per_patient=2, seed=0, progress=False)
 
 
 def test_oracle_beats_no_deformation(result):
     """The true field lowers masked MSE and the tumour error, with ~0 field error; No Deformation's EPE is the motion."""
-    base, oracle = result.summary["No Deformation"], result.summary["oracle"]
+    base, oracle = result.summary["No Deformation"], result.summary["True field"]
     assert oracle.masked_mse < 0.2 * base.masked_mse
     assert oracle.epe_mm < 0.2 < 1.0 < base.epe_mm
     assert oracle.tumour_error_mm < base.tumour_error_mm
+    assert oracle.tumour_motion_error_mm < 0.1 < 1.0 < base.tumour_motion_error_mm
     assert oracle.ms_ssim > base.ms_ssim and oracle.mse < base.mse
     assert oracle.folded_voxels_total == base.folded_voxels_total == 0
     assert set(oracle.dice) == set(DICE_BUCKETS)
@@ -66,13 +58,13 @@ def test_oracle_beats_no_deformation(result):
 
 def test_reduction_is_one_minus_the_ratio_of_mean_masked_mse(result):
     """The headline number: 1 - mean(predicted) / mean(no deformation), in percent, as the paper's 60.4 %."""
-    pred = np.mean([p.metrics["oracle"].masked_mse for p in result.pairs])
+    pred = np.mean([p.metrics["True field"].masked_mse for p in result.pairs])
     base = np.mean([p.metrics["No Deformation"].masked_mse for p in result.pairs])
-    assert result.summary["oracle"].masked_mse_reduction_percent == pytest.approx(100 * (1 - pred / base), rel=1e-12)
+    assert result.summary["True field"].masked_mse_reduction_percent == pytest.approx(100 * (1 - pred / base), rel=1e-12)
     assert result.summary["No Deformation"].masked_mse_reduction_percent == 0.0
     for pid, rows in result.per_patient.items():
-        mine = [p.metrics["oracle"].masked_mse for p in result.pairs if p.patient_id == pid]
-        assert rows["oracle"].masked_mse == pytest.approx(np.mean(mine), rel=1e-12) and rows["oracle"].pairs == 2
+        mine = [p.metrics["True field"].masked_mse for p in result.pairs if p.patient_id == pid]
+        assert rows["True field"].masked_mse == pytest.approx(np.mean(mine), rel=1e-12) and rows["True field"].pairs == 2
 
 
 def test_no_deformation_scores_the_moving_image(result, patients):
@@ -99,11 +91,11 @@ def test_pairs_are_drawn_from_the_seed(patients, result):
 
 def test_baseline_is_added_and_names_must_be_unique(patients):
     """Without a No Deformation row one is put first (the reduction needs it); duplicate names are refused."""
-    assert isinstance(Oracle(), Predictor)
-    small = evaluate([Oracle()], patients[:1], pairs_per_patient=1, seed=0, progress=False)
-    assert small.predictors == ["No Deformation", "oracle"]
+    assert isinstance(TrueField(), Predictor)
+    small = evaluate([TrueField()], patients[:1], pairs_per_patient=1, seed=0, progress=False)
+    assert small.predictors == ["No Deformation", "True field"]
     with pytest.raises(BreathcastError, match="predictor names must be unique"):
-        evaluate([Oracle(), Oracle()], patients[:1], pairs_per_patient=1, progress=False)
+        evaluate([TrueField(), TrueField()], patients[:1], pairs_per_patient=1, progress=False)
 
 
 class _Broken:
@@ -138,12 +130,12 @@ def test_files_are_written_and_the_json_round_trips(result, tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data == result.to_dict()
     assert read_results(tmp_path / "results.json") == result
-    assert len(data["pairs"]) == 6 and set(data["pairs"][0]["metrics"]) == {"No Deformation", "oracle"}
+    assert len(data["pairs"]) == 6 and set(data["pairs"][0]["metrics"]) == {"No Deformation", "True field"}
     md = (tmp_path / "results.md").read_text()
     assert "3 patient(s) (patient_000, patient_001, patient_002), 6 pair(s)" in md
     assert "3 scale(s), Gaussian window 7 voxels" in md
-    assert "| No Deformation | " in md and "| oracle | " in md and "## Per patient" in md
-    assert f"| oracle | {result.summary['oracle'].masked_mse_reduction_percent:.1f} |" in md
+    assert "| No Deformation | " in md and "| True field | " in md and "## Per patient" in md
+    assert f"| True field | {result.summary['True field'].masked_mse_reduction_percent:.1f} |" in md
 
 
 def test_patients_without_truth_get_none_columns(patients, tmp_path):
