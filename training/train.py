@@ -274,6 +274,8 @@ def train(config: TrainConfig) -> Path:
             tick, tick_step = time.perf_counter(), done
         if env.main and (done % config.checkpoint_every == 0 or done == config.steps):
             _save_checkpoint(model, optimizer, done, checkpoint_path)
+    if env.main and not last:  # resumed at the final step: nothing ran, so validate what was loaded
+        last = {"step": config.steps, **validate(model, val_patients, config.val_pairs, config.seed, env.device)}
     if env.main:
         save_cvae(model, out / "model.pt")
         _write_manifest(config, summary, last, out, time.perf_counter() - started)
