@@ -101,8 +101,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"shipped cVAE ({DEFAULT_MODEL.parent.name}): scan {result.fixed_scan} predicted from scan {result.moving_scan} and the traces")
     print(f"  masked MSE {result.masked_mse_predicted:.5f} vs {result.masked_mse_no_deformation:.5f} without deformation "
           f"({result.masked_mse_reduction:.0%} lower); field error {result.field_error_mm:.2f} mm in the lungs")
-    print(f"  tumour moved {result.true_tumour_motion_mm:.1f} mm; predicted position off by {result.tumour_error_mm:.1f} mm; "
-          f"{result.folded_voxels} folded voxels")
+    print(f"  tumour moved {result.true_tumour_motion_mm:.1f} mm; predicted position off by {result.tumour_error_mm:.1f} mm "
+          f"({result.tumour_label_error_mm:.1f} mm between label-map centroids); {result.folded_voxels} folded voxels")
     print(f"  figure:  {result.figure}")
     return 0
 

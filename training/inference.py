@@ -12,7 +12,7 @@ import breathcast
 from breathcast.anatomy import LUNG_LABELS, Label
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, field_to_lps_mm, hu_to_unit
-from breathcast.metrics import endpoint_error_mm, lung_region_mask, masked_mse, target_error_mm
+from breathcast.metrics import endpoint_error_mm, lung_region_mask, masked_mse, target_error_mm, target_motion_error_mm
 from breathcast.plots import plot_prediction
 from breathcast.simulator import SimulatedPatient, pair_field
 from breathcast.training.cvae import CVAE, load_cvae
@@ -92,7 +92,8 @@ class DemoPrediction:
     masked_mse_predicted: float
     field_error_mm: float
     true_tumour_motion_mm: float
-    tumour_error_mm: float
+    tumour_error_mm: float  # from the fields (target_motion_error_mm)
+    tumour_label_error_mm: float  # between warped and true label-map centroids (quantized at the model grid)
     folded_voxels: int
     figure: Path
 
@@ -117,7 +118,7 @@ def demo_prediction(patient: SimulatedPatient, model: CVAE, out_dir: Path) -> De
     grid = patient.grid
     region = lung_region_mask(np.isin(fixed.labels, LUNG_LABELS), grid)
     truth = pair_field(moving.field, fixed.field)
-    tumour_moving, tumour_fixed = moving.labels == Label.TUMOUR, fixed.labels == Label.TUMOUR
+    tumour_fixed = fixed.labels == Label.TUMOUR
     tumour_predicted = warp_labels(moving.labels, u) == Label.TUMOUR
     row = int(np.round(np.argwhere(tumour_fixed)[:, 1].mean())) if tumour_fixed.any() else grid.shape[1] // 2
     figure = plot_prediction(
@@ -133,8 +134,9 @@ def demo_prediction(patient: SimulatedPatient, model: CVAE, out_dir: Path) -> De
         masked_mse_no_deformation=masked_mse(m, f, region),
         masked_mse_predicted=masked_mse(predicted, f, region),
         field_error_mm=endpoint_error_mm(u, truth, grid, lungs)["mean"],
-        true_tumour_motion_mm=target_error_mm(tumour_moving, tumour_fixed, grid),
-        tumour_error_mm=target_error_mm(tumour_predicted, tumour_fixed, grid),
+        true_tumour_motion_mm=target_motion_error_mm(np.zeros_like(truth), truth, tumour_fixed, grid),
+        tumour_error_mm=target_motion_error_mm(u, truth, tumour_fixed, grid),
+        tumour_label_error_mm=target_error_mm(tumour_predicted, tumour_fixed, grid),
         folded_voxels=count_folds(u),
         figure=figure,
     )
