@@ -88,6 +88,11 @@ def _load(path: Path) -> nib.Nifti1Image:
         raise DatasetError(f"{path}: not a readable NIfTI file ({exc})") from None
 
 
+def _hu_int16(hu: np.ndarray) -> np.ndarray:
+    """CT in HU rounded to the int16 that NIfTI CT is stored as."""
+    return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+
+
 def write_volume(volume: Volume, path: Path) -> None:
     """Write a (Z, Y, X) volume as NIfTI; its dtype is kept (use int16 HU for CT, uint8 for labels)."""
     image = nib.Nifti1Image(np.ascontiguousarray(volume.array.transpose(2, 1, 0)), grid_to_nifti_affine(volume.grid))
@@ -262,8 +267,7 @@ def write_patient(
             for key, values in per_slice.items():
                 if values.shape != (n_slices,):
                     raise BreathcastError(f"scan {k}: {key} has shape {values.shape}; the grid has {n_slices} slices")
-            hu = np.clip(np.rint(scan["image_hu"]), -32768, 32767).astype(np.int16)
-            write_volume(Volume(hu, grid), staging / f"{name}.nii.gz")
+            write_volume(Volume(_hu_int16(scan["image_hu"]), grid), staging / f"{name}.nii.gz")
             entry = {"name": name, "image": f"{name}.nii.gz", "sidecar": f"{name}.json"}
             if scan.get("labels") is not None:
                 write_volume(Volume(np.asarray(scan["labels"], dtype=np.uint8), grid), staging / f"{name}_labels.nii.gz")
@@ -287,7 +291,7 @@ def write_patient(
             "metadata": metadata or {},
         }
         if reference_hu is not None:
-            write_volume(Volume(np.clip(np.rint(reference_hu), -32768, 32767).astype(np.int16), grid), staging / "reference.nii.gz")
+            write_volume(Volume(_hu_int16(reference_hu), grid), staging / "reference.nii.gz")
             patient["reference"] = "reference.nii.gz"
         if reference_labels is not None:
             write_volume(Volume(np.asarray(reference_labels, dtype=np.uint8), grid), staging / "reference_labels.nii.gz")

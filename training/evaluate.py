@@ -57,6 +57,7 @@ from breathcast.metrics import (
 )
 from breathcast.training.cvae import CVAE, load_cvae
 from breathcast.training.data import PatientData, load_patients
+from breathcast.training.inference import predict_displacement
 from breathcast.warp import warp_image, warp_labels
 
 __all__ = [
@@ -135,12 +136,7 @@ class CVAEPredictor:
                 f"{self.name} works on a {d}³ grid; patient {patient.patient_id} is on {patient.images.shape[1:]}: "
                 f"load the patients at grid {d}"
             )
-        image = torch.from_numpy(np.ascontiguousarray(patient.images[moving], dtype=np.float32))[None, None]
-        b_m = torch.from_numpy(np.asarray(patient.amplitude[moving], dtype=np.float32))[None]
-        b_f = torch.from_numpy(np.asarray(fixed_amplitude, dtype=np.float32))[None]
-        with torch.no_grad():
-            u = self.model.predict(image.to(self.device), b_m.to(self.device), b_f.to(self.device))
-        return u[0].cpu().numpy().astype(np.float32, copy=False)
+        return predict_displacement(self.model, patient.images[moving], patient.amplitude[moving], fixed_amplitude)
 
 
 class TrueField:

@@ -38,21 +38,26 @@ def default_model() -> CVAE:
     return load_cvae(DEFAULT_MODEL)
 
 
-def predict_displacement(model: CVAE, moving_unit: np.ndarray, b_m: np.ndarray, b_f: np.ndarray) -> np.ndarray:
-    """One z = 0 prediction.
+def predict_displacement(
+    model: CVAE, moving_unit: np.ndarray, b_m: np.ndarray, b_f: np.ndarray, z: torch.Tensor | None = None
+) -> np.ndarray:
+    """One prediction, z = 0 unless ``z`` is given.
 
     Args:
-        model: the cVAE.
+        model: the cVAE (on any device; inputs follow it).
         moving_unit: (D, D, D) planning scan in [0, 1] at the model grid.
         b_m, b_f: (D,) per-slice amplitude of the planning scan and of the wanted state.
+        z: (1, latent_dim) latent sample, or None for z = 0.
 
     Returns:
         (3, D, D, D) float32 displacement, model-grid voxels, pull-back.
     """
-    moving = torch.from_numpy(np.ascontiguousarray(moving_unit, dtype=np.float32))[None, None]
-    b_m_t = torch.from_numpy(np.asarray(b_m, dtype=np.float32))[None]
-    b_f_t = torch.from_numpy(np.asarray(b_f, dtype=np.float32))[None]
-    return model.predict(moving, b_m_t, b_f_t)[0].numpy()
+    device = next(model.parameters()).device
+    moving = torch.from_numpy(np.ascontiguousarray(moving_unit, dtype=np.float32))[None, None].to(device)
+    b_m_t = torch.from_numpy(np.asarray(b_m, dtype=np.float32))[None].to(device)
+    b_f_t = torch.from_numpy(np.asarray(b_f, dtype=np.float32))[None].to(device)
+    u = model.predict(moving, b_m_t, b_f_t, z=None if z is None else z.to(device))
+    return u[0].cpu().numpy().astype(np.float32, copy=False)
 
 
 def predict_with_uncertainty(
@@ -72,11 +77,8 @@ def predict_with_uncertainty(
     """
     if samples < 2:
         raise BreathcastError(f"an uncertainty map needs at least 2 samples, got {samples}")
-    moving = torch.from_numpy(np.ascontiguousarray(moving_unit, dtype=np.float32))[None, None]
-    b_m_t = torch.from_numpy(np.asarray(b_m, dtype=np.float32))[None]
-    b_f_t = torch.from_numpy(np.asarray(b_f, dtype=np.float32))[None]
     z = torch.randn(samples, model.config.latent_dim, generator=torch.Generator().manual_seed(seed))
-    draws = np.stack([model.predict(moving, b_m_t, b_f_t, z=z[i : i + 1])[0].numpy() for i in range(samples)])
+    draws = np.stack([predict_displacement(model, moving_unit, b_m, b_f, z=z[i : i + 1]) for i in range(samples)])
     draws_mm = draws * np.asarray(grid.spacing_zyx, dtype=np.float32)[None, :, None, None, None]
     std_mm = np.sqrt(draws_mm.var(axis=0).sum(axis=0)).astype(np.float32)
     return predict_displacement(model, moving_unit, b_m, b_f), std_mm
