@@ -156,7 +156,8 @@ class CVAE(nn.Module):
                 raise BreathcastError(f"{name} must have shape ({moving.shape[0]}, {d}): one amplitude per slice, got {tuple(b.shape)}")
 
     def _side(self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor, size: int) -> torch.Tensor:
-        pooled = F.adaptive_avg_pool3d(moving, size)
+        factor = moving.shape[-1] // size  # avg_pool3d, not adaptive: the ONNX exporter has no adaptive 3D pooling
+        pooled = F.avg_pool3d(moving, factor) if factor > 1 else moving
         return torch.cat([pooled, _trace_channels(b_m, b_f, size)], dim=1)
 
     def decode_velocity(self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

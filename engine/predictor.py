@@ -1,0 +1,381 @@
+"""The per-plan predictor: load a package with a planning CT and its trace once, then trace window -> field.
+
+::
+
+    predictor = load_predictor(package, plan, PredictorConfig(path="distilled"))
+    prediction = predictor.predict(window)        # window: (448,) amplitude on the model's time base
+    prediction.displacement                       # (3, D, D, D) float32, model-grid voxels, pull-back
+    prediction.target_lps_mm                      # (P, 3) where the target points are now, mm LPS
+
+Three paths, one interface:
+
+* ``direct``: the ``frame`` graph every frame, then scaling and squaring (numba) at half resolution and a
+  resize to the model grid. Exact, tens of ms.
+* ``distilled``: at plan load the network is queried over a designed set of breathing states and a per-voxel
+  polynomial in the slice's own (amplitude, rate) is fitted (:mod:`breathcast.state_model`); per frame only
+  the polynomial is evaluated. Its error against ``direct`` on realistic windows is measured at plan load
+  (:attr:`Predictor.distillation_error_mm`).
+* ``linear5d``: the same evaluation with a 5D model fitted from registrations (a ``linear5d`` package).
+
+Window modes: ``window`` (slice z takes the state of window sample z, as the paper's b_f; window sample 0,
+the oldest, maps to slice 0, the newest to slice D-1) and ``snapshot`` (every slice at the newest state: the
+anatomy now; the direct path then gets a constant b_f and so no rate).
+
+A state (A, Ȧ) reaches the network during distillation as the per-slice trace a scan would record around it,
+``b_f[z] = A + Ȧ (t_z - t_c)`` (DESIGN.md), and each slice is fitted at its own (b_f[z], Ȧ).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+from scipy.signal import savgol_filter
+
+from breathcast.errors import BreathcastError
+from breathcast.geometry import Grid, Volume, hu_to_unit, resample_volume
+from breathcast.resize import FieldResizer, axis_weights, evaluate_polynomial, voxel_to_lps_matrix
+from breathcast.state_model import DISTILLED_TERMS, Terms, design_matrix, fit_state_model
+from breathcast.traces import TraceConfig, synthetic_trace
+from breathcast.warp import integrate_velocity
+from breathcast.engine.package import ModelPackage, PackageError, TraceSpec, read_package
+from breathcast.engine.runtimes import RuntimeConfig, open_graph
+
+__all__ = [
+    "PredictorPath",
+    "WindowMode",
+    "DistillationConfig",
+    "PredictorConfig",
+    "Plan",
+    "Prediction",
+    "Predictor",
+    "load_predictor",
+    "window_states",
+    "design_states",
+]
+
+_RATE_SMOOTHING_S = 0.2  # as breathcast.traces.rate
+
+
+class PredictorPath(str, Enum):
+    DIRECT = "direct"
+    DISTILLED = "distilled"
+    LINEAR5D = "linear5d"
+
+
+class WindowMode(str, Enum):
+    WINDOW = "window"
+    SNAPSHOT = "snapshot"
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    """The designed breathing states the network is queried at, and the fitted polynomial.
+
+    Args:
+        amplitudes: number of centre amplitudes A, evenly spaced over ``amplitude_range``.
+        rates: number of rates Ȧ, evenly spaced over [-max_rate, max_rate] (1/s).
+        amplitude_range: (low, high) of A; also the range every query's per-slice trace must stay in,
+            widened by ``margin``.
+        max_rate: largest |Ȧ|, 1/s.
+        margin: how far outside ``amplitude_range`` a ramp may go.
+        terms: the polynomial's (amplitude, rate) exponents.
+        batch: queries per run of the frame graph.
+        validation_windows: realistic windows (a synthetic breathing trace) on which the fit is compared
+            with the network at plan load.
+    """
+
+    amplitudes: int = 11
+    rates: int = 9
+    amplitude_range: tuple[float, float] = (-0.2, 1.3)
+    max_rate: float = 1.2
+    margin: float = 0.1
+    terms: Terms = DISTILLED_TERMS
+    batch: int = 8
+    validation_windows: int = 4
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    """How to predict.
+
+    Args:
+        path: ``direct``, ``distilled`` or ``linear5d`` (:class:`PredictorPath`).
+        mode: ``window`` or ``snapshot`` (:class:`WindowMode`).
+        runtime: which runtime runs the graphs and with how many threads.
+        distillation: the distilled path's design.
+    """
+
+    path: PredictorPath | str = PredictorPath.DIRECT
+    mode: WindowMode | str = WindowMode.WINDOW
+    runtime: RuntimeConfig = RuntimeConfig()
+    distillation: DistillationConfig = DistillationConfig()
+
+    def __post_init__(self) -> None:
+        for name, kind in (("path", PredictorPath), ("mode", WindowMode)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                valid = ", ".join(v.value for v in kind)
+                raise BreathcastError(f"predictor {name} must be one of {valid}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A planning CT, the breathing trace recorded with it, and the target.
+
+    Args:
+        volume: planning CT, HU, any grid (it is resampled to the model grid over its field of view).
+        amplitude: (Z,) per-slice amplitude of the planning CT (its own slices, Z = volume.shape[0]).
+        target_lps_mm: (P, 3) target points in the planning CT, mm LPS (e.g. a tumour centroid); may be empty.
+        frame_of_reference_uid: the CT's Frame of Reference (published with every field).
+        name: shown in status messages.
+    """
+
+    volume: Volume
+    amplitude: np.ndarray
+    target_lps_mm: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    frame_of_reference_uid: str = ""
+    name: str = "plan"
+
+    def __post_init__(self) -> None:
+        amplitude = np.asarray(self.amplitude, dtype=np.float64)
+        if amplitude.shape != (self.volume.shape[0],) or not np.all(np.isfinite(amplitude)):
+            raise BreathcastError(f"planning trace must be {self.volume.shape[0]} finite amplitudes (one per CT slice), got shape {amplitude.shape}")
+        object.__setattr__(self, "amplitude", amplitude)
+        target = np.asarray(self.target_lps_mm, dtype=np.float64).reshape(-1, 3)
+        if not np.all(np.isfinite(target)):
+            raise BreathcastError("target points must be finite mm LPS positions")
+        object.__setattr__(self, "target_lps_mm", target)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One frame's result.
+
+    Args:
+        displacement: (3, D, D, D) float32, model-grid voxels (dz, dy, dx), pull-back from the planning CT.
+        amplitude, rate: (D,) per-slice state the field was made for (dimensionless, 1/s).
+        target_lps_mm: (P, 3) target points now, mm LPS.
+        target_displacement_mm: (P, 3) their motion from the planning CT, mm LPS.
+        compute_s: seconds from window to displacement and target.
+    """
+
+    displacement: np.ndarray
+    amplitude: np.ndarray
+    rate: np.ndarray
+    target_lps_mm: np.ndarray
+    target_displacement_mm: np.ndarray
+    compute_s: float
+
+
+def window_states(window: np.ndarray, trace: TraceSpec, slices: int, mode: WindowMode | str = WindowMode.WINDOW) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice amplitude and rate from a window.
+
+    Args:
+        window: (W,) amplitude samples on the model's time base (``trace.sample_interval_s``), oldest first.
+        trace: the model's trace spec (W = ``trace.window_samples``).
+        slices: D, the model grid's slice count.
+        mode: ``window`` (slice z at window position z (W-1)/(D-1)) or ``snapshot`` (every slice at the newest).
+
+    Returns:
+        ((D,) amplitude, (D,) rate in 1/s), float64.
+    """
+    window = np.asarray(window, dtype=np.float64)
+    if window.shape != (trace.window_samples,):
+        raise BreathcastError(f"window must hold {trace.window_samples} samples, got shape {window.shape}")
+    if not np.all(np.isfinite(window)):
+        raise BreathcastError("window holds NaN or Inf")
+    length = max(5, int(round(_RATE_SMOOTHING_S / trace.sample_interval_s)) | 1)
+    longest_odd = trace.window_samples if trace.window_samples % 2 else trace.window_samples - 1
+    rate = savgol_filter(window, min(length, longest_odd), 2, deriv=1, delta=trace.sample_interval_s)
+    if WindowMode(mode) is WindowMode.SNAPSHOT:
+        return np.full(slices, window[-1]), np.full(slices, rate[-1])
+    positions = np.linspace(0.0, trace.window_samples - 1, slices)
+    samples = np.arange(trace.window_samples)
+    return np.interp(positions, samples, window), np.interp(positions, samples, rate)
+
+
+def design_states(trace: TraceSpec, slices: int, config: DistillationConfig = DistillationConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """The distillation queries: ramps ``b_f[z] = A + Ȧ (t_z - t_c)`` that stay in the amplitude range.
+
+    Returns:
+        ((Q, D) per-slice amplitude, (Q, D) per-slice rate 1/s).
+    """
+    t = np.linspace(0.0, trace.window_duration_s, slices)
+    t -= t.mean()
+    low, high = config.amplitude_range
+    amplitudes, rates = [], []
+    for a in np.linspace(low, high, config.amplitudes):
+        for r in np.linspace(-config.max_rate, config.max_rate, config.rates):
+            ramp = a + r * t
+            if ramp.min() >= low - config.margin and ramp.max() <= high + config.margin:
+                amplitudes.append(ramp)
+                rates.append(np.full(slices, r))
+    return np.array(amplitudes), np.array(rates)
+
+
+def _resample_slices(values: np.ndarray, slices: int) -> np.ndarray:
+    """(Z,) per-slice values -> (slices,) over the same extent (slice centres, like the volume resampling)."""
+    lo, hi, w = axis_weights(values.shape[0], slices)
+    return values[lo] * (1 - w) + values[hi] * w
+
+
+def _sample_field(u: np.ndarray, points_zyx: np.ndarray) -> np.ndarray:
+    """Trilinear samples (P, 3) of a (3, Z, Y, X) field at (P, 3) index positions, clamped at the borders."""
+    shape = np.asarray(u.shape[1:])
+    p = np.clip(points_zyx, 0, shape - 1)
+    lo = np.minimum(np.floor(p).astype(int), shape - 2).clip(0)
+    w = p - lo
+    out = np.zeros((p.shape[0], 3))
+    for corner in range(8):
+        offset = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
+        weight = np.prod(np.where(offset, w, 1 - w), axis=1)
+        idx = np.minimum(lo + offset, shape - 1)
+        out += weight[:, None] * u[:, idx[:, 0], idx[:, 1], idx[:, 2]].T
+    return out
+
+
+class Predictor:
+    """A loaded package and plan; :meth:`predict` turns a window into a :class:`Prediction`.
+
+    Use :func:`load_predictor` to make one.
+    """
+
+    def __init__(self, package: ModelPackage, plan: Plan, config: PredictorConfig) -> None:
+        started = time.perf_counter()
+        self.package, self.plan, self.config = package, plan, config
+        manifest = package.manifest
+        self.trace: TraceSpec = manifest.trace
+        self.mode = config.mode
+        shape = tuple(manifest.grid)
+        if config.path is PredictorPath.LINEAR5D:
+            if manifest.kind != "linear5d":
+                raise PackageError(f"{package.path}: the linear5d path needs a linear5d package, got {manifest.kind!r}")
+            if plan.volume.shape != shape:
+                raise PackageError(f"{package.path}: a 5D model fitted on {shape} cannot serve a plan on {plan.volume.shape}")
+        elif manifest.kind != "cvae":
+            raise PackageError(f"{package.path}: the {config.path.value} path needs a cvae package, got {manifest.kind!r}")
+        model_volume = plan.volume if plan.volume.shape == shape else resample_volume(plan.volume, shape)
+        self.grid: Grid = model_volume.grid
+        self.slices = shape[0]
+        self.b_m = _resample_slices(plan.amplitude, self.slices).astype(np.float32)
+        self._to_lps = voxel_to_lps_matrix(self.grid)
+        self._target_index = self.grid.lps_to_index(plan.target_lps_mm) if len(plan.target_lps_mm) else np.zeros((0, 3))
+        self.distillation_error_mm: dict[str, float] = {}
+        self._coefficients: np.ndarray | None = None
+        self._terms: Terms = ()
+        if manifest.kind == "cvae":
+            self._plan_tensors = self._run_plan(hu_to_unit(model_volume.array))
+            self._frame = open_graph(package, "frame", config.runtime)
+            half = tuple(n // 2 for n in shape)
+            self._upsample = FieldResizer(half, shape)  # half-grid voxels -> model-grid voxels
+        if config.path is PredictorPath.DISTILLED:
+            self._distil(model_volume)
+        elif config.path is PredictorPath.LINEAR5D:
+            self._coefficients = np.ascontiguousarray(np.load(package.file("coefficients.npy")), dtype=np.float32)
+            self._terms = tuple(tuple(t) for t in manifest.model["terms"])
+        self.load_s = time.perf_counter() - started
+
+    # -- the network ------------------------------------------------------------------------------------
+
+    def _run_plan(self, moving_unit: np.ndarray) -> dict[str, np.ndarray]:
+        from breathcast.engine.graphs import PLAN_OUTPUTS
+
+        session = open_graph(self.package, "plan", self.config.runtime)
+        outputs = session.run({"moving": moving_unit[None, None].astype(np.float32), "b_m": self.b_m[None]})
+        return dict(zip(PLAN_OUTPUTS, outputs))
+
+    def network_displacements(self, b_f: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
+        """The direct path for a batch: (N, D) per-slice traces -> (N, 3, D, D, D) float32 model-grid voxels."""
+        b_f = np.ascontiguousarray(b_f, dtype=np.float32).reshape(-1, self.slices)
+        latent = self.package.manifest.model["latent_dim"]
+        z = np.zeros((b_f.shape[0], latent), np.float32) if z is None else np.ascontiguousarray(z, dtype=np.float32)
+        (velocity,) = self._frame.run(self._plan_tensors | {"b_m": self.b_m[None], "b_f": b_f, "z": z})
+        steps = int(self.package.manifest.model["integration_steps"])
+        return np.stack([self._upsample(integrate_velocity(v, steps)) for v in velocity])
+
+    # -- distillation -----------------------------------------------------------------------------------
+
+    def _distil(self, model_volume: Volume) -> None:
+        cfg = self.config.distillation
+        amplitude, rate = design_states(self.trace, self.slices, cfg)
+        fields = np.concatenate([self.network_displacements(amplitude[i : i + cfg.batch]) for i in range(0, len(amplitude), cfg.batch)])
+        model = fit_state_model(fields, amplitude, rate, cfg.terms)
+        self._coefficients, self._terms = model.coefficients, model.terms
+        self.distillation_error_mm = self._distillation_error(model_volume, cfg.validation_windows)
+
+    def _distillation_error(self, model_volume: Volume, count: int) -> dict[str, float]:
+        """Distilled vs direct on ``count`` windows of a synthetic breathing trace, inside the body (> -500 HU)."""
+        if count < 1:
+            return {}
+        trace = synthetic_trace(TraceConfig(duration_s=60.0), seed=0)
+        span = self.trace.window_duration_s
+        ends = np.linspace(span + 5.0, trace.duration_s - 1.0, count)
+        body = model_volume.array > -500.0
+        spacing = np.asarray(self.grid.spacing_zyx, dtype=np.float32)[:, None]
+        errors = []
+        for end in ends:
+            times = end - span + np.arange(self.trace.window_samples) * self.trace.sample_interval_s
+            window = trace.amplitude_at(times)
+            a, r = window_states(window, self.trace, self.slices, WindowMode.WINDOW)
+            direct = self.network_displacements(a[None])[0]
+            distilled = self._evaluate(a, r)
+            errors.append(np.linalg.norm((direct - distilled)[:, body] * spacing, axis=0))
+        e = np.concatenate(errors)
+        return {"mean": float(e.mean()), "p99": float(np.percentile(e, 99)), "max": float(e.max()), "windows": count}
+
+    def _evaluate(self, a: np.ndarray, r: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        basis = design_matrix(a, r, self._terms).astype(np.float32)
+        return evaluate_polynomial(self._coefficients, basis, out)
+
+    # -- per frame --------------------------------------------------------------------------------------
+
+    def predict(self, window: np.ndarray) -> Prediction:
+        """One frame: (W,) amplitude window on the model's time base -> :class:`Prediction`."""
+        started = time.perf_counter()
+        a, r = window_states(window, self.trace, self.slices, self.mode)
+        if self.config.path is PredictorPath.DIRECT:
+            u = self.network_displacements(a[None])[0]
+        else:
+            u = self._evaluate(a, r)
+        if not np.all(np.isfinite(u)):
+            raise BreathcastError("the model produced a non-finite displacement")
+        now, moved = self.target_positions(u)
+        return Prediction(u, a, r, now, moved, time.perf_counter() - started)
+
+    def target_positions(self, u: np.ndarray, iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
+        """Where the plan's target points are under ``u``: solve x + u(x) = p (the field pulls back).
+
+        Returns:
+            ((P, 3) positions now, (P, 3) displacement from the plan), mm LPS.
+        """
+        p = self._target_index
+        if len(p) == 0:
+            return np.zeros((0, 3)), np.zeros((0, 3))
+        x = p.copy()
+        for _ in range(iterations):
+            x = p - _sample_field(u, x)
+        now = self.grid.index_to_lps(x)
+        return now, now - self.plan.target_lps_mm
+
+    def field_resizer(self, shape: tuple[int, int, int] | None = None, dtype: type = np.float32) -> tuple[FieldResizer, Grid]:
+        """A resizer from the model grid to ``shape`` over the plan's field of view, writing mm LPS (x, y, z),
+        and the output grid."""
+        shape = tuple(shape or self.grid.shape)
+        return FieldResizer(self.grid.shape, shape, self._to_lps, dtype), self.grid.with_shape(shape)
+
+    @property
+    def model_id(self) -> str:
+        return self.package.model_id
+
+
+def load_predictor(package: ModelPackage | Path | str, plan: Plan, config: PredictorConfig = PredictorConfig()) -> Predictor:
+    """Verify the package (if given as a path), prepare the plan, distil if asked; see the module docstring."""
+    if not isinstance(package, ModelPackage):
+        package = read_package(Path(package))
+    return Predictor(package, plan, config)
