@@ -27,10 +27,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import breathcast
 from breathcast import __version__
 from breathcast.errors import BreathcastError
 
 __all__ = [
+    "DEFAULT_PACKAGE",
     "FORMAT",
     "FORMAT_VERSION",
     "KINDS",
@@ -261,3 +263,7 @@ def write_package(out: Path, manifest: Manifest, write_files: Callable[[Path], N
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return read_package(out)
+
+
+DEFAULT_PACKAGE = Path(breathcast.__file__).parent / "models" / "cvae64-engine"
+"""The shipped engine package: the shipped cVAE exported by `breathcast export` (README, "The engine")."""

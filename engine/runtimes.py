@@ -82,6 +82,9 @@ class _OnnxRuntimeSession:
         options.inter_op_num_threads = config.inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Idle pool threads must not spin: the numba kernels run right after on the same cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if config.device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():

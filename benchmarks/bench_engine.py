@@ -1,0 +1,155 @@
+"""Engine benchmark: per-frame time of the direct and distilled paths, plan load, memory, distilled vs direct.
+
+Run ``python benchmarks/bench_engine.py`` (``make bench`` runs it too). For each held-out patient of the shipped
+model (simulated again in memory from the dataset seed, as ``benchmarks/bench_cvae.py`` does) the plan is the
+patient's most exhaled scan with its per-slice trace, the target its tumour centroid, and the windows come
+from the patient's own breathing trace. Writes ``benchmarks/results/engine.json`` and the README table.
+
+Targets (engine issue, 2 CPU cores): direct 64³ onnxruntime per-frame compute (window -> displacement) median
+<= 40 ms; distilled per frame with a 128x128x112 float16 mm-LPS output median <= 5 ms; distilled vs direct
+<= 0.3 mm mean and <= 1 mm 99th percentile inside the lungs, per test patient; plan load (encoder +
+distillation fit) <= 10 s at 64³.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+from common import markdown_table, time_call, update_readme_table, write_results
+
+from breathcast.anatomy import LUNG_LABELS, Label
+from breathcast.geometry import Volume
+from breathcast.metrics import centroid_mm
+from breathcast.simulator import SimulationConfig, patient_seed, simulate_patient
+from breathcast.engine.package import DEFAULT_PACKAGE, read_package
+from breathcast.engine.predictor import Plan, PredictorConfig, load_predictor
+
+DATASET_SEED = 2026
+OUTPUT_SHAPE = (112, 128, 128)  # (Z, Y, X): 128 x 128 in plane, 112 slices
+
+
+def memory_mb() -> dict[str, float]:
+    """Resident and peak resident memory of this process, MB (Linux /proc)."""
+    status = Path("/proc/self/status").read_text()
+    value = {k: float(re.search(rf"{k}:\s+(\d+) kB", status).group(1)) / 1024 for k in ("VmRSS", "VmHWM")}
+    return {"rss_mb": value["VmRSS"], "peak_rss_mb": value["VmHWM"]}
+
+
+def windows_from_trace(trace, spec, count: int) -> list[np.ndarray]:
+    """``count`` windows of the patient's trace, evenly spread over the session, on the model's time base."""
+    span = spec.window_duration_s
+    ends = np.linspace(span + 1.0, trace.duration_s - 0.5, count)
+    offsets = np.arange(spec.window_samples) * spec.sample_interval_s
+    return [trace.amplitude_at(end - span + offsets) for end in ends]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--package", type=Path, default=DEFAULT_PACKAGE, help="engine package (default: the shipped one)")
+    parser.add_argument("--patients", type=int, default=12, help="held-out patients to use (default 12, all of them)")
+    parser.add_argument("--windows", type=int, default=20, help="windows per patient (default 20)")
+    parser.add_argument("--repeats", type=int, default=50, help="timed frames per measurement (default 50)")
+    parser.add_argument("--no-readme", action="store_true", help="do not update README.md")
+    args = parser.parse_args()
+
+    package = read_package(args.package)
+    model_manifest = package.manifest.training
+    test_ids = package.manifest.training.get("data", {}).get("split", {}).get("test") or model_manifest.get("test_ids")
+    if not test_ids:
+        raise SystemExit(f"{args.package}: the manifest names no held-out patients (training.data.split.test)")
+    grid = package.manifest.grid[0]
+    memory_before = memory_mb()
+    per_patient, timings = [], {}
+    for pid in test_ids[: args.patients]:
+        index = int(re.fullmatch(r"patient_(\d+)", pid).group(1))
+        patient = simulate_patient(patient_seed(DATASET_SEED, index), SimulationConfig(grid_size=grid), patient_id=pid)
+        scan = min(patient.scans, key=lambda s: float(s.amplitude.mean()))
+        target = centroid_mm(scan.labels == Label.TUMOUR, patient.grid)[None]
+        plan = Plan(Volume(scan.image_hu, patient.grid), scan.amplitude, target, name=pid)
+
+        start = time.perf_counter()
+        direct = load_predictor(package, plan, PredictorConfig(path="direct"))
+        direct_load = time.perf_counter() - start
+        start = time.perf_counter()
+        distilled = load_predictor(package, plan, PredictorConfig(path="distilled"))
+        distilled_load = time.perf_counter() - start
+        memory_loaded = memory_mb()
+
+        lungs = np.isin(scan.labels, LUNG_LABELS)
+        spacing = np.asarray(patient.grid.spacing_zyx, dtype=np.float32)[:, None]
+        errors = []
+        windows = windows_from_trace(patient.trace, package.manifest.trace, args.windows)
+        for window in windows:
+            difference = direct.predict(window).displacement - distilled.predict(window).displacement
+            errors.append(np.linalg.norm(difference[:, lungs] * spacing, axis=0))
+        e = np.concatenate(errors)
+        row = {
+            "patient": pid,
+            "direct_load_s": round(direct_load, 2),
+            "distilled_load_s": round(distilled_load, 2),
+            "distilled_vs_direct_mean_mm": round(float(e.mean()), 3),
+            "distilled_vs_direct_p99_mm": round(float(np.percentile(e, 99)), 3),
+            "distilled_vs_direct_max_mm": round(float(e.max()), 3),
+            "distillation_check_at_load_mm": {k: round(v, 3) for k, v in distilled.distillation_error_mm.items()},
+        }
+        per_patient.append(row)
+        print(json.dumps(row))
+
+        if not timings:  # per-frame times on the first patient (they do not depend on the patient)
+            window = windows[len(windows) // 2]
+            resizer, _ = distilled.field_resizer(OUTPUT_SHAPE, np.float16)
+            out = np.empty((3, *OUTPUT_SHAPE), np.float16)
+
+            def distilled_frame() -> None:
+                resizer(distilled.predict(window).displacement, out=out)
+
+            timings = {
+                "direct_frame": time_call(lambda: direct.predict(window), args.repeats),
+                "direct_frame_graph_only": time_call(lambda: direct.network_displacements(direct.predict(window).amplitude[None]), args.repeats // 2),
+                "distilled_frame_model_grid": time_call(lambda: distilled.predict(window), args.repeats),
+                "distilled_frame_128x128x112_float16": time_call(distilled_frame, args.repeats),
+                "memory_after_loading_two_predictors": memory_loaded,
+            }
+            print(json.dumps(timings))
+
+    loads = [r["distilled_load_s"] for r in per_patient]
+    summary = {
+        "direct_frame_median_ms": round(timings["direct_frame"]["median_ms"], 1),
+        "distilled_frame_median_ms": round(timings["distilled_frame_128x128x112_float16"]["median_ms"], 2),
+        "distilled_load_median_s": round(float(np.median(loads)), 2),
+        "distilled_vs_direct_mean_mm_worst_patient": max(r["distilled_vs_direct_mean_mm"] for r in per_patient),
+        "distilled_vs_direct_p99_mm_worst_patient": max(r["distilled_vs_direct_p99_mm"] for r in per_patient),
+        "memory_before_mb": memory_before,
+        "memory_after_mb": memory_mb(),
+    }
+    results = {
+        "package": str(args.package),
+        "model_id": package.model_id,
+        "grid": package.manifest.grid,
+        "output_shape_zyx": OUTPUT_SHAPE,
+        "summary": summary,
+        "timings": timings,
+        "per_patient": per_patient,
+    }
+    path = write_results("engine", results)
+    print(f"wrote {path}")
+    if not args.no_readme:
+        rows = [
+            {"measure": "direct 64³, onnxruntime: window -> displacement (median)", "target": "<= 40 ms", "measured": f"{summary['direct_frame_median_ms']} ms"},
+            {"measure": "distilled: window -> 128x128x112 float16 mm field (median)", "target": "<= 5 ms", "measured": f"{summary['distilled_frame_median_ms']} ms"},
+            {"measure": "plan load with distillation, 64³ (median over patients)", "target": "<= 10 s", "measured": f"{summary['distilled_load_median_s']} s"},
+            {"measure": "distilled vs direct in the lungs, mean (worst patient)", "target": "<= 0.3 mm", "measured": f"{summary['distilled_vs_direct_mean_mm_worst_patient']} mm"},
+            {"measure": "distilled vs direct in the lungs, p99 (worst patient)", "target": "<= 1 mm", "measured": f"{summary['distilled_vs_direct_p99_mm_worst_patient']} mm"},
+            {"measure": "peak memory, process with both predictors loaded", "target": "stated", "measured": f"{memory_loaded['peak_rss_mb']:.0f} MB"},
+        ]
+        per = markdown_table(per_patient, ["patient", "distilled_load_s", "distilled_vs_direct_mean_mm", "distilled_vs_direct_p99_mm", "distilled_vs_direct_max_mm"])
+        update_readme_table("engine", markdown_table(rows, ["measure", "target", "measured"]) + "\n\nPer test patient:\n\n" + per)
+
+
+if __name__ == "__main__":
+    main()
