@@ -3,7 +3,8 @@
 * ``onnxruntime`` (default): CPU here, the CUDA provider where one is present and asked for.
 * ``tensorrt``: an engine built from the ONNX where a GPU and the ``tensorrt`` extra are present. TensorRT 10+
   builds strongly typed networks, so FP16 comes from an FP16 copy of the ONNX (onnxconverter-common) and INT8
-  from Q/DQ nodes in the ONNX; engines are cached by (TensorRT version, GPU compute capability, graph hash).
+  from the package's Q/DQ frame graph (:mod:`breathcast.engine.quantize`); engines are cached by (TensorRT
+  version, GPU compute capability, precision, graph hash).
   Without a GPU or the package, opening it raises :class:`RuntimeUnavailable` with a one-line reason.
 * ``torch``: the reference: the same split graphs as torch modules, from the package's ``model.pt``.
 
@@ -39,7 +40,8 @@ class RuntimeConfig:
         intra_op_threads: threads inside one operator (onnxruntime, torch); 0 lets the runtime choose.
         inter_op_threads: threads across independent operators.
         device: "cpu" or "cuda" (onnxruntime's CUDA provider; TensorRT always uses the GPU).
-        precision: "fp32", "fp16" or "int8" (TensorRT; "int8" needs a Q/DQ ONNX).
+        precision: "fp32", "fp16" (TensorRT) or "int8" (the package's Q/DQ frame graph: TensorRT, or
+            onnxruntime on the CPU to measure it).
         engine_cache: folder for built TensorRT engines; default ``~/.cache/breathcast/tensorrt``.
     """
 
@@ -202,7 +204,7 @@ def _onnx_for_precision(path: Path, precision: str) -> bytes:
         from onnxconverter_common import float16  # part of the tensorrt extra
 
         return float16.convert_float_to_float16(onnx.load(str(path)), keep_io_types=True).SerializeToString()
-    raise RuntimeUnavailable("INT8 TensorRT needs a Q/DQ ONNX made from calibration.quantization_data (e.g. with NVIDIA ModelOpt); this package has none")
+    return path.read_bytes()  # int8: the Q/DQ graph (engine.quantize) carries its own scales
 
 
 def runtime_available(kind: str) -> tuple[bool, str]:
@@ -226,6 +228,12 @@ def open_graph(package: ModelPackage, graph: str, config: RuntimeConfig = Runtim
     """A session for ``graph`` ("plan" or "frame") of a verified package."""
     if graph not in package.manifest.graphs:
         raise PackageError(f"{package.path}: the package has no {graph!r} graph (kind {package.manifest.kind!r})")
+    if config.precision == "int8" and graph == "frame":  # the plan graph runs once per plan: it stays float
+        if "frame_int8" not in package.manifest.graphs:
+            raise PackageError(f"{package.path}: no INT8 frame graph; make one with `breathcast quantize`")
+        if config.kind == "torch":
+            raise RuntimeUnavailable("the torch reference runtime has no INT8 path")
+        graph = "frame_int8"
     spec = package.manifest.graphs[graph]
     path = package.file(spec.file)
     if config.kind == "onnxruntime":
