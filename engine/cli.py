@@ -1,0 +1,99 @@
+"""The engine's commands: ``breathcast export`` and ``breathcast quantize`` (wired by :mod:`breathcast.cli`).
+
+Library imports happen inside the command functions, so building the parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["add_engine_commands"]
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from breathcast.training.cvae import load_cvae
+    from breathcast.engine.export import export_cvae, scan_trace_spec
+    from breathcast.engine.package import TraceSpec
+
+    model = load_cvae(args.model)
+    trace = scan_trace_spec(model.config.grid, window_samples=args.window_samples)
+    if args.scan_duration is not None:
+        trace = TraceSpec(args.window_samples, args.scan_duration / (args.window_samples - 1), model.config.grid)
+    training, metrics = {}, {}
+    sidecar = args.model.with_name("manifest.json")
+    if sidecar.is_file():  # what the model was trained on travels with it
+        made = json.loads(sidecar.read_text())
+        training = {**made.get("training", {}), "data": made.get("data", {}), "model_file_manifest": str(sidecar)}
+        metrics = made.get("metrics", {})
+    package = export_cvae(model, args.out, trace, training, metrics, overwrite=args.overwrite)
+    parity = package.manifest.metrics["export_parity"]["max_abs_velocity_difference_voxels"]
+    print(f"{package.model_id}: plan and frame graphs in {package.path} (onnxruntime vs torch: {parity:.1e} voxels; "
+          f"window {trace.window_samples} samples x {trace.sample_interval_s * 1e3:.2f} ms)")  # fmt: skip
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from breathcast.calibration.quantization_data import (
+        QuantizationData,
+        load_quantization_data,
+        representative_plans,
+        representative_windows,
+        save_quantization_data,
+    )
+    from breathcast.engine.package import read_package
+    from breathcast.engine.quantize import quantize_frame
+
+    package = read_package(args.package, kind="cvae")
+    if args.data is not None and args.data.is_file():
+        data = load_quantization_data(args.data)
+    else:
+        spec = package.manifest.trace
+        moving, b_m = representative_plans(args.plans, package.manifest.grid[0], seed=args.seed)
+        windows = representative_windows(args.windows, spec.window_samples, spec.sample_interval_s, seed=args.seed)
+        data = QuantizationData({"moving": moving, "b_m": b_m, "windows": windows},
+                                {"plans": args.plans, "windows": args.windows, "seed": args.seed, "made_by": "breathcast quantize"})  # fmt: skip
+        if args.data is not None:
+            save_quantization_data(data, args.data)
+    out = quantize_frame(package, data, args.out, overwrite=args.overwrite)
+    error = out.manifest.metrics["int8"]
+    print(f"{out.model_id}: INT8 frame graph in {out.path}; against float on {error['calibration_samples']} calibration "
+          f"inputs: max {error['max_abs_velocity_difference_voxels']:.3f}, mean {error['mean_abs_velocity_difference_voxels']:.4f} "
+          f"half-grid voxels")  # fmt: skip
+    return 0
+
+
+def add_engine_commands(sub: argparse._SubParsersAction, positive_int) -> None:
+    """Register ``export`` and ``quantize`` on the top-level subparsers; ``positive_int`` parses counts."""
+    export = sub.add_parser(
+        "export",
+        help="export a trained cVAE as an engine package (split plan/frame ONNX graphs + manifest)",
+        description="Write a model package: plan.onnx (run once per planning CT), frame.onnx (run per frame), the "
+        "torch weights for the reference runtime, and manifest.json with the model's time base, training data, "
+        "metrics and the sha256 of every file. The export checks onnxruntime against torch (<= 1e-4 voxels).",
+    )
+    export.add_argument("--model", type=Path, required=True, metavar="PATH", help="a model.pt from `breathcast train cvae`")
+    export.add_argument("--out", type=Path, required=True, metavar="DIR", help="package folder to create")
+    export.add_argument("--window-samples", type=positive_int, default=448, help="rolling window length (default 448)")
+    export.add_argument("--scan-duration", type=float, default=None, metavar="S",
+                        help="seconds one training scan took (the window's span; default: the simulator's protocol)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    export.set_defaults(run=_cmd_export)
+
+    quantize = sub.add_parser(
+        "quantize",
+        help="add an INT8 (Q/DQ) frame graph to a package, calibrated on representative inputs",
+        description="Calibrate symmetric INT8 scales for the frame graph with onnxruntime's static quantisation on "
+        "simulated planning CTs and synthetic breathing windows (or a saved --data file), and write a new package "
+        "with frame_int8.onnx and its measured error. TensorRT builds its INT8 engine from it.",
+    )
+    quantize.add_argument("--package", type=Path, required=True, metavar="DIR", help="a cvae engine package")
+    quantize.add_argument("--out", type=Path, required=True, metavar="DIR", help="the new package folder")
+    quantize.add_argument("--data", type=Path, default=None, metavar="NPZ",
+                          help="quantisation data to read, or to write when it does not exist yet")
+    quantize.add_argument("--plans", type=positive_int, default=4, help="simulated planning CTs (default 4)")
+    quantize.add_argument("--windows", type=positive_int, default=16, help="breathing windows per plan (default 16)")
+    quantize.add_argument("--seed", type=int, default=0, help="seed of the simulated plans and windows")
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    quantize.set_defaults(run=_cmd_quantize)
