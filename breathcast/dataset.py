@@ -6,7 +6,7 @@ patient; a patient has ``patient.json``, its scans (``scan_XX.nii.gz`` CT in HU)
 
 NIfTI stores positions in RAS; this module converts to and from our LPS :class:`~breathcast.geometry.Grid`
 in one place (:func:`grid_to_nifti_affine`). Fields are stored as ITK writes displacement fields:
-shape (X, Y, Z, 1, 3), components (x, y, z) in mm along patient LPS, NIfTI intent "displacement vector".
+shape (X, Y, Z, 1, 3), components (x, y, z) in mm along patient LPS, NIfTI intent "vector" (1007), as ITK writes them.
 
 Writing is all or nothing: a patient is written into a hidden temporary folder and renamed into place
 when complete, and ``dataset.json`` is replaced atomically after every patient.
@@ -118,7 +118,9 @@ def write_field(u_voxels: np.ndarray, grid: Grid, path: Path) -> None:
     lps = field_to_lps_mm(u_voxels, grid)
     data = np.ascontiguousarray(lps.transpose(3, 2, 1, 0)[:, :, :, None, :])  # (X, Y, Z, 1, 3)
     image = nib.Nifti1Image(data, grid_to_nifti_affine(grid))
-    image.header.set_intent("displacement vector")
+    # Intent VECTOR (1007), not DISPVECT (1006): ITK >= 5.4 reads DISPVECT components as RAS and flips x and y,
+    # while it reads VECTOR components as they are (LPS), as it writes them itself.
+    image.header.set_intent("vector")
     image.header.set_xyzt_units("mm", "sec")
     image.header.set_qform(image.affine, code=1)
     image.header.set_sform(image.affine, code=1)

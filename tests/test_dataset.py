@@ -49,7 +49,7 @@ def test_field_is_stored_in_lps_mm_itk_layout(tmp_path):
     write_field(u, OBLIQUE, tmp_path / "f.nii.gz")
     raw = nib.load(str(tmp_path / "f.nii.gz"))
     assert raw.shape == (6, 5, 4, 1, 3)
-    assert raw.header.get_intent()[0] == "displacement vector"
+    assert raw.header.get_intent()[0] == "vector"
     lps = field_to_lps_mm(u, OBLIQUE)
     np.testing.assert_allclose(np.asarray(raw.dataobj)[2, 1, 3, 0, :], lps[:, 3, 1, 2], atol=1e-6)
     back, grid = read_field(tmp_path / "f.nii.gz")
@@ -123,3 +123,17 @@ def test_missing_volume_and_missing_dataset_are_clear(dataset_on_disk, tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match=r"dataset\.json: file is missing"):
         open_dataset(tmp_path / "empty")
+
+
+def test_simpleitk_reads_a_written_field_as_lps_millimetres(tmp_path):
+    """ITK reads our NIfTI fields with the components we wrote (LPS mm), not flipped as it does for DISPVECT."""
+    sitk = pytest.importorskip("SimpleITK", reason="SimpleITK not installed (optional cross-check)")
+    from breathcast.dataset import write_field
+    from breathcast.geometry import Grid, field_to_lps_mm
+
+    grid = Grid((3, 4, 5), spacing=(1.0, 2.0, 3.0), origin=(10.0, -5.0, 2.0))
+    u = np.random.default_rng(0).normal(size=(3, *grid.shape)).astype(np.float32)
+    write_field(u, grid, tmp_path / "u.nii.gz")
+    image = sitk.ReadImage(str(tmp_path / "u.nii.gz"))
+    read = sitk.GetArrayFromImage(image).reshape(*grid.shape, 3)
+    np.testing.assert_allclose(read, field_to_lps_mm(u, grid).transpose(1, 2, 3, 0), atol=1e-6)
