@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_cvae.py
+	$(PY) benchmarks/bench_engine.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

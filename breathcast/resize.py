@@ -7,8 +7,10 @@ source position ``(d + 0.5) * n_src / n_dst - 0.5``, clamped at the borders. Whi
 are mixed by a 3x3 matrix, which turns (dz, dy, dx) voxels of the source grid into voxels of the output grid
 or into mm along patient LPS in one pass (:func:`voxel_to_lps_matrix`).
 
-:class:`FieldResizer` keeps its buffers between calls, because allocating and first-touching tens of MB
-per frame costs milliseconds.
+The resize takes two passes: x first, on the small source (its gathers do not vectorise), then z and y
+together, four rows blended per output row while the components are mixed and written. Writing the output is
+most of the cost (an 11 MB float16 field at 128x128x112), so no full-size intermediate is written. :class:`FieldResizer` can
+write into a kept output buffer, because allocating and first-touching tens of MB per frame costs milliseconds.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def axis_weights(n_src: int, n_dst: int) -> tuple[np.ndarray, np.ndarray, np.nda
     Example:
         >>> lo, hi, w = axis_weights(2, 4)
         >>> lo.tolist(), hi.tolist(), w.tolist()
-        ([0, 0, 0, 1], [1, 1, 1, 1], [0.0, 0.25, 0.75, 0.0])
+        ([0, 0, 0, 1], [1, 1, 1, 1], [0.0, 0.25, 0.75, 0.25])
     """
     src = (np.arange(n_dst, dtype=np.float64) + 0.5) * (n_src / n_dst) - 0.5
     src = np.maximum(src, 0.0)
@@ -54,29 +56,6 @@ def voxel_rescale_matrix(src_shape: tuple[int, int, int], dst_shape: tuple[int, 
     return np.diag(np.asarray(dst_shape, np.float64) / np.asarray(src_shape, np.float64)).astype(np.float32)
 
 
-@njit(**_KERNEL)
-def _resize_x(src, lo, hi, w, out):  # (C, Z, Y, Xs) -> (C, Z, Y, Xd)
-    c, nz, ny, _ = src.shape
-    for k in prange(c * nz):
-        ci, z = k // nz, k % nz
-        for y in range(ny):
-            row, dst = src[ci, z, y], out[ci, z, y]
-            for x in range(out.shape[3]):
-                a = row[lo[x]]
-                dst[x] = a + w[x] * (row[hi[x]] - a)
-
-
-@njit(**_KERNEL)
-def _resize_y(src, lo, hi, w, out):  # (C, Z, Ys, X) -> (C, Z, Yd, X)
-    c, nz, _, nx = src.shape
-    for k in prange(c * nz):
-        ci, z = k // nz, k % nz
-        for y in range(out.shape[2]):
-            r0, r1, wy, dst = src[ci, z, lo[y]], src[ci, z, hi[y]], w[y], out[ci, z, y]
-            for x in range(nx):
-                dst[x] = r0[x] + wy * (r1[x] - r0[x])
-
-
 @intrinsic
 def _half_bits(typingctx, x):
     """float32 -> the bits of the nearest float16 (one vcvtps2ph with F16C; numba has no float16 arrays)."""
@@ -92,30 +71,48 @@ def _identity(x):
     return x
 
 
-def _make_resize_z_mix(store):
+@njit(**_KERNEL)
+def _resize_x(src, lo, hi, w, out):  # (C, Z, Y, Xs) -> (C, Z, Y, Xd): the gathers, on the small side
+    c, nz, ny, _ = src.shape
+    for k in prange(c * nz):
+        ci, z = k // nz, k % nz
+        for y in range(ny):
+            row, dst = src[ci, z, y], out[ci, z, y]
+            for x in range(out.shape[3]):
+                a = row[lo[x]]
+                dst[x] = a + w[x] * (row[hi[x]] - a)
+
+
+def _make_resize_zy(store):
     @njit(**_KERNEL)
-    def resize_z_mix(src, lo, hi, w, m, out):  # (3, Zs, Y, X) -> (3, Zd, Y, X), components mixed by m
-        _, _, ny, nx = src.shape
-        for z in prange(out.shape[1]):
-            z0, z1, wz = lo[z], hi[z], w[z]
-            for y in range(ny):
-                a0, a1 = src[0, z0, y], src[0, z1, y]
-                b0, b1 = src[1, z0, y], src[1, z1, y]
-                c0, c1 = src[2, z0, y], src[2, z1, y]
+    def resize_zy(src, zlo, zhi, zw, ylo, yhi, yw, m, out):
+        """(3, Zs, Ys, X) -> (3, Zd, Yd, X): each output row blends four source rows, components mixed by m."""
+        nx = src.shape[3]
+        _, nzd, nyd, _ = out.shape
+        for z in prange(nzd):
+            z0, z1, wz = zlo[z], zhi[z], zw[z]
+            for y in range(nyd):
+                y0, y1, wy = ylo[y], yhi[y], yw[y]
+                a00, a01, a10, a11 = src[0, z0, y0], src[0, z0, y1], src[0, z1, y0], src[0, z1, y1]
+                b00, b01, b10, b11 = src[1, z0, y0], src[1, z0, y1], src[1, z1, y0], src[1, z1, y1]
+                c00, c01, c10, c11 = src[2, z0, y0], src[2, z0, y1], src[2, z1, y0], src[2, z1, y1]
                 o0, o1, o2 = out[0, z, y], out[1, z, y], out[2, z, y]
                 for x in range(nx):
-                    a = a0[x] + wz * (a1[x] - a0[x])
-                    b = b0[x] + wz * (b1[x] - b0[x])
-                    c = c0[x] + wz * (c1[x] - c0[x])
+                    an = a00[x] + wy * (a01[x] - a00[x])
+                    a = an + wz * (a10[x] + wy * (a11[x] - a10[x]) - an)
+                    bn = b00[x] + wy * (b01[x] - b00[x])
+                    b = bn + wz * (b10[x] + wy * (b11[x] - b10[x]) - bn)
+                    cn = c00[x] + wy * (c01[x] - c00[x])
+                    c = cn + wz * (c10[x] + wy * (c11[x] - c10[x]) - cn)
                     o0[x] = store(m[0, 0] * a + m[0, 1] * b + m[0, 2] * c)
                     o1[x] = store(m[1, 0] * a + m[1, 1] * b + m[1, 2] * c)
                     o2[x] = store(m[2, 0] * a + m[2, 1] * b + m[2, 2] * c)
 
-    return resize_z_mix
+    return resize_zy
 
 
-_resize_z_mix_f32 = _make_resize_z_mix(_identity)
-_resize_z_mix_f16 = _make_resize_z_mix(_half_bits)  # writes into a uint16 view of the float16 output
+_resize_zy_f32 = _make_resize_zy(_identity)
+_resize_zy_f16 = _make_resize_zy(_half_bits)  # writes into a uint16 view of the float16 output
 
 
 class FieldResizer:
@@ -147,9 +144,9 @@ class FieldResizer:
         if self.matrix.shape != (3, 3):
             raise BreathcastError(f"component matrix must be 3x3, got {self.matrix.shape}")
         (zs, ys, xs), (zd, yd, xd) = self.src_shape, self.dst_shape
-        self._z, self._y, self._x = axis_weights(zs, zd), axis_weights(ys, yd), axis_weights(xs, xd)
+        self._x = axis_weights(xs, xd)
+        self._zy = (*axis_weights(zs, zd), *axis_weights(ys, yd))
         self._after_x = np.empty((3, zs, ys, xd), np.float32)
-        self._after_y = np.empty((3, zs, yd, xd), np.float32)
 
     def __call__(self, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """(3, *src_shape) float32 -> (3, *dst_shape) in ``dtype``; writes into ``out`` when given."""
@@ -159,13 +156,11 @@ class FieldResizer:
             out = np.empty((3, *self.dst_shape), self.dtype)
         elif out.shape != (3, *self.dst_shape) or out.dtype != self.dtype:
             raise BreathcastError(f"out must be a {self.dtype} array of shape (3, {self.dst_shape}), got {out.dtype} {out.shape}")
-        u = np.ascontiguousarray(u, dtype=np.float32)
-        _resize_x(u, *self._x, self._after_x)
-        _resize_y(self._after_x, *self._y, self._after_y)
+        _resize_x(np.ascontiguousarray(u, dtype=np.float32), *self._x, self._after_x)
         if self.dtype == np.float16:
-            _resize_z_mix_f16(self._after_y, *self._z, self.matrix, out.view(np.uint16))
+            _resize_zy_f16(self._after_x, *self._zy, self.matrix, out.view(np.uint16))
         else:
-            _resize_z_mix_f32(self._after_y, *self._z, self.matrix, out)
+            _resize_zy_f32(self._after_x, *self._zy, self.matrix, out)
         return out
 
 
