@@ -810,6 +810,7 @@ def evaluate_models(
     pairs_per_patient: int = 10,
     seed: int = 0,
     progress: bool = True,
+    extra_predictors: list[Predictor] | None = None,
 ) -> tuple[EvaluationResult, dict[str, Path]]:
     """Load cVAE models and test patients, :func:`evaluate` them against No Deformation, write the results.
 
@@ -820,6 +821,9 @@ def evaluate_models(
         patient_ids: patients to evaluate; None takes the test split of the models' manifests
             (:func:`held_out_patients`).
         pairs_per_patient, seed, progress: as :func:`evaluate`.
+        extra_predictors: more rows after the cVAEs (e.g. the calibration's 5D models, which the CLI adds);
+            one with a ``prepare(patients)`` method gets it called with the loaded patients first, so a
+            per-patient fit is not timed as a prediction.
 
     Returns:
         The result and the files written.
@@ -859,6 +863,11 @@ def evaluate_models(
             info["manifest"] = str(manifest_path.resolve())
             info["sha256"] = (manifest.get("files") or {}).get("model.pt")
         predictors.append(CVAEPredictor(model, name=name, info=info))
+    for extra in extra_predictors or []:
+        prepare = getattr(extra, "prepare", None)
+        if callable(prepare):
+            prepare(patients)
+        predictors.append(extra)
     result = evaluate(predictors, patients, pairs_per_patient=pairs_per_patient, seed=seed, progress=progress)
     result = dataclasses.replace(result, info={**result.info, "data": str(dataset.path.resolve())})
     return result, write_results(result, out)
