@@ -117,7 +117,7 @@ def _cmd_train_cvae(args: argparse.Namespace) -> int:
         data=args.data,
         simulate_patients=args.simulate,
         simulation_seed=args.seed,
-        model=CVAEConfig(grid=args.grid),
+        model=CVAEConfig(grid=args.grid, channels=tuple(args.channels)),
         loss=LossWeights(kl=args.kl_weight, smooth=args.smooth_weight, multiscale=not args.single_scale),
         steps=args.steps,
         batch_size=args.batch_size,
@@ -140,6 +140,12 @@ def _cmd_train_cvae(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from breathcast.training.evaluate import evaluate_models, markdown_report
 
+    extra = []
+    if args.five_d:  # the composition root adds calibration's predictors; training never imports calibration
+        from breathcast.calibration.motion_model import FiveDPredictor, FitSource
+
+        cache = args.five_d_cache or (args.out / "five_d_models")
+        extra = [FiveDPredictor(source, data_dir=args.data, cache_dir=cache) for source in (FitSource.GROUND_TRUTH, FitSource.REGISTRATION)]
     result, files = evaluate_models(
         args.model,
         args.data,
@@ -148,9 +154,50 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         pairs_per_patient=args.pairs_per_patient,
         seed=args.seed,
         progress=not args.quiet,
+        extra_predictors=extra,
     )
     print(markdown_report(result, full=False))
     print(f"wrote {', '.join(files)} to {args.out}")
+    return 0
+
+
+def _cmd_calibrate_surrogate(args: argparse.Namespace) -> int:
+    from breathcast.calibration.readers import CsvLayout, read_recording
+    from breathcast.calibration.report import format_summary, write_calibration
+    from breathcast.calibration.surrogate import CalibrationSettings, calibrate_surrogate
+
+    layout = None
+    if args.format == "csv" or args.time_column or args.value_columns:
+        layout = CsvLayout(
+            time_column=args.time_column or "time",
+            value_columns=tuple(args.value_columns or ("amplitude",)),
+            separator=args.separator,
+            decimal=args.decimal,
+            time_unit=args.time_unit,
+            valid_column=args.valid_column,
+            xray_column=args.xray_column,
+        )
+    recording = read_recording(args.recording, args.format, layout)
+    settings = CalibrationSettings(sign=args.sign, track_drift=args.track_drift, min_prominence=args.min_prominence,
+                                   min_period_s=args.min_period)  # fmt: skip
+    result = calibrate_surrogate(recording, settings)
+    written = write_calibration(result, args.out, args.report)
+    print(format_summary(result.calibration.summary))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _cmd_calibrate_five_d(args: argparse.Namespace) -> int:
+    from breathcast.calibration.motion_model import fit_five_d_dataset_patient
+
+    model, path = fit_five_d_dataset_patient(args.data, args.patient, args.out, args.source, grid_size=args.grid)
+    info = model.fitted_from
+    print(f"5D model of {model.patient_id} from {model.source}: {info.get('scans')} scans on {model.grid}, "
+          f"residual RMS {model.residual_rms_voxels:.3f} voxels")
+    registration = info.get("registration")
+    if registration:
+        print(f"  registration: {registration['seconds_per_pair_mean']:.2f} s per pair (reference scan {model.reference_scan})")
+    print(f"wrote {path.parent}")
     return 0
 
 
@@ -202,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--simulate", type=_int_at_least(3), metavar="N", help="simulate N patients in memory instead")
     cvae.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (checkpoint, metrics, model)")
     cvae.add_argument("--grid", type=int, choices=(32, 64, 96, 128), default=64, help="model grid edge (default 64)")
+    cvae.add_argument("--channels", type=_int_at_least(1), nargs=4, default=[16, 32, 32, 48], metavar="C",
+                      help="feature channels at 1/2, 1/4, 1/8, 1/16 resolution (default 16 32 32 48; the engine's "
+                      "shipped model uses 8 24 32 48, see README)")
     cvae.add_argument("--steps", type=_int_at_least(1), default=5000, help="optimiser steps (default 5000)")
     cvae.add_argument("--batch-size", type=_int_at_least(1), default=4, help="global batch of pairs (default 4)")
     cvae.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, as the paper)")
@@ -235,8 +285,63 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pairs-per-patient", type=_int_at_least(1), default=10, metavar="N",
                           help="(moving, fixed) scan pairs per patient (default 10)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the pairs (default 0)")
+    evaluate.add_argument("--five-d", action="store_true",
+                          help="add the per-patient 5D motion model rows (Low et al.), fitted from the true fields and "
+                          "from SimpleITK registrations (minutes per patient)")
+    evaluate.add_argument("--five-d-cache", type=Path, default=None, metavar="DIR",
+                          help="where fitted 5D models are kept and found again (default OUT/five_d_models)")
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_cmd_evaluate)
+
+    calibrate = sub.add_parser("calibrate", help="calibrate a breathing surrogate, or fit a patient's 5D motion model",
+                               description="Calibration: a raw surrogate recording -> the normalised amplitude "
+                               "(docs/calibration.md), or the per-patient 5D motion model (docs/five-d-model.md).")
+    what = calibrate.add_subparsers(dest="what", metavar="WHAT", required=True)
+    surrogate = what.add_parser(
+        "surrogate",
+        help="raw surrogate recording -> calibration file (amplitude 0 end-exhale, 1 end-inhale) and report",
+        description="Read a raw breathing recording (generic CSV, the optical-marker files, Varian RPM .vxp), find "
+        "its breath cycles, and write a calibration file that maps a raw sample to the normalised amplitude (the "
+        "daemon applies the same function live). Prints period, amplitude, irregularity, drift, cycles, spikes and "
+        "dropouts; --report draws them.",
+    )
+    surrogate.add_argument("recording", type=Path, metavar="RECORDING", help="the raw recording")
+    surrogate.add_argument("--out", type=Path, required=True, metavar="JSON", help="calibration file to write")
+    surrogate.add_argument("--format", choices=("csv", "marker", "vxp"), default=None, help="recording format (default: guessed)")
+    surrogate.add_argument("--report", type=Path, default=None, metavar="PNG", help="also draw the report here")
+    surrogate.add_argument("--time-column", default=None, metavar="NAME", help="CSV: the time column (default 'time')")
+    surrogate.add_argument("--value-columns", nargs="+", default=None, metavar="NAME",
+                           help="CSV: one signal column, or three (x y z) for a marker (default 'amplitude')")
+    surrogate.add_argument("--separator", default=None, metavar="CHAR", help="CSV: field separator (default: sniffed)")
+    surrogate.add_argument("--decimal", choices=(".", ","), default=".", help="CSV: decimal mark (default '.')")
+    surrogate.add_argument("--time-unit", choices=("s", "ms"), default="s", help="CSV: time unit (default s)")
+    surrogate.add_argument("--valid-column", default=None, metavar="NAME", help="CSV: a 0/1 validity column")
+    surrogate.add_argument("--xray-column", default=None, metavar="NAME", help="CSV: a 0/1 X-ray-on column")
+    surrogate.add_argument("--sign", choices=("auto", "+", "-"), default="auto",
+                           help="which way is inhale: auto (from the end-exhale dwell), + or - the raw axis")
+    surrogate.add_argument("--track-drift", action="store_true", help="remove and track a slow baseline drift")
+    surrogate.add_argument("--min-prominence", type=float, default=0.3, metavar="F",
+                           help="a breath rises at least F of the 5-95%% range (default 0.3)")
+    surrogate.add_argument("--min-period", type=float, default=1.5, metavar="S", help="shortest breathing period, s (default 1.5)")
+    surrogate.set_defaults(run=_cmd_calibrate_surrogate)
+    five_d = what.add_parser(
+        "five-d",
+        help="fit a patient's 5D motion model (u = offset + alpha*A + beta*dA/dt per voxel)",
+        description="Fit the 5D motion model of Low et al. to one patient of a dataset, from SimpleITK registrations "
+        "of its scans to a reference scan or from the simulator's true fields, and write it (coefficients.npz in mm "
+        "LPS + manifest.json with sha256) for the engine's linear5d package.",
+    )
+    five_d.add_argument("--data", type=Path, required=True, metavar="DIR", help="dataset folder (docs/data-format.md)")
+    five_d.add_argument("--patient", required=True, metavar="ID", help="patient id in the dataset")
+    five_d.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder for the model")
+    five_d.add_argument("--source", choices=("registration", "ground-truth"), default="registration",
+                        help="fields to fit: SimpleITK registrations (default) or the simulator's truth")
+    five_d.add_argument("--grid", type=_int_at_least(8), default=None, metavar="N",
+                        help="fit on an N³ grid (default: the scans' own grid)")
+    five_d.set_defaults(run=_cmd_calibrate_five_d)
+    from breathcast.engine.cli import add_engine_commands
+
+    add_engine_commands(sub, _int_at_least(1))
     return parser
 
 

@@ -13,6 +13,8 @@ __all__ = ["add_engine_commands"]
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if args.five_d is not None:
+        return _export_five_d(args)
     from breathcast.training.cvae import load_cvae
     from breathcast.engine.export import export_cvae, scan_trace_spec
     from breathcast.engine.package import TraceSpec
@@ -31,6 +33,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
     parity = package.manifest.metrics["export_parity"]["max_abs_velocity_difference_voxels"]
     print(f"{package.model_id}: plan and frame graphs in {package.path} (onnxruntime vs torch: {parity:.1e} voxels; "
           f"window {trace.window_samples} samples x {trace.sample_interval_s * 1e3:.2f} ms)")  # fmt: skip
+    return 0
+
+
+def _export_five_d(args: argparse.Namespace) -> int:
+    from breathcast.calibration.motion_model import FiveDModel
+    from breathcast.engine.export import export_linear5d, scan_trace_spec
+    from breathcast.engine.package import TraceSpec
+
+    model = FiveDModel.load(args.five_d)
+    slices = model.grid.shape[0]
+    duration = args.scan_duration if args.scan_duration is not None else scan_trace_spec(slices).window_duration_s
+    trace = TraceSpec(args.window_samples, duration / (args.window_samples - 1), slices)
+    fitted_from = {"patient": model.patient_id, "source": model.source, "reference_scan": model.reference_scan,
+                   "model_dir": str(args.five_d), **model.fitted_from}  # fmt: skip
+    package = export_linear5d(model.coefficients, model.terms, model.grid, args.out, trace, fitted_from,
+                              {"residual_rms_voxels": model.residual_rms_voxels}, overwrite=args.overwrite)  # fmt: skip
+    print(f"{package.model_id}: 5D model of {model.patient_id} ({model.source}) in {package.path}; its plan is the "
+          f"reference scan on {model.grid.shape}")  # fmt: skip
     return 0
 
 
@@ -68,12 +88,14 @@ def add_engine_commands(sub: argparse._SubParsersAction, positive_int) -> None:
     """Register ``export`` and ``quantize`` on the top-level subparsers; ``positive_int`` parses counts."""
     export = sub.add_parser(
         "export",
-        help="export a trained cVAE as an engine package (split plan/frame ONNX graphs + manifest)",
+        help="export a trained cVAE (split plan/frame ONNX graphs) or a 5D model as an engine package",
         description="Write a model package: plan.onnx (run once per planning CT), frame.onnx (run per frame), the "
         "torch weights for the reference runtime, and manifest.json with the model's time base, training data, "
         "metrics and the sha256 of every file. The export checks onnxruntime against torch (<= 1e-4 voxels).",
     )
-    export.add_argument("--model", type=Path, required=True, metavar="PATH", help="a model.pt from `breathcast train cvae`")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, metavar="PATH", help="a model.pt from `breathcast train cvae`")
+    source.add_argument("--five-d", type=Path, metavar="DIR", help="a 5D model from `breathcast calibrate five-d` (a linear5d package)")
     export.add_argument("--out", type=Path, required=True, metavar="DIR", help="package folder to create")
     export.add_argument("--window-samples", type=positive_int, default=448, help="rolling window length (default 448)")
     export.add_argument("--scan-duration", type=float, default=None, metavar="S",

@@ -360,3 +360,31 @@ def test_int8_frame_graph_is_calibrated_packaged_and_close_to_float(package, pla
     assert int8.manifest.metrics["int8"]["calibration_samples"] == 4
     with pytest.raises(PackageError, match="no INT8 frame graph"):
         open_graph(package, "frame", RuntimeConfig(precision="int8"))
+
+
+# -- command line -------------------------------------------------------------------------------------------
+
+
+def test_export_command_writes_a_verified_package_and_refuses_to_overwrite(tmp_path, capsys):
+    from breathcast.cli import main
+    from breathcast.training.cvae import save_cvae
+
+    save_cvae(_tiny_model(), tmp_path / "model.pt")
+    assert main(["export", "--model", str(tmp_path / "model.pt"), "--out", str(tmp_path / "pkg")]) == 0
+    assert read_package(tmp_path / "pkg").manifest.trace.window_samples == 448
+    assert main(["export", "--model", str(tmp_path / "model.pt"), "--out", str(tmp_path / "pkg")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", "--model", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "other")]) == 2
+    assert not (tmp_path / "other").exists()
+
+
+def test_export_command_packages_a_five_d_model(tmp_path, plan):
+    from breathcast.calibration.motion_model import FiveDModel
+    from breathcast.cli import main
+
+    coefficients = np.random.default_rng(7).normal(size=(3, 3, D, D, D)).astype(np.float32)
+    FiveDModel(coefficients, LINEAR_5D_TERMS, plan.volume.grid, "p1", "ground-truth").save(tmp_path / "five_d")
+    assert main(["export", "--five-d", str(tmp_path / "five_d"), "--out", str(tmp_path / "pkg")]) == 0
+    predictor = load_predictor(tmp_path / "pkg", plan, PredictorConfig(path="linear5d"))
+    prediction = predictor.predict(_window())
+    np.testing.assert_allclose(prediction.displacement, evaluate_terms(coefficients, LINEAR_5D_TERMS, prediction.amplitude, prediction.rate), atol=1e-5)
