@@ -18,6 +18,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/breathcast demo --out demo-output
+	$(VENV)/bin/breathcast stream-demo --out demo-output
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -26,6 +27,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_cvae.py
 	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_stream.py
+	$(PY) benchmarks/bench_forecast.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -340,8 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fit on an N³ grid (default: the scans' own grid)")
     five_d.set_defaults(run=_cmd_calibrate_five_d)
     from breathcast.engine.cli import add_engine_commands
+    from breathcast.stream.cli import add_stream_commands
 
     add_engine_commands(sub, _int_at_least(1))
+    add_stream_commands(sub)
     return parser
 
 

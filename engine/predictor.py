@@ -38,7 +38,7 @@ from scipy.signal import savgol_filter
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume, hu_to_unit, resample_volume
 from breathcast.resize import FieldResizer, axis_weights, evaluate_polynomial, voxel_to_lps_matrix
-from breathcast.state_model import DISTILLED_TERMS, Terms, design_matrix, fit_state_model
+from breathcast.state_model import DISTILLED_TERMS, StateModel, Terms, design_matrix, fit_state_model
 from breathcast.traces import TraceConfig, synthetic_trace
 from breathcast.warp import integrate_velocity
 from breathcast.engine.package import ModelPackage, PackageError, TraceSpec, read_package
@@ -333,6 +333,27 @@ class Predictor:
         basis = design_matrix(a, r, self._terms).astype(np.float32)
         return evaluate_polynomial(self._coefficients, basis, out)
 
+    @property
+    def state_model(self) -> StateModel | None:
+        """The per-voxel polynomial of the distilled and linear5d paths (None on the direct path)."""
+        if self._coefficients is None:
+            return None
+        return StateModel(self._coefficients, self._terms)
+
+    def state_displacement(self, a: np.ndarray, r: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(3, D, D, D) float32 model-grid voxels for a per-slice state (a (D,), r (D,) 1/s), polynomial paths only."""
+        if self._coefficients is None:
+            raise BreathcastError("the direct path has no state model; use predict(window)")
+        u = self._evaluate(a, r, out)
+        if not np.all(np.isfinite(u)):
+            raise BreathcastError("the model produced a non-finite displacement")
+        return u
+
+    @property
+    def target_index(self) -> np.ndarray:
+        """(P, 3) the plan's target points as (z, y, x) indices of the model grid."""
+        return self._target_index
+
     # -- per frame --------------------------------------------------------------------------------------
 
     def predict(self, window: np.ndarray) -> Prediction:
@@ -359,7 +380,11 @@ class Predictor:
             return np.zeros((0, 3)), np.zeros((0, 3))
         x = p.copy()
         for _ in range(iterations):
-            x = p - _sample_field(u, x)
+            x_new = p - _sample_field(u, x)
+            converged = np.abs(x_new - x).max() < 1e-6
+            x = x_new
+            if converged:
+                break
         now = self.grid.index_to_lps(x)
         return now, now - self.plan.target_lps_mm
 

@@ -1,0 +1,887 @@
+"""The streaming daemon: breathing samples in, displacement fields, target positions and a fail-safe gate out.
+
+Threads (docs/protocol.md has the wire side):
+
+* **intake** owns the input PULL socket and the control REP socket. It drains every input message as it
+  arrives, judges each sample (:class:`~breathcast.stream.window.RollingWindow`), logs it, and bumps the
+  window version; it never waits for the model or a subscriber. It also publishes the heartbeat (``status``)
+  and a HOLD ``gate`` the moment input goes stale.
+* **frame** waits for a new window version and computes the newest one only (latest-window-wins: versions that
+  arrived meanwhile are counted as ``frames_merged``), then publishes ``target`` and ``gate``. With a polynomial
+  (distilled / linear5d) predictor the target comes from :mod:`~breathcast.stream.targets` without the whole field.
+* **field** makes the whole field of the newest frame, resizes it to the output grid (mm LPS) and sends it; frames
+  whose field it had no time for are counted as ``fields_merged``. So a slow field never delays ``gate``.
+* **loader** (on demand) loads a plan or a predictor path off the frame thread; meanwhile the old predictor
+  keeps serving a path change, and a new plan holds the gate with reason ``loading``.
+
+The PUB socket is shared by intake, frame and field (a model error found while making a field holds the gate) under
+a lock; the field socket belongs to the field thread. Field
+arrays go out zero-copy from a ring of preallocated buffers; a buffer is reused only once ZeroMQ has released
+it (its ``MessageTracker`` is done), else the field is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from breathcast.errors import BreathcastError
+from breathcast.stream.config import GatingConfig, ServeConfig, _build
+from breathcast.stream.protocol import (
+    MAX_CONTROL_BYTES,
+    MAX_INPUT_BYTES,
+    PROTOCOL_VERSION,
+    GateState,
+    HoldReason,
+    ProtocolError,
+    Topic,
+    array_header,
+    grid_header,
+    pack,
+    parse_input,
+    unpack,
+)
+from breathcast.stream.recording import SessionLog
+from breathcast.stream.window import RollingWindow
+
+__all__ = ["Daemon", "serve", "REASON_PRIORITY"]
+
+log = logging.getLogger("breathcast.stream")
+
+REASON_PRIORITY: tuple[HoldReason, ...] = (
+    HoldReason.SHUTDOWN,
+    HoldReason.NO_PLAN,
+    HoldReason.LOADING,
+    HoldReason.NO_INPUT,
+    HoldReason.STALE_INPUT,
+    HoldReason.NON_FINITE_SAMPLE,
+    HoldReason.INVALID_SAMPLE,
+    HoldReason.GAP,
+    HoldReason.SOURCE_RESTART,
+    HoldReason.OUT_OF_ORDER,
+    HoldReason.DUPLICATE,
+    HoldReason.WINDOW_NOT_FULL,
+    HoldReason.MODEL_ERROR,
+    HoldReason.NON_FINITE_FIELD,
+    HoldReason.INTERNAL_ERROR,
+    HoldReason.OUTSIDE_WINDOW,
+)
+"""When several reasons hold, the gate's ``reason`` is the first of these; ``reasons`` lists them all."""
+
+_FIELD_BUFFERS = 4
+_LATENCY_KEEP = 2000
+
+
+def _percentiles(values: deque) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None, "max": None, "n": 0}
+    a = np.fromiter(values, float)
+    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "max": float(a.max()), "n": int(a.size)}
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class Daemon:
+    """The daemon; :meth:`start` binds and runs it in background threads, :meth:`stop` ends it.
+
+    Args:
+        config: everything (see :class:`~breathcast.stream.config.ServeConfig`).
+        plan: an already built :class:`~breathcast.engine.predictor.Plan` to serve instead of ``config.plan``.
+        package: an already read :class:`~breathcast.engine.package.ModelPackage` instead of ``config.package``.
+    """
+
+    def __init__(self, config: ServeConfig, plan=None, package=None) -> None:
+        self.config = config
+        self._initial_plan = plan
+        self._package = package
+        self.counters: Counter[str] = Counter()
+        self._counter_lock = threading.Lock()
+        self._state_lock = threading.Lock()  # window, predictor, gating, versions
+        self._pub_lock = threading.Lock()
+        self._new_window = threading.Condition(self._state_lock)
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._started_wall = time.time()
+        self._started_mono = time.monotonic()
+        self._predictor = None
+        self._targets = None
+        self._u_buffer: np.ndarray | None = None
+        self._field_ready = threading.Condition()
+        self._field_job: tuple | None = None
+        self._plan = None
+        self._plan_hash = ""
+        self._plan_spec = config.plan
+        self._path, self._mode = config.path, config.mode
+        self._gating: GatingConfig = config.gating
+        self._loading: str | None = None
+        self._serving_during_load = False
+        self._last_error = ""
+        self._window: RollingWindow | None = None
+        self._version = 0
+        self._done_version = 0
+        self._frame = 0
+        self._last_receive_mono: float | None = None
+        self._gate_last: tuple[str, str] | None = None
+        self._gate_last_mono = 0.0
+        self._msg_seq: Counter[str] = Counter()
+        self._lat: dict[str, deque] = {k: deque(maxlen=_LATENCY_KEEP) for k in ("compute_ms", "target_ms", "field_ms")}
+        self._rss_start: int | None = None
+        self._calibrator = None
+        self._resizer = None
+        self._field_grid = None
+        self._buffers: list[np.ndarray] = []
+        self._trackers: list[zmq.MessageTracker | None] = []
+        self._threads: list[threading.Thread] = []
+        self._log: SessionLog | None = None
+        self.ctx: zmq.Context | None = None
+        self._auth = None
+
+    # -- counters ----------------------------------------------------------------------------------------
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[name] += n
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> Daemon:
+        """Bind the sockets, open the session log, start the threads and the first plan load; returns at once."""
+        cfg = self.config
+        if cfg.calibration:
+            from breathcast.calibration.surrogate import LiveCalibrator, SurrogateCalibration
+
+            self._calibrator = LiveCalibrator(SurrogateCalibration.load(Path(cfg.calibration)))
+        if self._package is None:
+            from breathcast.engine.package import DEFAULT_PACKAGE, read_package
+
+            self._package = read_package(Path(cfg.package) if cfg.package else DEFAULT_PACKAGE)
+        if cfg.session_log:
+            self._log = SessionLog(cfg.session_log, cfg.fsync_interval_s,
+                                   {"config": _jsonable(dataclasses.asdict(cfg)), "model_id": self._package.model_id})  # fmt: skip
+        self.ctx = zmq.Context()
+        self.sockets: list[zmq.Socket] = []
+        try:
+            self._bind()
+        except Exception:
+            self._close_sockets()
+            if self._log:
+                self._log.close()
+            raise
+        self._rss_start = _rss_bytes()
+        for name, target in (("intake", self._intake_loop), ("frame", self._frame_loop), ("field", self._field_loop)):
+            thread = threading.Thread(target=self._guard(target), name=f"breathcast-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._start_load(self._plan_spec, self._path, self._mode, new_plan=True, plan=self._initial_plan)
+        log.info("serving on %s (input), %s (publish), %s (field), %s (control); model %s",
+                 cfg.endpoints.input, cfg.endpoints.publish, cfg.endpoints.field, cfg.endpoints.control, self._package.model_id)  # fmt: skip
+        return self
+
+    def _guard(self, loop):
+        def run() -> None:
+            try:
+                loop()
+            except Exception:  # pragma: no cover - a bug; stop rather than serve a frozen gate
+                log.exception("%s thread failed; stopping", threading.current_thread().name)
+                self._stop.set()
+
+        return run
+
+    def _socket(self, kind: int, endpoint: str, options: dict[int, int] | None = None) -> zmq.Socket:
+        """A socket with linger, its options and (when configured) the CURVE server key, bound to ``endpoint``."""
+        s = self.ctx.socket(kind)
+        self.sockets.append(s)
+        s.linger = 500
+        for option, value in (options or {}).items():
+            s.setsockopt(option, value)
+        sec = self.config.security
+        if sec.curve:
+            import zmq.auth
+
+            public, secret = zmq.auth.load_certificate(sec.server_secret_key)
+            if secret is None:
+                raise BreathcastError(f"{sec.server_secret_key} holds no secret key (use the .key_secret file)")
+            s.curve_secretkey, s.curve_publickey, s.curve_server = secret, public, True
+        try:
+            s.bind(endpoint)
+        except zmq.ZMQError as exc:
+            raise BreathcastError(f"cannot bind {endpoint}: {exc}") from None
+        return s
+
+    def _bind(self) -> None:
+        cfg = self.config
+        if cfg.security.curve:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            keys = Path(cfg.security.client_keys_dir)
+            if not keys.is_dir():
+                raise BreathcastError(f"client_keys_dir {keys} is not a folder of client public keys")
+            if not Path(cfg.security.server_secret_key).is_file():
+                raise BreathcastError(f"server_secret_key {cfg.security.server_secret_key} is not a file")
+            self._auth = ThreadAuthenticator(self.ctx)
+            self._auth.start()  # before any bind: the ZAP handler must exist when the first client connects
+            self._auth.configure_curve(domain="*", location=str(keys))
+        self.input = self._socket(zmq.PULL, cfg.endpoints.input, {zmq.MAXMSGSIZE: 4 * MAX_INPUT_BYTES})
+        self.pub = self._socket(zmq.PUB, cfg.endpoints.publish, {zmq.SNDHWM: 1000})
+        # XPUB + NODROP: a full subscriber queue makes send raise Again instead of dropping silently, so every
+        # field not sent is counted (fields_dropped_slow_subscriber).
+        self.field_pub = self._socket(zmq.XPUB, cfg.endpoints.field, {zmq.SNDHWM: cfg.field.sndhwm, zmq.XPUB_NODROP: 1})
+        self.control = self._socket(zmq.REP, cfg.endpoints.control, {zmq.MAXMSGSIZE: 4 * MAX_CONTROL_BYTES})
+
+    def stop(self) -> None:
+        """Ask the threads to end (returns at once; :meth:`wait` joins)."""
+        self._stop.set()
+        with self._new_window:
+            self._new_window.notify_all()
+        with self._field_ready:
+            self._field_ready.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until stopped and cleaned up; True when it has."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self._stop.wait(0.1):
+            if end is not None and time.monotonic() > end:
+                return False
+        for thread in self._threads:
+            thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        self._shutdown()
+        return True
+
+    def _shutdown(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        try:
+            self._publish_gate(None, [HoldReason.SHUTDOWN], extra={})
+        except Exception:
+            pass
+        deadline = time.monotonic() + 1.0  # let zero-copy fields in flight leave before the context goes
+        for tracker in self._trackers:
+            while tracker is not None and not tracker.done and time.monotonic() < deadline:
+                time.sleep(0.005)
+        self._close_sockets()
+        if self._log:
+            self._log.write({"type": "event", "event": "shutdown", "t_wall": time.time(), "counters": dict(self.counters)})
+            self._log.close()
+
+    def _close_sockets(self) -> None:
+        for s in getattr(self, "sockets", []):
+            try:
+                s.close(linger=500)
+            except Exception:
+                pass
+        if self._auth is not None:
+            self._auth.stop()
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.wait(10.0)
+
+    # -- plan and predictor loading ------------------------------------------------------------------------
+
+    def _start_load(self, spec, path: str, mode: str, new_plan: bool, plan=None) -> None:
+        with self._state_lock:
+            if self._loading is not None:
+                raise ProtocolError("busy", f"already loading ({self._loading}); try again when status.state is running")
+            self._loading = "plan" if new_plan else f"predictor path {path}"
+            self._serving_during_load = not new_plan and self._predictor is not None
+            if new_plan:
+                self._predictor = None
+            self._new_window.notify_all()
+        thread = threading.Thread(target=self._load, args=(spec, path, mode, new_plan, plan), name="breathcast-loader", daemon=True)
+        thread.start()
+
+    def _load(self, spec, path: str, mode: str, new_plan: bool, plan) -> None:
+        from breathcast.engine.predictor import PredictorConfig, load_predictor
+        from breathcast.engine.runtimes import RuntimeConfig
+        from breathcast.stream.plans import build_plan, plan_hash
+
+        started = time.perf_counter()
+        try:
+            if new_plan:
+                plan = plan if plan is not None else build_plan(spec)
+            else:
+                plan = self._plan
+            runtime = RuntimeConfig(kind="onnxruntime", intra_op_threads=self.config.threads)
+            predictor = load_predictor(self._package, plan, PredictorConfig(path=path, mode=mode, runtime=runtime))
+            fcfg = self.config.field
+            resizer, grid = predictor.field_resizer(fcfg.shape or None, np.float16 if fcfg.dtype == "float16" else np.float32)
+            buffers = [np.empty((3, *grid.shape), resizer.dtype) for _ in range(_FIELD_BUFFERS)] if fcfg.enabled else []
+            phash = plan_hash(plan) if new_plan else self._plan_hash
+            from breathcast.stream.targets import target_evaluator
+
+            targets = target_evaluator(predictor)
+            # Warm up (JIT compilation, runtime allocations) here, not on the first live frame.
+            warm = predictor.predict(np.full(predictor.trace.window_samples, float(np.mean(plan.amplitude))))
+            if buffers:
+                resizer(warm.displacement, out=buffers[0])
+            if targets is not None:
+                targets.evaluate(np.full(predictor.trace.window_samples, float(np.mean(plan.amplitude))))
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, BreathcastError) else f"{type(exc).__name__}: {exc}"
+            log.error("loading failed: %s", message)
+            with self._state_lock:
+                self._last_error = f"load failed: {message}"
+                self._loading = None
+            self.count("load_failures")
+            self._event({"event": "load_failed", "error": message})
+            return
+        with self._state_lock:
+            # Zero-copy fields of the old predictor may still be in flight: the old buffers are dropped, not reused.
+            self._predictor, self._plan, self._plan_hash = predictor, plan, phash
+            self._targets = targets
+            self._path, self._mode = path, mode
+            self._resizer, self._field_grid = resizer, grid
+            self._buffers, self._trackers = buffers, [None] * len(buffers)
+            if self._window is None or new_plan or self._window.trace != predictor.trace:
+                self._window = RollingWindow(predictor.trace, self.config.safety, self.config.forecast_horizon_s, self.config.forecast)
+            self._loading = None
+            self._last_error = ""
+            self._version += 1
+            self._new_window.notify_all()
+        info = {"event": "loaded", "plan": plan.name, "plan_hash": phash, "path": path, "mode": mode,
+                "model_id": predictor.model_id, "load_s": time.perf_counter() - started,
+                "distillation_error_mm": predictor.distillation_error_mm}  # fmt: skip
+        log.info("loaded %s", info)
+        self._event(info)
+
+    def _event(self, record: dict[str, Any]) -> None:
+        if self._log:
+            self._log.write({"type": "event", "t_wall": time.time(), **_jsonable(record)})
+
+    # -- intake ------------------------------------------------------------------------------------------
+
+    def _intake_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.input, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        next_status = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                events = dict(poller.poll(10))
+            except zmq.ZMQError:
+                break
+            try:
+                if self.input in events:
+                    self._drain_input()
+                if self.control in events:
+                    self._handle_control()
+                now = time.monotonic()
+                self._check_stale(now)
+                if now >= next_status:
+                    next_status = now + self.config.status_interval_s
+                    self._publish(Topic.STATUS, self.status())
+            except Exception:
+                log.exception("intake error")
+                self.count("internal_errors")
+
+    def _drain_input(self) -> None:
+        records: list[dict[str, Any]] = []
+        for _ in range(1000):  # then let control and the heartbeat run
+            try:
+                frames = self.input.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            t_receive, now = time.time(), time.monotonic()
+            self.count("messages_received")
+            if len(frames) != 1:
+                self.count("malformed_messages")
+                self.count("malformed.multipart")
+                continue
+            try:
+                samples = parse_input(frames[0])
+            except ProtocolError as exc:
+                self.count("malformed_messages")
+                self.count(f"malformed.{exc.code}")
+                continue
+            with self._state_lock:
+                window = self._window
+                if window is None:
+                    self.count("samples_received", len(samples))
+                    self.count("samples_dropped_no_plan", len(samples))
+                    continue
+                for sample in samples:
+                    self.count("samples_received")
+                    self._last_receive_mono = now
+                    amplitude = self._amplitude(sample)
+                    reason = window.add(sample, amplitude, now, t_receive)
+                    rec = {"type": "sample", "seq": sample.seq, "t": sample.t_source, "t_receive": t_receive,
+                           "amplitude": amplitude, "valid": sample.valid}  # fmt: skip
+                    if sample.raw is not None:
+                        rec["raw"] = list(sample.raw)
+                    if sample.t_sent is not None:
+                        rec["t_sent"] = sample.t_sent
+                    if reason is None:
+                        self.count("samples_accepted")
+                    else:
+                        rec["type"], rec["reason"] = "rejected", reason.value
+                        self.count("samples_rejected")
+                        self.count(f"rejected.{reason.value}")
+                    records.append(rec)
+                # A new window, or a refused sample: either way the gate is decided again now.
+                self._version += 1
+                self._new_window.notify()
+        if self._log and records:
+            self._log.write_many(records)
+
+    def _amplitude(self, sample) -> float:
+        if sample.amplitude is not None:
+            return sample.amplitude
+        if self._calibrator is None:
+            self.count("raw_without_calibration")
+            return math.nan
+        try:
+            return self._calibrator.update(sample.t_source, np.asarray(sample.raw), sample.valid)
+        except BreathcastError:
+            return math.nan
+
+    def _check_stale(self, now: float) -> None:
+        reasons = self._input_time_reasons(now)
+        if not reasons:
+            return
+        with self._pub_lock:
+            last = self._gate_last
+        due = now - self._gate_last_mono >= self.config.status_interval_s
+        if last is None or last[0] != GateState.HOLD.value or last[1] != reasons[0].value or due:
+            self._publish_gate(None, reasons, extra={})
+
+    def _input_time_reasons(self, now: float) -> list[HoldReason]:
+        if self._last_receive_mono is None:
+            return [HoldReason.NO_INPUT]
+        if now - self._last_receive_mono > self.config.safety.stale_after_s:
+            return [HoldReason.STALE_INPUT]
+        return []
+
+    # -- frames ------------------------------------------------------------------------------------------
+
+    def _frame_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._new_window:
+                while self._version == self._done_version and not self._stop.is_set():
+                    self._new_window.wait(0.1)
+                if self._stop.is_set():
+                    return
+                merged = self._version - self._done_version - 1
+                self._done_version = self._version
+                predictor, window = self._predictor, self._window
+                newest = window.newest if window is not None else None
+                now = time.monotonic()
+                reasons = window.reasons(now) if window is not None else []
+                values = window.window() if (window is not None and window.full) else None
+                forecast = window.forecast_amplitude() if newest is not None else None
+                gating = self._gating
+                loading = self._loading
+            if merged > 0:
+                self.count("frames_merged", merged)
+            try:
+                self._compute_frame(predictor, newest, reasons, values, forecast, gating, loading)
+            except Exception as exc:
+                log.exception("frame error")
+                self.count("internal_errors")
+                self._last_error = f"frame: {type(exc).__name__}: {exc}"
+                self._publish_gate(newest, [HoldReason.INTERNAL_ERROR], extra={})
+
+    def _compute_frame(self, predictor, newest, reasons, values, forecast, gating, loading) -> None:
+        if predictor is None:
+            reasons = [HoldReason.LOADING if loading else HoldReason.NO_PLAN, *reasons]
+        elif loading:
+            self.count("frames_during_load")
+        if newest is None or values is None or predictor is None:
+            self._publish_gate(newest, reasons or [HoldReason.WINDOW_NOT_FULL], extra={})
+            return
+        self._frame += 1
+        frame = self._frame
+        fast = self._targets if self._targets is not None and self._targets.predictor is predictor else None
+        prediction = None
+        try:
+            if fast is not None:  # target and gate first, from the polynomial at the target only
+                now_lps, target_disp, a, r, compute_s = fast.evaluate(values)
+            else:
+                prediction = predictor.predict(values)
+                now_lps, target_disp = prediction.target_lps_mm, prediction.target_displacement_mm
+                a, r, compute_s = prediction.amplitude, prediction.rate, prediction.compute_s
+        except Exception as exc:
+            self._model_failed(newest, reasons, frame, exc)
+            return
+        self.count("frames_computed")
+        self._lat["compute_ms"].append(compute_s * 1e3)
+        if not (np.all(np.isfinite(now_lps)) and np.all(np.isfinite(target_disp))):
+            self.count("non_finite_fields")
+            self._publish_gate(newest, [*reasons, HoldReason.NON_FINITE_FIELD], extra={"frame": frame})
+            return
+        amplitude_now = float(values[-1])
+        inside = self._inside(gating, amplitude_now, target_disp)
+        base = self._frame_header(predictor, newest, frame, float(r[-1]), compute_s, amplitude_now)
+        target = {**base, "target_lps_mm": np.asarray(now_lps).tolist(),
+                  "target_planned_lps_mm": predictor.plan.target_lps_mm.tolist(),
+                  "target_displacement_mm": np.asarray(target_disp).tolist(),
+                  "units": {"target_lps_mm": "mm, patient LPS (x, y, z)", "target_displacement_mm": "mm, patient LPS",
+                            "amplitude": "dimensionless", "rate": "1/s", "times": "s"}}  # fmt: skip
+        self._publish(Topic.TARGET, target)
+        self._lat["target_ms"].append((time.time() - newest.t_receive) * 1e3)
+        gate_reasons = list(reasons) + ([] if inside else [HoldReason.OUTSIDE_WINDOW])
+        self._publish_gate(newest, gate_reasons, extra={"frame": frame, "amplitude": amplitude_now,
+                                                        "target_displacement_mm": np.asarray(target_disp).tolist()})  # fmt: skip
+        if not (self.config.field.enabled and self._resizer is not None):
+            return
+        if frame % self.config.field.every:
+            self.count("fields_skipped_every")
+            return
+        self._submit_field((predictor, fast, prediction, a, r, base, newest, reasons, frame))
+
+    # -- fields (their own thread: a slow field never delays target and gate) -----------------------------------
+
+    def _submit_field(self, job: tuple) -> None:
+        with self._field_ready:
+            if self._field_job is not None:
+                self.count("fields_merged")  # the field thread was busy: only the newest frame's field is made
+            self._field_job = job
+            self._field_ready.notify()
+
+    def _field_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._field_ready:
+                while self._field_job is None and not self._stop.is_set():
+                    self._field_ready.wait(0.1)
+                job, self._field_job = self._field_job, None
+            if job is None:
+                continue
+            try:
+                self._make_field(*job)
+            except Exception:
+                log.exception("field error")
+                self.count("internal_errors")
+
+    def _make_field(self, predictor, fast, prediction, a, r, base, newest, reasons, frame: int) -> None:
+        try:
+            if prediction is not None:
+                u = prediction.displacement
+            else:  # the polynomial over the whole grid, for the state the target used
+                if self._u_buffer is None or self._u_buffer.shape != (3, *predictor.grid.shape):
+                    self._u_buffer = np.empty((3, *predictor.grid.shape), np.float32)
+                u = fast.displacement(a, r, out=self._u_buffer)
+        except Exception as exc:
+            self._model_failed(newest, reasons, frame, exc)
+            return
+        with self._state_lock:
+            if predictor is not self._predictor:  # a new predictor came in meanwhile: its buffers, its grid
+                return
+            resizer, buffers, trackers, grid = self._resizer, self._buffers, self._trackers, self._field_grid
+        self._publish_field(base, u, newest, resizer, buffers, trackers, grid)
+
+    def _model_failed(self, newest, reasons, frame: int, exc: Exception) -> None:
+        """A model error or a non-finite field: HOLD with its reason; the next good frame recovers."""
+        self.count("model_errors")
+        reason = HoldReason.MODEL_ERROR
+        if isinstance(exc, BreathcastError) and "non-finite" in str(exc):
+            reason = HoldReason.NON_FINITE_FIELD
+            self.count("non_finite_fields")
+        self._last_error = f"frame {frame}: {exc if isinstance(exc, BreathcastError) else f'{type(exc).__name__}: {exc}'}"
+        self._publish_gate(newest, [*reasons, reason], extra={"frame": frame})
+
+    def _inside(self, gating: GatingConfig, amplitude: float, target_disp: np.ndarray) -> bool:
+        if gating.kind == "amplitude":
+            lo, hi = gating.amplitude_range
+            return lo <= amplitude <= hi
+        if gating.target_index >= len(target_disp):
+            return False
+        d = target_disp[gating.target_index]
+        return all(lo <= v <= hi for v, (lo, hi) in zip(d, gating.target_limits_mm))
+
+    def _frame_header(self, predictor, newest, frame: int, rate: float, compute_s: float, amplitude: float) -> dict[str, Any]:
+        plan = predictor.plan
+        return {
+            "frame": frame,
+            "sample_seq": newest.seq,
+            "t_source": newest.t_source,
+            "t_receive": newest.t_receive,
+            "t_sent": newest.t_sent,
+            "horizon_s": self._window.horizon_s if self._window else 0.0,
+            "t_valid": newest.t_source + (self._window.horizon_s if self._window else 0.0),
+            "amplitude": amplitude,
+            "rate": rate,
+            "amplitude_measured": newest.amplitude,
+            "model_id": predictor.model_id,
+            "path": self._path,
+            "mode": self._mode,
+            "plan": {"name": plan.name, "hash": self._plan_hash},
+            "grid": grid_header(predictor.grid, plan.frame_of_reference_uid),
+            "compute_ms": compute_s * 1e3,
+        }
+
+    def _publish_field(self, base: dict[str, Any], u: np.ndarray, newest, resizer, buffers, trackers, grid) -> None:
+        """Resize ``u`` (model-grid voxels, checked finite) into a free send buffer (mm LPS) and send it zero-copy."""
+        index = next((i for i, t in enumerate(trackers) if t is None or t.done), None)
+        if index is None:
+            self.count("fields_dropped_buffers_busy")
+            return
+        out = buffers[index]
+        resizer(u, out=out)
+        header = {**base, "v": PROTOCOL_VERSION, "topic": Topic.FIELD.value, "msg_seq": self._next_seq(Topic.FIELD),
+                  "grid": grid_header(grid, base["grid"]["frame_of_reference_uid"]), **array_header(out),
+                  "components": ["x", "y", "z"], "units": "mm",
+                  "convention": "pull-back displacement in patient LPS: the planning-CT point at p + u(p) is at p now",
+                  "t_publish": time.time()}  # fmt: skip
+        try:
+            tracker = self.field_pub.send_multipart([Topic.FIELD.value.encode(), pack(_jsonable(header)), out],
+                                                    flags=zmq.NOBLOCK, copy=False, track=True)  # fmt: skip
+        except zmq.Again:
+            self.count("fields_dropped_slow_subscriber")
+            return
+        trackers[index] = tracker
+        self.count("fields_published")
+        self._lat["field_ms"].append((time.time() - newest.t_receive) * 1e3)
+        self._drain_field_subscriptions()
+
+    def _drain_field_subscriptions(self) -> None:
+        for _ in range(100):
+            try:
+                self.field_pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    # -- publishing --------------------------------------------------------------------------------------
+
+    def _next_seq(self, topic: Topic) -> int:
+        self._msg_seq[topic.value] += 1
+        return self._msg_seq[topic.value]
+
+    def _publish(self, topic: Topic, body: dict[str, Any]) -> None:
+        with self._pub_lock:
+            header = {"v": PROTOCOL_VERSION, "topic": topic.value, "msg_seq": self._next_seq(topic), **body, "t_publish": time.time()}
+            try:
+                self.pub.send_multipart([topic.value.encode(), pack(_jsonable(header))], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.count(f"publish_dropped.{topic.value}")
+            except zmq.ZMQError:
+                pass
+
+    def _publish_gate(self, newest, reasons: list[HoldReason], extra: dict[str, Any]) -> None:
+        """Publish (and log) one gate decision; a stale input, checked here last, always wins."""
+        reasons = list(dict.fromkeys(reasons + self._input_time_reasons(time.monotonic())))
+        if self._stop.is_set() and HoldReason.SHUTDOWN not in reasons:
+            reasons.insert(0, HoldReason.SHUTDOWN)
+        reasons.sort(key=REASON_PRIORITY.index)
+        state = GateState.HOLD if reasons else GateState.BEAM_ON
+        reason = reasons[0].value if reasons else HoldReason.OK.value
+        predictor = self._predictor
+        body: dict[str, Any] = {
+            "state": state.value,
+            "reason": reason,
+            "reasons": [r.value for r in reasons],
+            "frame": extra.get("frame"),
+            "sample_seq": newest.seq if newest else None,
+            "t_source": newest.t_source if newest else None,
+            "t_receive": newest.t_receive if newest else None,
+            "t_sent": newest.t_sent if newest else None,
+            "horizon_s": self._window.horizon_s if self._window else 0.0,
+            "amplitude": extra.get("amplitude"),
+            "target_displacement_mm": extra.get("target_displacement_mm"),
+            "gating": _jsonable(dataclasses.asdict(self._gating)),
+            "model_id": predictor.model_id if predictor else self._package.model_id,
+            "plan": {"name": self._plan.name if self._plan else "", "hash": self._plan_hash},
+            "grid": grid_header(predictor.grid, predictor.plan.frame_of_reference_uid) if predictor else None,
+        }
+        with self._pub_lock:
+            self._gate_last = (state.value, reason)
+            self._gate_last_mono = time.monotonic()
+            self.count(f"gate.{state.value}")
+            if state is GateState.HOLD:
+                self.count(f"hold.{reason}")
+        self._publish(Topic.GATE, body)
+        if self._log:
+            self._log.write({"type": "gate", "t_wall": time.time(), **{k: body[k] for k in
+                             ("state", "reason", "reasons", "frame", "sample_seq", "t_source", "amplitude", "target_displacement_mm")}})  # fmt: skip
+
+    # -- status and control ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The heartbeat body (also the ``status`` command's reply)."""
+        predictor = self._predictor
+        rss = _rss_bytes()
+        with self._counter_lock:
+            counters = dict(self.counters)
+        window = self._window
+        state = "loading" if self._loading else ("running" if predictor is not None else "no_plan")
+        return {
+            "state": state,
+            "loading": self._loading,
+            "serving_during_load": bool(self._loading and self._serving_during_load),
+            "last_error": self._last_error,
+            "uptime_s": time.monotonic() - self._started_mono,
+            "model_id": predictor.model_id if predictor else self._package.model_id,
+            "plan": {"name": self._plan.name if self._plan else "", "hash": self._plan_hash,
+                     "frame_of_reference_uid": self._plan.frame_of_reference_uid if self._plan else ""},  # fmt: skip
+            "path": self._path,
+            "mode": self._mode,
+            "predictor": None if predictor is None else {
+                "load_s": predictor.load_s, "distillation_error_mm": predictor.distillation_error_mm,
+                "model_grid": list(predictor.grid.shape), "window_samples": predictor.trace.window_samples,
+                "sample_interval_s": predictor.trace.sample_interval_s},  # fmt: skip
+            "field": {"enabled": self.config.field.enabled, "dtype": self.config.field.dtype,
+                      "shape": list(self._field_grid.shape) if self._field_grid else None},  # fmt: skip
+            "gate": {"state": self._gate_last[0], "reason": self._gate_last[1]} if self._gate_last else None,
+            "gating": _jsonable(dataclasses.asdict(self._gating)),
+            "horizon_s": window.horizon_s if window else self.config.forecast_horizon_s,
+            "last_sample_seq": window.newest.seq if window and window.newest else None,
+            "counters": counters,
+            "latency_ms": {k: _percentiles(v) for k, v in self._lat.items()},
+            "rss_bytes": rss,
+            "rss_start_bytes": self._rss_start,
+            "session_log": {"path": str(self._log.path), "records": self._log.records} if self._log else None,
+            "curve": self.config.security.curve,
+        }
+
+    def _handle_control(self) -> None:
+        try:
+            frames = self.control.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        self.count("control_requests")
+        stop_after = False
+        try:
+            if len(frames) != 1:
+                raise ProtocolError("malformed", f"a request is one frame, got {len(frames)}")
+            request = unpack(frames[0], MAX_CONTROL_BYTES)
+            if not isinstance(request, dict):
+                raise ProtocolError("malformed", "a request must be a msgpack map")
+            if request.get("v") != PROTOCOL_VERSION:
+                raise ProtocolError("bad_version", f"protocol version {request.get('v')!r}; this daemon speaks {PROTOCOL_VERSION}")
+            reply = self._command(request)
+            stop_after = request.get("cmd") == "shutdown"
+            reply = {"v": PROTOCOL_VERSION, "ok": True, **reply}
+        except ProtocolError as exc:
+            self.count("control_errors")
+            reply = {"v": PROTOCOL_VERSION, "ok": False, "error": {"code": exc.code, "message": str(exc).split(": ", 1)[-1]}}
+        except BreathcastError as exc:
+            self.count("control_errors")
+            reply = {"v": PROTOCOL_VERSION, "ok": False, "error": {"code": "bad_argument", "message": str(exc)}}
+        self.control.send(pack(_jsonable(reply)))
+        if stop_after:
+            self._event({"event": "shutdown_requested"})
+            self.stop()
+
+    def _command(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        args = {k: v for k, v in request.items() if k not in ("v", "cmd")}
+        if cmd == "status":
+            return {"status": self.status()}
+        if cmd == "shutdown":
+            return {}
+        if cmd == "reset":
+            with self._state_lock:
+                if self._window is not None:
+                    self._window.reset()
+                self._last_receive_mono = None
+            if args.get("counters"):
+                with self._counter_lock:
+                    self.counters.clear()
+                for v in self._lat.values():
+                    v.clear()
+            self._event({"event": "reset"})
+            return {}
+        if cmd == "set_gating":
+            merged = {**_jsonable(dataclasses.asdict(self._gating)), **args}
+            gating = _build(GatingConfig, merged, "gating.")
+            with self._state_lock:
+                self._gating = gating
+            self._event({"event": "set_gating", "gating": dataclasses.asdict(gating)})
+            return {"gating": _jsonable(dataclasses.asdict(gating))}
+        if cmd == "set_forecast":
+            horizon = args.get("horizon_s")
+            if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not 0 <= horizon <= 1:
+                raise ProtocolError("bad_argument", "horizon_s must be a number in [0, 1] s")
+            with self._state_lock:
+                if self._window is not None:
+                    self._window.set_horizon(float(horizon), self.config.forecast)
+                    self._window.reset()
+            self._event({"event": "set_forecast", "horizon_s": horizon})
+            return {"horizon_s": float(horizon)}
+        if cmd == "set_mode":
+            unknown = set(args) - {"mode", "path"}
+            if unknown or not args:
+                raise ProtocolError("bad_argument", "set_mode takes mode (window|snapshot) and/or path (direct|distilled|linear5d)")
+            mode, path = args.get("mode", self._mode), args.get("path", self._path)
+            if mode not in ("window", "snapshot") or path not in ("direct", "distilled", "linear5d"):
+                raise ProtocolError("bad_argument", f"mode must be window|snapshot and path direct|distilled|linear5d, got {mode!r}, {path!r}")
+            if path == self._path:
+                from breathcast.engine.predictor import WindowMode
+
+                with self._state_lock:
+                    self._mode = mode
+                    if self._predictor is not None:
+                        self._predictor.mode = WindowMode(mode)
+                self._event({"event": "set_mode", "mode": mode})
+                return {"mode": mode, "path": path, "loading": False}
+            if self._plan is None:
+                raise ProtocolError("busy", "no plan loaded yet")
+            self._start_load(self._plan_spec, path, mode, new_plan=False)
+            return {"mode": mode, "path": path, "loading": True}
+        if cmd == "load_plan":
+            from breathcast.stream.config import PlanSpec
+
+            spec = _build(PlanSpec, args.get("plan", {}) if isinstance(args.get("plan", {}), dict) else {"?": 0}, "plan.")
+            self._plan_spec = spec
+            self._start_load(spec, self._path, self._mode, new_plan=True)
+            return {"loading": True}
+        raise ProtocolError("unknown_command", f"unknown cmd {cmd!r}; known: status, load_plan, set_mode, set_gating, "
+                            "set_forecast, reset, shutdown")  # fmt: skip
+
+
+def _jsonable(obj: Any) -> Any:
+    """Tuples -> lists, numpy scalars -> Python, Paths -> str (msgpack and JSON safe)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return obj
+    return obj
+
+
+def serve(config: ServeConfig) -> int:
+    """Run the daemon in the foreground until SIGINT / SIGTERM or a ``shutdown`` command; returns 0."""
+    import signal
+
+    daemon = Daemon(config).start()
+
+    def on_signal(signum, frame) -> None:  # noqa: ARG001
+        daemon.stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        daemon.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return 0

@@ -1,0 +1,129 @@
+"""Fixtures of the stream tests: a tiny exported package, a tiny plan, and a real daemon on loopback.
+
+Import the fixtures into a test module (``from stream_fixtures import tiny_package, ...``); the package is
+exported once per session.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from breathcast.geometry import Grid, Volume
+
+D = 16
+SAMPLE_INTERVAL_S = 2.3 / 447
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_endpoints() -> dict[str, str]:
+    """Four free loopback TCP endpoints."""
+    return {name: f"tcp://127.0.0.1:{free_port()}" for name in ("input", "publish", "field", "control")}
+
+
+_PACKAGE: list = []  # imported into several test modules, the fixture is defined once per module: export once
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory: pytest.TempPathFactory):
+    """A 16³ cVAE with a 448-sample window, exported with onnxruntime graphs (as tests/test_engine.py)."""
+    if not _PACKAGE:
+        _PACKAGE.append(_export(tmp_path_factory))
+    return _PACKAGE[0]
+
+
+def _export(tmp_path_factory: pytest.TempPathFactory):
+    import torch
+
+    from breathcast.engine.export import export_cvae
+    from breathcast.engine.package import TraceSpec
+    from breathcast.training.cvae import CVAE, CVAEConfig
+
+    torch.manual_seed(0)
+    model = CVAE(CVAEConfig(grid=D, latent_dim=4, trace_embedding_dim=4, channels=(4, 4, 4, 4)))
+    with torch.no_grad():
+        model.velocity.weight.normal_(0.0, 0.05)
+    trace = TraceSpec(window_samples=448, sample_interval_s=SAMPLE_INTERVAL_S, slices=D)
+    return export_cvae(model.eval(), tmp_path_factory.mktemp("stream-pkg") / "tiny", trace=trace)
+
+
+@pytest.fixture(scope="session")
+def tiny_plan():
+    """A 16³ random CT with one target point at the centre."""
+    from breathcast.engine.predictor import Plan
+
+    grid = Grid.centered((D, D, D), (200.0, 200.0, 160.0))
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-1000, 400, size=grid.shape).astype(np.float32)
+    return Plan(Volume(hu, grid), np.linspace(0.1, 0.4, D), target_lps_mm=np.array([[0.0, 0.0, 0.0]]),
+                frame_of_reference_uid="1.2.3.4", name="tiny")  # fmt: skip
+
+
+def make_config(tmp_path: Path, **overrides):
+    """A :class:`ServeConfig` on free loopback ports with a session log in ``tmp_path``."""
+    from breathcast.stream.config import config_from_dict
+
+    data = {"path": "direct", "mode": "snapshot", "threads": 1, "session_log": str(tmp_path / "session.bclog"),
+            "status_interval_s": 0.2, "endpoints": loopback_endpoints()}  # fmt: skip
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return config_from_dict(data)
+
+
+@contextmanager
+def running_daemon(config, plan, package, timeout_s: float = 60.0):
+    """A started daemon whose predictor is loaded; stopped and joined on exit."""
+    from breathcast.stream.client import ControlClient
+    from breathcast.stream.daemon import Daemon
+
+    daemon = Daemon(config, plan=plan, package=package).start()
+    try:
+        with ControlClient(config.endpoints.control) as ctl:
+            ctl.wait_until_running(timeout_s)
+        yield daemon
+    finally:
+        daemon.stop()
+        assert daemon.wait(15.0), "daemon did not stop"
+
+
+def breathing(t: np.ndarray) -> np.ndarray:
+    """A 4 s cosine breath, 0 (exhale) to 1 (inhale)."""
+    return 0.5 - 0.5 * np.cos(2 * np.pi * np.asarray(t) / 4.0)
+
+
+def send_trace(sender, start_seq: int, t0: float, n: int, rate_hz: float = 50.0, amplitude=None, pace: bool = False) -> int:
+    """Send ``n`` samples from source time ``t0`` at ``rate_hz`` as one batch (or one by one when ``pace``)."""
+    ts = t0 + np.arange(n) / rate_hz
+    a = breathing(ts) if amplitude is None else np.broadcast_to(amplitude, ts.shape)
+    if pace:
+        for k, (t, v) in enumerate(zip(ts, a)):
+            sender.send(start_seq + k, float(t), float(v))
+            time.sleep(1.0 / rate_hz)
+    else:
+        for lo in range(0, n, 500):
+            sender.send_batch([{"seq": start_seq + k, "t_source": float(ts[k]), "amplitude": float(a[k])}
+                               for k in range(lo, min(n, lo + 500))])  # fmt: skip
+    return start_seq + n
+
+
+def wait_for(subscriber, predicate, timeout_s: float = 10.0):
+    """The first message for which ``predicate(message)`` is true, or None."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        message = subscriber.recv(0.1)
+        if message is not None and predicate(message):
+            return message
+    return None
