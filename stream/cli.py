@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from breathcast.errors import BreathcastError
+
 __all__ = ["add_stream_commands"]
 
 
@@ -37,7 +39,6 @@ def _non_negative_float(text: str) -> float:
 
 
 def _curve(args: argparse.Namespace):
-    from breathcast.errors import BreathcastError
     from breathcast.stream.client import CurveKeys
 
     if bool(args.server_key) != bool(args.client_key):
@@ -53,15 +54,20 @@ def _add_curve_options(parser: argparse.ArgumentParser) -> None:
 # -- serve -----------------------------------------------------------------------------------------------------
 
 
-def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    o: dict[str, Any] = {}
-    for name in ("package", "path", "mode", "threads", "calibration", "session_log"):
-        value = getattr(args, name)
-        if value is not None:
-            o[name] = str(value) if isinstance(value, Path) else value
-    if args.horizon is not None:
-        o["forecast_horizon_s"] = args.horizon
-    plan = {}
+def _add_plan_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plan-source", choices=("simulated", "nifti", "dicom"), default=None,
+                        help="planning CT: the simulated default patient (default), a NIfTI volume or a DICOM series folder")
+    parser.add_argument("--plan-path", type=Path, default=None, metavar="PATH", help="the NIfTI file or DICOM folder")
+    parser.add_argument("--plan-amplitude", default=None, metavar="A|FILE",
+                        help="the planning CT's per-slice trace: one amplitude for every slice, or a file (.npy, .json, text)")
+    parser.add_argument("--target", type=float, nargs=3, action="append", metavar=("X", "Y", "Z"), help="a target point, mm LPS (repeatable)")
+    parser.add_argument("--rtstruct", type=Path, default=None, metavar="FILE", help="RTSTRUCT whose --roi centroid is the target")
+    parser.add_argument("--roi", default=None, metavar="NAME", help="target ROI name in --rtstruct")
+    parser.add_argument("--seed", type=int, default=None, help="simulated patient seed (default 0)")
+
+
+def _plan_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    plan: dict[str, Any] = {}
     if args.plan_source:
         plan["source"] = args.plan_source
     if args.plan_path:
@@ -77,6 +83,18 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         plan["rtstruct"], plan["roi"] = str(args.rtstruct), args.roi or ""
     if args.seed is not None:
         plan["seed"] = args.seed
+    return plan
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    for name in ("package", "path", "mode", "threads", "calibration", "session_log"):
+        value = getattr(args, name)
+        if value is not None:
+            o[name] = str(value) if isinstance(value, Path) else value
+    if args.horizon is not None:
+        o["forecast_horizon_s"] = args.horizon
+    plan = _plan_overrides(args)
     if plan:
         o["plan"] = plan
     endpoints = {k: getattr(args, f"{k}_endpoint") for k in ("input", "publish", "field", "control") if getattr(args, f"{k}_endpoint")}
@@ -109,6 +127,42 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           f"control {config.endpoints.control}; path {config.path}, mode {config.mode}; Ctrl-C or the shutdown command ends it",
           file=sys.stderr)  # fmt: skip
     return serve(config)
+
+
+def _cmd_export_field(args: argparse.Namespace) -> int:
+    from breathcast.engine.package import DEFAULT_PACKAGE
+    from breathcast.engine.predictor import PredictorConfig, load_predictor
+    from breathcast.stream.config import config_from_dict
+    from breathcast.stream.export_field import FieldRequest, export_predicted_field, state_window, trace_window
+    from breathcast.stream.plans import build_plan
+    from breathcast.stream.replay import load_trace
+
+    spec = config_from_dict({"plan": _plan_overrides(args)}).plan
+    plan = build_plan(spec)
+    series = None
+    if spec.source == "dicom":
+        from breathcast.dicom_io import read_ct_series
+
+        series = read_ct_series(Path(spec.path)).identity
+    mode = "snapshot" if args.trace is None else args.mode
+    predictor = load_predictor(args.package or DEFAULT_PACKAGE, plan, PredictorConfig(path=args.path, mode=mode))
+    if args.trace is None:
+        if args.amplitude is None:
+            raise BreathcastError("give a breathing state (--amplitude A [--rate R]) or a trace (--trace SOURCE --at T)")
+        window = state_window(predictor, args.amplitude, args.rate)
+        what = f"amplitude {args.amplitude:g}, rate {args.rate:g}/s"
+    else:
+        if args.at is None:
+            raise BreathcastError("--trace needs --at T: the time (s) the window ends")
+        trace = load_trace(args.trace)
+        if trace.amplitude is None:
+            raise BreathcastError(f"{args.trace}: no normalised amplitude (calibrate the recording first)")
+        window = trace_window(predictor, trace.time_s, trace.amplitude, args.at)
+        what = f"the window of {args.trace} ending at {args.at:g} s ({mode} mode)"
+    request = FieldRequest(args.out, tuple(args.field_shape) if args.field_shape else None, args.warped_ct)
+    written = export_predicted_field(predictor, window, request, series)
+    print(f"{predictor.model_id} ({args.path}) on {plan.name}, {what}: wrote {', '.join(str(p) for p in written)}")
+    return 0
 
 
 # -- replay ----------------------------------------------------------------------------------------------------
@@ -255,15 +309,7 @@ def add_stream_commands(subparsers) -> None:
     serve.add_argument("--path", choices=("direct", "distilled", "linear5d"), default=None, help="predictor path (default distilled)")
     serve.add_argument("--mode", choices=("snapshot", "window"), default=None, help="window mode (default snapshot: the anatomy now)")
     serve.add_argument("--threads", type=int, default=None, metavar="N", help="model runtime threads (default 2)")
-    serve.add_argument("--plan-source", choices=("simulated", "nifti", "dicom"), default=None,
-                       help="planning CT: the simulated default patient (default), a NIfTI volume or a DICOM series folder")
-    serve.add_argument("--plan-path", type=Path, default=None, metavar="PATH", help="the NIfTI file or DICOM folder")
-    serve.add_argument("--plan-amplitude", default=None, metavar="A|FILE",
-                       help="the planning CT's per-slice trace: one amplitude for every slice, or a file (.npy, .json, text)")
-    serve.add_argument("--target", type=float, nargs=3, action="append", metavar=("X", "Y", "Z"), help="a target point, mm LPS (repeatable)")
-    serve.add_argument("--rtstruct", type=Path, default=None, metavar="FILE", help="RTSTRUCT whose --roi centroid is the target")
-    serve.add_argument("--roi", default=None, metavar="NAME", help="target ROI name in --rtstruct")
-    serve.add_argument("--seed", type=int, default=None, help="simulated patient seed (default 0)")
+    _add_plan_options(serve)
     serve.add_argument("--horizon", type=_non_negative_float, default=None, metavar="S", help="forecast horizon, s (default 0)")
     serve.add_argument("--calibration", type=Path, default=None, metavar="JSON", help="surrogate calibration file for raw samples")
     serve.add_argument("--session-log", type=Path, default=None, metavar="FILE", help="append-only session log (.bclog)")
@@ -277,6 +323,26 @@ def add_stream_commands(subparsers) -> None:
     serve.add_argument("--server-secret-key", type=Path, default=None, metavar="KEY_SECRET", help="CURVE: the daemon's secret key")
     serve.add_argument("--client-keys", type=Path, default=None, metavar="DIR", help="CURVE: folder of allowed clients' public keys")
     serve.set_defaults(run=_cmd_serve)
+
+    export = subparsers.add_parser(
+        "export-field", help="write one predicted field (DICOM REG, NIfTI or MHA) and optionally the warped CT",
+        description="Load a package and a planning CT as `serve` does, predict for a breathing state (--amplitude, "
+        "--rate: every slice at it) or the window of a trace ending at --at, and write the displacement field in mm "
+        "LPS: .dcm (DICOM Deformable Spatial Registration referencing the planning series; needs a DICOM plan), "
+        ".nii.gz or .mha. --warped-ct writes the warped planning CT as a new DICOM series.",
+    )  # fmt: skip
+    export.add_argument("--out", type=Path, required=True, metavar="FILE", help="field file: .dcm, .nii.gz or .mha")
+    export.add_argument("--package", type=Path, default=None, metavar="DIR", help="engine package (default: the shipped one)")
+    export.add_argument("--path", choices=("direct", "distilled", "linear5d"), default="direct", help="predictor path (default direct)")
+    _add_plan_options(export)
+    export.add_argument("--amplitude", type=float, default=None, metavar="A", help="breathing amplitude (0 end-exhale, 1 end-inhale)")
+    export.add_argument("--rate", type=float, default=0.0, metavar="R", help="d amplitude/dt, 1/s (default 0)")
+    export.add_argument("--trace", default=None, metavar="SOURCE", help="instead: a trace (simulated[:SEED], .bclog, CSV)")
+    export.add_argument("--at", type=float, default=None, metavar="T", help="with --trace: the time the window ends, s")
+    export.add_argument("--mode", choices=("window", "snapshot"), default="window", help="with --trace (default window)")
+    export.add_argument("--field-shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"), help="field grid (default: model grid)")
+    export.add_argument("--warped-ct", type=Path, default=None, metavar="DIR", help="also write the warped CT as a DICOM series here")
+    export.set_defaults(run=_cmd_export_field)
 
     replay_cmd = subparsers.add_parser(
         "replay", help="send a recorded or simulated breathing trace to a running daemon",
