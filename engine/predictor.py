@@ -84,7 +84,9 @@ class DistillationConfig:
         margin: how far outside ``amplitude_range`` a ramp may go.
         terms: the polynomial's (amplitude, rate) exponents.
         batch: queries per run of the frame graph.
-        validation_windows: realistic windows (a synthetic breathing trace) on which the fit is compared
+        breathing_windows: realistic windows (synthetic traces of varied simulated patients) queried besides
+            the ramps, so the fit also sees curved per-slice traces as real windows have them.
+        validation_windows: realistic windows (another synthetic breathing trace) on which the fit is compared
             with the network at plan load.
     """
 
@@ -95,6 +97,7 @@ class DistillationConfig:
     margin: float = 0.1
     terms: Terms = DISTILLED_TERMS
     batch: int = 8
+    breathing_windows: int = 64
     validation_windows: int = 4
 
 
@@ -304,6 +307,13 @@ class Predictor:
     def _distil(self, model_volume: Volume) -> None:
         cfg = self.config.distillation
         amplitude, rate = design_states(self.trace, self.slices, cfg)
+        if cfg.breathing_windows:
+            from breathcast.calibration.quantization_data import representative_windows
+
+            windows = representative_windows(cfg.breathing_windows, self.trace.window_samples, self.trace.sample_interval_s, seed=1)
+            states = [window_states(w, self.trace, self.slices, WindowMode.WINDOW) for w in windows]
+            amplitude = np.concatenate([amplitude, [a for a, _ in states]])
+            rate = np.concatenate([rate, [r for _, r in states]])
         fields = np.concatenate([self.network_displacements(amplitude[i : i + cfg.batch]) for i in range(0, len(amplitude), cfg.batch)])
         model = fit_state_model(fields, amplitude, rate, cfg.terms)
         self._coefficients, self._terms = model.coefficients, model.terms
