@@ -14,34 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import breathcast
+from breathcast.argtypes import int_at_least as _int_at_least
+from breathcast.argtypes import non_negative_float as _non_negative_float
 from breathcast.errors import BreathcastError
 
 __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("breathcast")
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def _simulation_config(args: argparse.Namespace):
@@ -342,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     from breathcast.engine.cli import add_engine_commands
     from breathcast.stream.cli import add_stream_commands
 
-    add_engine_commands(sub, _int_at_least(1))
+    add_engine_commands(sub)
     add_stream_commands(sub)
     return parser
 

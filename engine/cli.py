@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from breathcast.argtypes import int_at_least
+
 __all__ = ["add_engine_commands"]
 
 
@@ -84,8 +86,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_engine_commands(sub: argparse._SubParsersAction, positive_int) -> None:
-    """Register ``export`` and ``quantize`` on the top-level subparsers; ``positive_int`` parses counts."""
+def add_engine_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``export`` and ``quantize`` on the top-level subparsers."""
+    positive_int = int_at_least(1)
     export = sub.add_parser(
         "export",
         help="export a trained cVAE (split plan/frame ONNX graphs) or a 5D model as an engine package",

@@ -13,29 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from breathcast.argtypes import non_negative_float as _non_negative_float
+from breathcast.argtypes import positive_float as _positive_float
 from breathcast.errors import BreathcastError
 
 __all__ = ["add_stream_commands"]
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def _curve(args: argparse.Namespace):
