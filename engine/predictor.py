@@ -287,11 +287,9 @@ class Predictor:
     # -- the network ------------------------------------------------------------------------------------
 
     def _run_plan(self, moving_unit: np.ndarray) -> dict[str, np.ndarray]:
-        from breathcast.engine.graphs import PLAN_OUTPUTS
-
         session = open_graph(self.package, "plan", self.config.runtime)
         outputs = session.run({"moving": moving_unit[None, None].astype(np.float32), "b_m": self.b_m[None]})
-        return dict(zip(PLAN_OUTPUTS, outputs))
+        return dict(zip((spec.name for spec in self.package.manifest.graphs["plan"].outputs), outputs))
 
     def network_displacements(self, b_f: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
         """The direct path for a batch: (N, D) per-slice traces -> (N, 3, D, D, D) float32 model-grid voxels."""

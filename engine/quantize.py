@@ -20,7 +20,6 @@ import numpy as np
 
 from breathcast.errors import BreathcastError
 from breathcast.calibration.quantization_data import QuantizationData
-from breathcast.engine.graphs import PLAN_OUTPUTS
 from breathcast.engine.package import ModelPackage, PackageError, write_package
 from breathcast.engine.predictor import WindowMode, window_states
 from breathcast.engine.runtimes import RuntimeConfig, open_graph
@@ -37,13 +36,14 @@ def frame_feeds(package: ModelPackage, data: QuantizationData) -> list[dict[str,
     manifest = package.manifest
     d = manifest.grid[0]
     plan_session = open_graph(package, "plan", RuntimeConfig())
+    plan_names = [spec.name for spec in manifest.graphs["plan"].outputs]
     latent = np.zeros((1, manifest.model["latent_dim"]), np.float32)
     feeds = []
     for moving, b_m in zip(data.arrays["moving"], data.arrays["b_m"]):
         if moving.shape != (d, d, d) or b_m.shape != (d,):
             raise BreathcastError(f"quantisation plans must be ({d}, {d}, {d}) images with ({d},) traces, got {moving.shape} and {b_m.shape}")
         b_m = b_m[None].astype(np.float32)
-        plan = dict(zip(PLAN_OUTPUTS, plan_session.run({"moving": moving[None, None].astype(np.float32), "b_m": b_m})))
+        plan = dict(zip(plan_names, plan_session.run({"moving": moving[None, None].astype(np.float32), "b_m": b_m})))
         for window in data.arrays["windows"]:
             a, _ = window_states(window, manifest.trace, d, WindowMode.WINDOW)
             feeds.append(plan | {"b_m": b_m, "b_f": a[None].astype(np.float32), "z": latent})
