@@ -180,6 +180,15 @@ def _cmd_calibrate_five_d(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from breathcast.calibration.ingest import ingest_patient, load_ingest_config
+
+    config = load_ingest_config(args.config, args.out)
+    folder = ingest_patient(config)
+    print(f"wrote patient {config.patient_id} ({len(config.scans)} scan(s)) to {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``breathcast`` command."""
     parser = argparse.ArgumentParser(
@@ -318,6 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
     five_d.add_argument("--grid", type=_int_at_least(8), default=None, metavar="N",
                         help="fit on an N³ grid (default: the scans' own grid)")
     five_d.set_defaults(run=_cmd_calibrate_five_d)
+    ingest = sub.add_parser(
+        "ingest",
+        help="real 5DCT (DICOM free-breathing scans + raw breathing recording) -> a dataset patient",
+        description="Read one patient's free-breathing CT series (one DICOM folder per scan, one Frame of Reference "
+        "and grid), calibrate the breathing recording, align each scan's slices to it, and write the patient "
+        "(kind real) in the dataset format of docs/data-format.md. The manifest (JSON or TOML) lists patient_id, "
+        "recording {path, format} and scans [{folder, start_time_s or use_xray_on, direction, rotation_time_s, "
+        "pitch, collimation_mm}]; see docs/dicom.md.",
+    )
+    ingest.add_argument("--config", type=Path, required=True, metavar="MANIFEST", help="ingest manifest (.json or .toml)")
+    ingest.add_argument("--out", type=Path, default=None, metavar="DIR", help="dataset folder (default: the manifest's 'out')")
+    ingest.set_defaults(run=_cmd_ingest)
+
     from breathcast.engine.cli import add_engine_commands
     from breathcast.stream.cli import add_stream_commands
 
