@@ -8,7 +8,8 @@ are mixed by a 3x3 matrix, which turns (dz, dy, dx) voxels of the source grid in
 or into mm along patient LPS in one pass (:func:`voxel_to_lps_matrix`).
 
 The resize takes two passes: x first, on the small source (its gathers do not vectorise), then z and y
-together, four rows blended per output row while the components are mixed and written. Writing the output is
+together: per output slice two source slices are blended once, then each output row blends two of those rows
+while the components are mixed (three multiplies when the mix is diagonal) and written. Writing the output is
 most of the cost (an 11 MB float16 field at 128x128x112), so no full-size intermediate is written. :class:`FieldResizer` can
 write into a kept output buffer, because allocating and first-touching tens of MB per frame costs milliseconds.
 """
@@ -86,27 +87,39 @@ def _resize_x(src, lo, hi, w, out):  # (C, Z, Y, Xs) -> (C, Z, Y, Xd): the gathe
 def _make_resize_zy(store):
     @njit(**_KERNEL)
     def resize_zy(src, zlo, zhi, zw, ylo, yhi, yw, m, out):
-        """(3, Zs, Ys, X) -> (3, Zd, Yd, X): each output row blends four source rows, components mixed by m."""
-        nx = src.shape[3]
+        """(3, Zs, Ys, X) -> (3, Zd, Yd, X): per output slice, blend two source slices along z once, then each
+        output row blends two of those rows along y; components mixed by m while writing."""
+        _, _, nys, nx = src.shape
         _, nzd, nyd, _ = out.shape
+        diagonal = m[0, 1] == 0 and m[0, 2] == 0 and m[1, 0] == 0 and m[1, 2] == 0 and m[2, 0] == 0 and m[2, 1] == 0
         for z in prange(nzd):
             z0, z1, wz = zlo[z], zhi[z], zw[z]
+            blended = np.empty((3, nys, nx), np.float32)
+            for c in range(3):
+                for y in range(nys):
+                    s0, s1, b = src[c, z0, y], src[c, z1, y], blended[c, y]
+                    for x in range(nx):
+                        b[x] = s0[x] + wz * (s1[x] - s0[x])
             for y in range(nyd):
                 y0, y1, wy = ylo[y], yhi[y], yw[y]
-                a00, a01, a10, a11 = src[0, z0, y0], src[0, z0, y1], src[0, z1, y0], src[0, z1, y1]
-                b00, b01, b10, b11 = src[1, z0, y0], src[1, z0, y1], src[1, z1, y0], src[1, z1, y1]
-                c00, c01, c10, c11 = src[2, z0, y0], src[2, z0, y1], src[2, z1, y0], src[2, z1, y1]
+                a0, a1 = blended[0, y0], blended[0, y1]
+                b0, b1 = blended[1, y0], blended[1, y1]
+                c0, c1 = blended[2, y0], blended[2, y1]
                 o0, o1, o2 = out[0, z, y], out[1, z, y], out[2, z, y]
-                for x in range(nx):
-                    an = a00[x] + wy * (a01[x] - a00[x])
-                    a = an + wz * (a10[x] + wy * (a11[x] - a10[x]) - an)
-                    bn = b00[x] + wy * (b01[x] - b00[x])
-                    b = bn + wz * (b10[x] + wy * (b11[x] - b10[x]) - bn)
-                    cn = c00[x] + wy * (c01[x] - c00[x])
-                    c = cn + wz * (c10[x] + wy * (c11[x] - c10[x]) - cn)
-                    o0[x] = store(m[0, 0] * a + m[0, 1] * b + m[0, 2] * c)
-                    o1[x] = store(m[1, 0] * a + m[1, 1] * b + m[1, 2] * c)
-                    o2[x] = store(m[2, 0] * a + m[2, 1] * b + m[2, 2] * c)
+                if diagonal:
+                    m0, m1, m2 = m[0, 0], m[1, 1], m[2, 2]
+                    for x in range(nx):
+                        o0[x] = store(m0 * (a0[x] + wy * (a1[x] - a0[x])))
+                        o1[x] = store(m1 * (b0[x] + wy * (b1[x] - b0[x])))
+                        o2[x] = store(m2 * (c0[x] + wy * (c1[x] - c0[x])))
+                else:
+                    for x in range(nx):
+                        a = a0[x] + wy * (a1[x] - a0[x])
+                        b = b0[x] + wy * (b1[x] - b0[x])
+                        c = c0[x] + wy * (c1[x] - c0[x])
+                        o0[x] = store(m[0, 0] * a + m[0, 1] * b + m[0, 2] * c)
+                        o1[x] = store(m[1, 0] * a + m[1, 1] * b + m[1, 2] * c)
+                        o2[x] = store(m[2, 0] * a + m[2, 1] * b + m[2, 2] * c)
 
     return resize_zy
 
