@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from enum import Enum
 from pathlib import Path
 
@@ -176,6 +177,22 @@ class Prediction:
     compute_s: float
 
 
+@lru_cache(maxsize=16)
+def _window_operators(window_samples: int, sample_interval_s: float, slices: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-slice amplitude and rate are linear in the window: ((D, W) amplitude, (D, W) rate, (W,) newest rate)
+    operators, built once per time base from the Savitzky-Golay filter applied to the unit windows."""
+    length = max(5, int(round(_RATE_SMOOTHING_S / sample_interval_s)) | 1)
+    longest_odd = window_samples if window_samples % 2 else window_samples - 1
+    rate = savgol_filter(np.eye(window_samples), min(length, longest_odd), 2, deriv=1, delta=sample_interval_s, axis=0)
+    positions = np.linspace(0.0, window_samples - 1, slices)
+    lo = np.minimum(np.floor(positions).astype(int), window_samples - 2)
+    w = positions - lo
+    interpolate = np.zeros((slices, window_samples))
+    interpolate[np.arange(slices), lo] = 1.0 - w
+    interpolate[np.arange(slices), lo + 1] += w
+    return interpolate, interpolate @ rate, rate[-1].copy()
+
+
 def window_states(window: np.ndarray, trace: TraceSpec, slices: int, mode: WindowMode | str = WindowMode.WINDOW) -> tuple[np.ndarray, np.ndarray]:
     """Per-slice amplitude and rate from a window.
 
@@ -183,24 +200,21 @@ def window_states(window: np.ndarray, trace: TraceSpec, slices: int, mode: Windo
         window: (W,) amplitude samples on the model's time base (``trace.sample_interval_s``), oldest first.
         trace: the model's trace spec (W = ``trace.window_samples``).
         slices: D, the model grid's slice count.
-        mode: ``window`` (slice z at window position z (W-1)/(D-1)) or ``snapshot`` (every slice at the newest).
+        mode: ``window`` (slice z at window position z (W-1)/(D-1), linearly interpolated) or ``snapshot``
+            (every slice at the newest sample).
 
     Returns:
-        ((D,) amplitude, (D,) rate in 1/s), float64.
+        ((D,) amplitude, (D,) rate in 1/s: a quadratic Savitzky-Golay derivative over 0.2 s), float64.
     """
     window = np.asarray(window, dtype=np.float64)
     if window.shape != (trace.window_samples,):
         raise BreathcastError(f"window must hold {trace.window_samples} samples, got shape {window.shape}")
     if not np.all(np.isfinite(window)):
         raise BreathcastError("window holds NaN or Inf")
-    length = max(5, int(round(_RATE_SMOOTHING_S / trace.sample_interval_s)) | 1)
-    longest_odd = trace.window_samples if trace.window_samples % 2 else trace.window_samples - 1
-    rate = savgol_filter(window, min(length, longest_odd), 2, deriv=1, delta=trace.sample_interval_s)
+    interpolate, rate, newest_rate = _window_operators(trace.window_samples, trace.sample_interval_s, slices)
     if WindowMode(mode) is WindowMode.SNAPSHOT:
-        return np.full(slices, window[-1]), np.full(slices, rate[-1])
-    positions = np.linspace(0.0, trace.window_samples - 1, slices)
-    samples = np.arange(trace.window_samples)
-    return np.interp(positions, samples, window), np.interp(positions, samples, rate)
+        return np.full(slices, window[-1]), np.full(slices, float(newest_rate @ window))
+    return interpolate @ window, rate @ window
 
 
 def design_states(trace: TraceSpec, slices: int, config: DistillationConfig = DistillationConfig()) -> tuple[np.ndarray, np.ndarray]:

@@ -388,3 +388,17 @@ def test_export_command_packages_a_five_d_model(tmp_path, plan):
     predictor = load_predictor(tmp_path / "pkg", plan, PredictorConfig(path="linear5d"))
     prediction = predictor.predict(_window())
     np.testing.assert_allclose(prediction.displacement, evaluate_terms(coefficients, LINEAR_5D_TERMS, prediction.amplitude, prediction.rate), atol=1e-5)
+
+
+def test_window_states_equal_the_filter_applied_directly():
+    from scipy.signal import savgol_filter
+
+    window = _window(3) + 0.01 * np.random.default_rng(8).normal(size=TRACE.window_samples)
+    length = int(round(0.2 / TRACE.sample_interval_s)) | 1
+    rate = savgol_filter(window, length, 2, deriv=1, delta=TRACE.sample_interval_s)
+    positions = np.linspace(0.0, TRACE.window_samples - 1, D)
+    a, r = window_states(window, TRACE, D, "window")
+    np.testing.assert_allclose(a, np.interp(positions, np.arange(TRACE.window_samples), window), atol=1e-12)
+    np.testing.assert_allclose(r, np.interp(positions, np.arange(TRACE.window_samples), rate), atol=1e-9)
+    a, r = window_states(window, TRACE, D, "snapshot")
+    np.testing.assert_allclose(r, rate[-1], atol=1e-9)
