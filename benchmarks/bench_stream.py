@@ -19,6 +19,7 @@ Cases:
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, update_readme_table, write_results  # noqa: E402
+from common import RESULTS, markdown_table, update_readme_table, write_results  # noqa: E402
 
 from breathcast.stream.client import ControlClient, SampleSender, Subscriber  # noqa: E402
 from breathcast.stream.recording import read_session_log  # noqa: E402
@@ -152,6 +153,9 @@ def run_case(folder: Path, path: str, field: str, rate_hz: float, duration_s: fl
     }  # fmt: skip
 
 
+RESULTS_FILE = RESULTS / "stream.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latency-s", type=float, default=20.0, help="seconds measured per latency case (default 20)")
@@ -160,6 +164,8 @@ def main() -> None:
     parser.add_argument("--sustained-100hz-s", type=float, default=15.0, help="sustained 100 Hz run, s (issue: 60)")
     parser.add_argument("--cases", nargs="+", default=["direct", "distilled", "distilled_target_only", "sustained_25hz", "sustained_100hz"])
     parser.add_argument("--no-readme", action="store_true", help="do not update the README table")
+    parser.add_argument("--keep-other-cases", action="store_true",
+                        help="keep the cases not run now from the previous results/stream.json (e.g. the 10-minute run)")
     args = parser.parse_args()
     specs = {
         "direct": ("direct", "model32", args.rate, args.latency_s),
@@ -169,6 +175,9 @@ def main() -> None:
         "sustained_100hz": ("distilled", "128f16", 100.0, args.sustained_100hz_s),
     }
     results = {}
+    previous = RESULTS_FILE.is_file() and json.loads(RESULTS_FILE.read_text()).get("cases", {})
+    if args.keep_other_cases and previous:
+        results = {name: r for name, r in previous.items() if name not in args.cases}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases:
             print(f"{name} ...", flush=True)
@@ -179,6 +188,7 @@ def main() -> None:
             print(f"  {lat}; log missing {r['samples_missing_from_log']}; RSS {r['rss_growth_percent']:+.1f}%; "
                   f"merged {r['counters']['frames_merged']}, fields dropped {r['counters']['fields_dropped_slow_subscriber']}"
                   f" + {r['counters']['fields_dropped_buffers_busy']}", flush=True)  # fmt: skip
+    results = {name: results[name] for name in specs if name in results}  # table in the usual order
     rows = []
     for name, r in results.items():
         topic, target = TARGETS_MS.get(name, ("target", None))
