@@ -37,6 +37,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 import breathcast
@@ -45,6 +46,7 @@ from breathcast.geometry import Grid, Volume
 
 __all__ = [
     "SeriesIdentity",
+    "instance_references",
     "CTSeries",
     "read_dicom_file",
     "read_ct_series",
@@ -66,6 +68,17 @@ _CT_SOP_CLASSES = {CTImageStorage, "1.2.840.10008.5.1.4.1.1.2.1"}  # CT, Enhance
 # Relative tolerances on slice geometry: positions as scanners write them are exact to ~1e-4 mm.
 _SPACING_TOLERANCE = 0.01  # fraction of the slice spacing
 _PARALLEL_TOLERANCE_MM = 0.01  # in-plane drift of the slice origin per slice (gantry tilt)
+
+
+def instance_references(identity: SeriesIdentity) -> DicomSequence:
+    """Items (ReferencedSOPClassUID, ReferencedSOPInstanceUID) for every image of a series, in slice order."""
+    out = DicomSequence()
+    for uid in identity.sop_instance_uids:
+        item = Dataset()
+        item.ReferencedSOPClassUID = identity.sop_class_uid
+        item.ReferencedSOPInstanceUID = uid
+        out.append(item)
+    return out
 
 
 def new_uid() -> str:

@@ -32,7 +32,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import DeformableSpatialRegistrationStorage
 
 from breathcast import dataset
-from breathcast.dicom_io import SeriesIdentity, new_dataset, new_uid, read_dicom_file, save_dataset, set_equipment
+from breathcast.dicom_io import SeriesIdentity, instance_references, new_dataset, new_uid, read_dicom_file, save_dataset, set_equipment
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, field_from_lps_mm, field_to_lps_mm
 
@@ -107,16 +107,6 @@ def _matrix_item() -> DicomSequence:
     return DicomSequence([item])
 
 
-def _instance_references(plan: SeriesIdentity) -> DicomSequence:
-    out = DicomSequence()
-    for uid in plan.sop_instance_uids:
-        item = Dataset()
-        item.ReferencedSOPClassUID = plan.sop_class_uid
-        item.ReferencedSOPInstanceUID = uid
-        out.append(item)
-    return out
-
-
 def build_deformable_registration(
     u_voxels: np.ndarray,
     grid: Grid,
@@ -175,7 +165,7 @@ def build_deformable_registration(
     ds.ContentTime = ds.InstanceCreationTime
     item = Dataset()
     item.SourceFrameOfReferenceUID = plan.frame_of_reference_uid
-    item.ReferencedImageSequence = _instance_references(plan)
+    item.ReferencedImageSequence = instance_references(plan)
     item.RegistrationTypeCodeSequence = DicomSequence()  # Type 2: a model prediction, not a registration type
     item.PreDeformationMatrixRegistrationSequence = _matrix_item()
     item.PostDeformationMatrixRegistrationSequence = _matrix_item()
@@ -184,7 +174,7 @@ def build_deformable_registration(
     # Common Instance Reference module (PS3.3 C.12.2): the plan's series, in this same study.
     series = Dataset()
     series.SeriesInstanceUID = plan.series_instance_uid
-    series.ReferencedInstanceSequence = _instance_references(plan)
+    series.ReferencedInstanceSequence = instance_references(plan)
     ds.ReferencedSeriesSequence = DicomSequence([series])
     problems = validate_deformable_registration(ds)
     if problems:

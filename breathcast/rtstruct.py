@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import RTStructureSetStorage
 
-from breathcast.dicom_io import SeriesIdentity, new_dataset, new_uid, read_dicom_file, save_dataset, set_equipment
+from breathcast.dicom_io import SeriesIdentity, instance_references, new_dataset, new_uid, read_dicom_file, save_dataset, set_equipment
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume, resample_volume
 
@@ -310,12 +310,7 @@ def write_rtstruct(
 
 
 def _referenced_frame(ct: SeriesIdentity) -> Dataset:
-    images = DicomSequence()
-    for uid in ct.sop_instance_uids:
-        image = Dataset()
-        image.ReferencedSOPClassUID = ct.sop_class_uid
-        image.ReferencedSOPInstanceUID = uid
-        images.append(image)
+    images = instance_references(ct)
     series = Dataset()
     series.SeriesInstanceUID = ct.series_instance_uid
     series.ContourImageSequence = images
