@@ -25,7 +25,6 @@ everything that leaves the process does.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import breathcast
+from breathcast.checksums import sha256_file
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, field_from_lps_mm, field_to_lps_mm
 from breathcast.state_model import LINEAR_5D_TERMS, StateModel, fit_state_model
@@ -181,14 +181,6 @@ def register_pair(fixed: np.ndarray, moving: np.ndarray, grid: Grid, config: Reg
 # --- the model -------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True, eq=False)
 class FiveDModel:
     """A patient's fitted 5D motion model: u(x) = offset + α·A + β·Ȧ per voxel, from its reference frame.
@@ -282,7 +274,7 @@ class FiveDModel:
         try:
             with open(tmp_npz, "wb") as handle:
                 np.savez_compressed(handle, coefficients_lps_mm=lps.astype(np.float32))
-            manifest = {**self.manifest(), "files": {_COEFFICIENTS: _sha256(tmp_npz)}}
+            manifest = {**self.manifest(), "files": {_COEFFICIENTS: sha256_file(tmp_npz)}}
             tmp_manifest.write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
             os.replace(tmp_npz, npz)
             os.replace(tmp_manifest, manifest_path)
@@ -309,7 +301,7 @@ class FiveDModel:
         if not npz.is_file():
             raise BreathcastError(f"{npz}: file is missing")
         expected = (manifest.get("files") or {}).get(_COEFFICIENTS)
-        if expected != _sha256(npz):
+        if expected != sha256_file(npz):
             raise BreathcastError(f"{npz}: sha256 does not match {manifest_path}; the model is damaged or was half-written")
         try:
             grid_data = manifest["grid"]

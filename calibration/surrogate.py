@@ -32,7 +32,6 @@ otherwise: same numbers offline and live.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -47,6 +46,7 @@ from scipy.signal import find_peaks
 
 import breathcast
 from breathcast.calibration.readers import RawRecording
+from breathcast.checksums import sha256_file
 from breathcast.errors import BreathcastError
 
 __all__ = [
@@ -538,7 +538,7 @@ class CalibrationResult:
 
 def _sha256(path: str) -> str | None:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 

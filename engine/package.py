@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import breathcast
 from breathcast import __version__
+from breathcast.checksums import sha256_file
 from breathcast.errors import BreathcastError
 
 __all__ = [
@@ -166,14 +167,6 @@ class ModelPackage:
     @property
     def model_id(self) -> str:
         return self.manifest.model_id
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _model_id(kind: str, files: dict[str, str]) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 import breathcast
 from breathcast.anatomy import LUNG_LABELS
 from breathcast.dataset import open_dataset, prepare_output_dir
+from breathcast.checksums import sha256_file
 from breathcast.errors import BreathcastError
 from breathcast.geometry import HU_MAX, HU_MIN
 from breathcast.metrics import lung_region_mask
@@ -188,10 +188,6 @@ def training_step(network: torch.nn.Module, batch, weights: LossWeights):
     return terms
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _write_manifest(config: TrainConfig, summary: dict, metrics: dict, out: Path, seconds: float) -> Path:
     manifest = {
         "model_kind": "cvae",
@@ -209,7 +205,7 @@ def _write_manifest(config: TrainConfig, summary: dict, metrics: dict, out: Path
                      "seconds": seconds},
         "data": summary,
         "metrics": metrics,
-        "files": {"model.pt": _sha256(out / "model.pt")},
+        "files": {"model.pt": sha256_file(out / "model.pt")},
     }
     path = out / "manifest.json"
     tmp = out / ".manifest.json.tmp"
