@@ -34,12 +34,6 @@ class TargetEvaluator:
         self.terms = model.terms
         self.index = np.asarray(predictor.target_index, dtype=np.float64).reshape(-1, 3)
         self.shape = np.asarray(self.coefficients.shape[2:])
-        # The engine's rate filter (breathcast.engine.predictor.window_states): a quadratic Savitzky-Golay
-        # derivative over ~0.2 s; at the newest sample it only reads the last window_length samples.
-        dt, samples = predictor.trace.sample_interval_s, predictor.trace.window_samples
-        longest_odd = samples if samples % 2 else samples - 1
-        self._length = min(max(5, int(round(0.2 / dt)) | 1), longest_odd)
-        self._rate_weights = edge_rate_weights(self._length, dt)
 
     def _sample(self, basis: np.ndarray, points: np.ndarray) -> np.ndarray:
         """(P, 3) voxel displacement (dz, dy, dx) at (P, 3) index positions (trilinear, clamped)."""
@@ -60,18 +54,11 @@ class TargetEvaluator:
         return self.predictor.state_displacement(a, r, out)
 
     def evaluate(self, window: np.ndarray, iterations: int = 20):
-        from breathcast.engine.predictor import WindowMode, window_states
+        from breathcast.engine.predictor import window_states
 
         started = time.perf_counter()
         pred = self.predictor
-        if WindowMode(pred.mode) is WindowMode.SNAPSHOT:  # only the newest state: a savgol fit over the tail suffices
-            window = np.asarray(window, dtype=np.float64)
-            if window.shape != (pred.trace.window_samples,) or not np.all(np.isfinite(window)):
-                a, r = window_states(window, pred.trace, pred.slices, pred.mode)  # raises with the engine's message
-            r_now = float(self._rate_weights @ window[-self._length :])
-            a, r = np.full(pred.slices, window[-1]), np.full(pred.slices, r_now)
-        else:
-            a, r = window_states(window, pred.trace, pred.slices, pred.mode)
+        a, r = window_states(window, pred.trace, pred.slices, pred.mode)
         basis = design_matrix(a, r, self.terms)  # (D, K) float64
         p = self.index
         if len(p) == 0:
@@ -88,16 +75,6 @@ class TargetEvaluator:
             raise BreathcastError("the model produced a non-finite displacement at the target")
         now = pred.grid.index_to_lps(x)
         return now, now - pred.plan.target_lps_mm, a, r, time.perf_counter() - started
-
-
-def edge_rate_weights(length: int, dt: float) -> np.ndarray:
-    """(length,) weights: d/dt at the last sample of a least-squares quadratic through the last ``length`` samples.
-
-    This is what :func:`scipy.signal.savgol_filter` (``polyorder=2, deriv=1, mode="interp"``) computes at the
-    edge, as a precomputed dot product.
-    """
-    x = (np.arange(length) - (length - 1)) * dt
-    return np.linalg.pinv(np.stack([np.ones(length), x, x * x], axis=1))[1]
 
 
 def target_evaluator(predictor) -> TargetEvaluator | None:
