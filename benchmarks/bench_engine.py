@@ -5,6 +5,10 @@ model (simulated again in memory from the dataset seed, as ``benchmarks/bench_cv
 patient's most exhaled scan with its per-slice trace, the target its tumour centroid, and the windows come
 from the patient's own breathing trace. Writes ``benchmarks/results/engine.json`` and the README table.
 
+``--package`` measures another package: its results go to ``engine_<kind>.json`` (``--name``) and the README
+block ``engine-<kind>`` (the shipped cVAE's table is left alone). An ``ldm`` package is run with its manifest's
+DDIM steps or ``--sampling-steps``, and one ``denoise`` run (batch 1) is timed as well.
+
 Targets (engine issue, 2 CPU cores): direct 64³ onnxruntime per-frame compute (window -> displacement) median
 <= 40 ms; distilled per frame with a 128x128x112 float16 mm-LPS output median <= 5 ms; distilled vs direct
 <= 0.3 mm mean and <= 1 mm 99th percentile inside the lungs, per test patient; plan load (encoder +
@@ -54,10 +58,18 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=12, help="held-out patients to use (default 12, all of them)")
     parser.add_argument("--windows", type=int, default=20, help="windows per patient (default 20)")
     parser.add_argument("--repeats", type=int, default=50, help="timed frames per measurement (default 50)")
+    parser.add_argument("--sampling-steps", type=int, default=None, help="ldm package: DDIM steps (default: the package's)")
+    parser.add_argument("--name", default=None,
+                        help="results name: results/<name>.json and README block <name> with _ as - (default: engine for the "
+                        "shipped package, engine_<kind> for another)")  # fmt: skip
     parser.add_argument("--no-readme", action="store_true", help="do not update README.md")
     args = parser.parse_args()
 
     package = read_package(args.package)
+    kind = package.manifest.kind
+    default_package = Path(args.package).resolve() == DEFAULT_PACKAGE.resolve()
+    name = args.name or ("engine" if default_package else f"engine_{kind}")
+    predictor_options = {"sampling_steps": args.sampling_steps} if kind == "ldm" else {}
     model_manifest = package.manifest.training
     test_ids = package.manifest.training.get("data", {}).get("split", {}).get("test") or model_manifest.get("test_ids")
     if not test_ids:
@@ -73,10 +85,10 @@ def main() -> None:
         plan = Plan(Volume(scan.image_hu, patient.grid), scan.amplitude, target, name=pid)
 
         start = time.perf_counter()
-        direct = load_predictor(package, plan, PredictorConfig(path="direct"))
+        direct = load_predictor(package, plan, PredictorConfig(path="direct", **predictor_options))
         direct_load = time.perf_counter() - start
         start = time.perf_counter()
-        distilled = load_predictor(package, plan, PredictorConfig(path="distilled"))
+        distilled = load_predictor(package, plan, PredictorConfig(path="distilled", **predictor_options))
         distilled_load = time.perf_counter() - start
         memory_loaded = memory_mb()
 
@@ -116,6 +128,11 @@ def main() -> None:
                 "distilled_frame_128x128x112_float16": time_call(distilled_frame, args.repeats),
                 "memory_after_loading_two_predictors": memory_loaded,
             }
+            if kind == "ldm":  # one U-Net pass, batch 1, at the first timestep
+                network = direct.network
+                t = np.full(1, len(package.manifest.model["ddim"]["alphas_cumprod"]) - 1, np.int64)
+                timings["ldm_sampling_steps"] = network.steps
+                timings["ldm_denoise_step_batch1"] = time_call(lambda: network.denoise(network.noise, t, b_f.astype(np.float32)), args.repeats)
             print(json.dumps(timings))
 
     loads = [r["distilled_load_s"] for r in per_patient]
@@ -128,8 +145,12 @@ def main() -> None:
         "memory_before_mb": memory_before,
         "memory_after_mb": memory_mb(),
     }
+    if kind == "ldm":
+        summary["ldm_sampling_steps"] = timings["ldm_sampling_steps"]
+        summary["ldm_denoise_step_median_ms"] = round(timings["ldm_denoise_step_batch1"]["median_ms"], 1)
     results = {
         "package": str(args.package),
+        "kind": kind,
         "model_id": package.model_id,
         "grid": package.manifest.grid,
         "output_shape_zyx": OUTPUT_SHAPE,
@@ -137,20 +158,28 @@ def main() -> None:
         "timings": timings,
         "per_patient": per_patient,
     }
-    path = write_results("engine", results)
+    path = write_results(name, results)
     print(f"wrote {path}")
     if not args.no_readme:
+        direct_what = f"{grid}³, onnxruntime" + (f", {summary['ldm_sampling_steps']} DDIM steps" if kind == "ldm" else "")
         rows = [
-            {"measure": "direct 64³, onnxruntime: window -> displacement (median)", "target": "<= 40 ms", "measured": f"{summary['direct_frame_median_ms']} ms"},
+            {"measure": f"direct {direct_what}: window -> displacement (median)", "target": "<= 40 ms", "measured": f"{summary['direct_frame_median_ms']} ms"},
             {"measure": "distilled: window -> 128x128x112 float16 mm field (median)", "target": "<= 5 ms", "measured": f"{summary['distilled_frame_median_ms']} ms"},
-            {"measure": "plan load with distillation, 64³ (median over patients)", "target": "<= 10 s", "measured": f"{summary['distilled_load_median_s']} s"},
+            {"measure": f"plan load with distillation, {grid}³ (median over patients)", "target": "<= 10 s", "measured": f"{summary['distilled_load_median_s']} s"},
             {"measure": "distilled vs direct in the lungs, mean (worst patient)", "target": "<= 0.3 mm", "measured": f"{summary['distilled_vs_direct_mean_mm_worst_patient']} mm"},
             {"measure": "distilled vs direct in the lungs, p99 (worst patient)", "target": "<= 1 mm", "measured": f"{summary['distilled_vs_direct_p99_mm_worst_patient']} mm"},
             {"measure": "resident memory with a direct and a distilled predictor loaded (process peak)", "target": "stated",
              "measured": f"{memory_loaded['rss_mb']:.0f} MB ({memory_loaded['peak_rss_mb']:.0f} MB)"},
         ]
+        if kind == "ldm":
+            rows.insert(1, {"measure": f"one denoise run (U-Net pass), batch 1, {grid}³ model (median)", "target": "stated",
+                            "measured": f"{summary['ldm_denoise_step_median_ms']} ms"})  # fmt: skip
         per = markdown_table(per_patient, ["patient", "distilled_load_s", "distilled_vs_direct_mean_mm", "distilled_vs_direct_p99_mm", "distilled_vs_direct_max_mm"])
-        update_readme_table("engine", markdown_table(rows, ["measure", "target", "measured"]) + "\n\nPer test patient:\n\n" + per)
+        table = markdown_table(rows, ["measure", "target", "measured"]) + "\n\nPer test patient:\n\n" + per
+        try:
+            update_readme_table(name.replace("_", "-"), table)
+        except SystemExit as exc:
+            print(f"README not updated: {exc}")
 
 
 if __name__ == "__main__":

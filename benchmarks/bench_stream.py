@@ -14,6 +14,10 @@ Cases:
 
     python benchmarks/bench_stream.py                   # short run, a few minutes on 2 cores
     python benchmarks/bench_stream.py --latency-s 60 --sustained-25hz-s 600 --sustained-100hz-s 60
+    python benchmarks/bench_stream.py --package PKG      # another package (e.g. an ldm): results/stream_<kind>.json
+
+With ``--package`` other than the shipped one the results go to ``stream_<kind>.json`` (``--name``) and the README
+block ``stream-<kind>``; the shipped package's table is left alone.
 """
 
 from __future__ import annotations
@@ -46,14 +50,14 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _start_daemon(folder: Path, path: str, field: str) -> tuple[subprocess.Popen, dict[str, str], Path]:
+def _start_daemon(folder: Path, path: str, field: str, package: str = "") -> tuple[subprocess.Popen, dict[str, str], Path]:
     endpoints = {k: f"tcp://127.0.0.1:{_port()}" for k in ("input", "publish", "field", "control")}
     log = folder / f"{path}-{time.monotonic_ns()}.bclog"
     toml = folder / "serve.toml"
     field_table = {"none": "enabled = false",
                    "model32": 'dtype = "float32"',
                    "128f16": 'dtype = "float16"\nshape = [112, 128, 128]'}[field]  # fmt: skip
-    toml.write_text(f'path = "{path}"\nmode = "snapshot"\nthreads = 2\nsession_log = "{log}"\nstatus_interval_s = 0.5\n'
+    toml.write_text(f'package = {json.dumps(package)}\npath = "{path}"\nmode = "snapshot"\nthreads = 2\nsession_log = "{log}"\nstatus_interval_s = 0.5\n'
                     f"[gating]\namplitude_range = [-0.2, 0.4]\n[field]\n{field_table}\n[endpoints]\n"
                     + "".join(f'{k} = "{v}"\n' for k, v in endpoints.items()))  # fmt: skip
     code = "import sys; from breathcast.stream.config import load_config; from breathcast.stream.daemon import serve; serve(load_config(sys.argv[1]))"
@@ -91,9 +95,9 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()), "n": int(a.size)}
 
 
-def run_case(folder: Path, path: str, field: str, rate_hz: float, duration_s: float, warmup_s: float = 3.0) -> dict:
+def run_case(folder: Path, path: str, field: str, rate_hz: float, duration_s: float, warmup_s: float = 3.0, package: str = "") -> dict:
     """Start a daemon, stream ``duration_s`` of breathing at ``rate_hz``, measure, stop it, check its session log."""
-    process, endpoints, log = _start_daemon(folder, path, field)
+    process, endpoints, log = _start_daemon(folder, path, field, package)
     received: dict[str, list[tuple[float, dict]]] = {"target": [], "gate": [], "field": []}
     stop = threading.Event()
 
@@ -153,9 +157,6 @@ def run_case(folder: Path, path: str, field: str, rate_hz: float, duration_s: fl
     }  # fmt: skip
 
 
-RESULTS_FILE = RESULTS / "stream.json"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latency-s", type=float, default=20.0, help="seconds measured per latency case (default 20)")
@@ -163,10 +164,21 @@ def main() -> None:
     parser.add_argument("--sustained-25hz-s", type=float, default=30.0, help="sustained 25 Hz run, s (issue: 600)")
     parser.add_argument("--sustained-100hz-s", type=float, default=15.0, help="sustained 100 Hz run, s (issue: 60)")
     parser.add_argument("--cases", nargs="+", default=["direct", "distilled", "distilled_target_only", "sustained_25hz", "sustained_100hz"])
+    parser.add_argument("--package", type=Path, default=None, help="engine package the daemon serves (default: the shipped one)")
+    parser.add_argument("--name", default=None,
+                        help="results name: results/<name>.json and README block <name> with _ as - (default: stream for the "
+                        "shipped package, stream_<kind> for another)")  # fmt: skip
     parser.add_argument("--no-readme", action="store_true", help="do not update the README table")
     parser.add_argument("--keep-other-cases", action="store_true",
-                        help="keep the cases not run now from the previous results/stream.json (e.g. the 10-minute run)")
+                        help="keep the cases not run now from the previous results/<name>.json (e.g. the 10-minute run)")
     args = parser.parse_args()
+    from breathcast.engine.package import DEFAULT_PACKAGE, read_package
+
+    package = read_package(args.package or DEFAULT_PACKAGE)  # refuse a bad package before starting daemons
+    default_package = package.path.resolve() == DEFAULT_PACKAGE.resolve()
+    name = args.name or ("stream" if default_package else f"stream_{package.manifest.kind}")
+    results_file = RESULTS / f"{name}.json"
+    package_setting = "" if default_package else str(package.path.resolve())
     specs = {
         "direct": ("direct", "model32", args.rate, args.latency_s),
         "distilled": ("distilled", "128f16", args.rate, args.latency_s),
@@ -175,41 +187,42 @@ def main() -> None:
         "sustained_100hz": ("distilled", "128f16", 100.0, args.sustained_100hz_s),
     }
     results = {}
-    previous = RESULTS_FILE.is_file() and json.loads(RESULTS_FILE.read_text()).get("cases", {})
+    previous = results_file.is_file() and json.loads(results_file.read_text()).get("cases", {})
     if args.keep_other_cases and previous:
-        results = {name: r for name, r in previous.items() if name not in args.cases}
+        results = {case: r for case, r in previous.items() if case not in args.cases}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.cases:
-            print(f"{name} ...", flush=True)
-            results[name] = run_case(Path(tmp), *specs[name])
-            r = results[name]
+        for case in args.cases:
+            print(f"{case} ...", flush=True)
+            results[case] = run_case(Path(tmp), *specs[case], package=package_setting)
+            r = results[case]
             lat = ", ".join(f"{t} p50 {v['p50_ms']:.1f} / p99 {v['p99_ms']:.1f} / max {v['max_ms']:.1f} ms"
                             for t, v in r["latency"].items() if v["n"])  # fmt: skip
             print(f"  {lat}; log missing {r['samples_missing_from_log']}; RSS {r['rss_growth_percent']:+.1f}%; "
                   f"merged {r['counters']['frames_merged']}, fields dropped {r['counters']['fields_dropped_slow_subscriber']}"
                   f" + {r['counters']['fields_dropped_buffers_busy']}", flush=True)  # fmt: skip
-    results = {name: results[name] for name in specs if name in results}  # table in the usual order
+    results = {case: results[case] for case in specs if case in results}  # table in the usual order
     rows = []
-    for name, r in results.items():
-        topic, target = TARGETS_MS.get(name, ("target", None))
+    for case, r in results.items():
+        topic, target = TARGETS_MS.get(case, ("target", None))
         for t in ("target", "field"):
             v = r["latency"].get(t, {})
             if not v.get("n"):
                 continue
             met = "" if target is None or t != topic else ("met" if v["p99_ms"] <= target else "**missed**")
-            rows.append({"case": name, "message": t, "rate (Hz)": f"{r['rate_hz']:.0f}", "s": f"{r['duration_s']:.0f}",
+            rows.append({"case": case, "message": t, "rate (Hz)": f"{r['rate_hz']:.0f}", "s": f"{r['duration_s']:.0f}",
                          "p50 (ms)": f"{v['p50_ms']:.1f}", "p99 (ms)": f"{v['p99_ms']:.1f}", "max (ms)": f"{v['max_ms']:.1f}",
                          "target p99 (ms)": "" if target is None or t != topic else f"<= {target:.0f}", "": met,
                          "samples lost in log": r["samples_missing_from_log"], "RSS growth": f"{r['rss_growth_percent']:+.1f}%",
                          "frames merged": r["counters"]["frames_merged"],
                          "fields dropped": r["counters"]["fields_dropped_slow_subscriber"] + r["counters"]["fields_dropped_buffers_busy"]})  # fmt: skip
     table = markdown_table(rows, list(rows[0])) if rows else ""
-    path = write_results("stream", {"cases": results, "table": table})
+    path = write_results(name, {"package": str(package.path), "kind": package.manifest.kind, "model_id": package.model_id,
+                                "cases": results, "table": table})  # fmt: skip
     print(table)
     print(f"wrote {path}")
     if not args.no_readme and table:
         try:
-            update_readme_table("stream", table)
+            update_readme_table(name.replace("_", "-"), table)
         except SystemExit as exc:
             print(f"README not updated: {exc}")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import breathcast
 from breathcast.argtypes import int_at_least as _int_at_least
+from breathcast.argtypes import positive_float as _positive_float
 from breathcast.argtypes import non_negative_float as _non_negative_float
 from breathcast.errors import BreathcastError
 
@@ -86,6 +87,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_options(parser: argparse.ArgumentParser, steps: int, val_every: int) -> None:
+    """Options every training run has: data, output, grid, length, split, seed, threads, restart."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, metavar="DIR", help="dataset folder (docs/data-format.md)")
+    source.add_argument("--simulate", type=_int_at_least(3), metavar="N", help="simulate N patients in memory instead")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (checkpoint, metrics, model)")
+    parser.add_argument("--grid", type=int, choices=(32, 64, 96, 128), default=64, help="model grid edge (default 64)")
+    parser.add_argument("--steps", type=_int_at_least(1), default=steps, help=f"optimiser steps (default {steps})")
+    parser.add_argument("--val-patients", type=_int_at_least(0), default=2, help="validation patients (default 2)")
+    parser.add_argument("--test-patients", type=_int_at_least(0), default=0, help="held-out test patients (default 0)")
+    parser.add_argument("--val-every", type=_int_at_least(1), default=val_every,
+                        help=f"validate and checkpoint every N steps (default {val_every})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of batches, noise, weights and simulated patients")
+    parser.add_argument("--threads", type=_int_at_least(1), default=None, help="torch threads")
+    parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def _cmd_train_cvae(args: argparse.Namespace) -> int:
     from breathcast.training.cvae import CVAEConfig
     from breathcast.training.losses import LossWeights
@@ -116,6 +135,44 @@ def _cmd_train_cvae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_config(args: argparse.Namespace):
+    from breathcast.training.ldm_train import DataConfig
+
+    return DataConfig(data=args.data, val_patients=args.val_patients, test_patients=args.test_patients,
+                      simulate_patients=args.simulate or 8, simulation_seed=args.seed)
+
+
+def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
+    from breathcast.training.autoencoder import AutoencoderConfig
+    from breathcast.training.ldm_train import AutoencoderTrainConfig, train_autoencoder
+
+    channels = tuple(args.channels)
+    config = AutoencoderTrainConfig(
+        out=args.out, source=_data_config(args),
+        model=AutoencoderConfig(grid=args.grid, channels=channels, latent_channels=args.latent_channels,
+                                norm_num_groups=min(channels)),
+        steps=args.steps, micro_batch=args.micro_batch, accumulation=args.accumulation, learning_rate=args.lr,
+        kl_weight=args.kl_weight, val_every=args.val_every, seed=args.seed, threads=args.threads,
+        resume=not args.restart, progress=not args.quiet,
+    )  # fmt: skip
+    print(f"auto-encoder, manifest and metrics in {train_autoencoder(config)}")
+    return 0
+
+
+def _cmd_train_ldm(args: argparse.Namespace) -> int:
+    from breathcast.training.ldm_train import LDMTrainConfig, train_ldm
+
+    config = LDMTrainConfig(
+        out=args.out, autoencoder=args.autoencoder, source=_data_config(args), steps=args.steps,
+        micro_batch=args.micro_batch, accumulation=args.accumulation, learning_rate=args.lr,
+        decoder_lr_scale=args.decoder_lr_scale, image_weight=args.image_weight, smooth_weight=args.smooth_weight,
+        val_steps=args.val_steps, val_every=args.val_every, seed=args.seed, threads=args.threads,
+        resume=not args.restart, progress=not args.quiet,
+    )  # fmt: skip
+    print(f"LDM, manifest and metrics in {train_ldm(config)}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from breathcast.training.evaluate import evaluate_models, markdown_report
 
@@ -134,6 +191,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         extra_predictors=extra,
+        ldm_steps=args.ldm_steps,
     )
     print(markdown_report(result, full=False))
     print(f"wrote {', '.join(files)} to {args.out}")
@@ -255,6 +313,41 @@ def build_parser() -> argparse.ArgumentParser:
     cvae.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cvae.set_defaults(run=_cmd_train_cvae)
 
+    autoencoder = models.add_parser(
+        "autoencoder",
+        help="the LDM's CT auto-encoder with its trace branch (paper section 3.2; train before `train ldm`)",
+        description="Train the CT auto-encoder: each scan and its per-slice trace -> a (C, D/4, D/4, D/4) latent "
+        "-> both back. Reconstruction + KL, effective batch micro-batch x accumulation.",
+    )
+    _add_run_options(autoencoder, steps=500, val_every=50)
+    autoencoder.add_argument("--channels", type=_int_at_least(1), nargs=3, default=[4, 8, 16], metavar="C",
+                             help="AutoencoderKL channels at full, 1/2, 1/4 resolution (default 4 8 16)")
+    autoencoder.add_argument("--latent-channels", type=_int_at_least(1), default=4, help="latent channels (default 4)")
+    autoencoder.add_argument("--micro-batch", type=_int_at_least(1), default=4, help="scans per pass (default 4)")
+    autoencoder.add_argument("--accumulation", type=_int_at_least(1), default=2, help="passes per step (default 2: batch 8)")
+    autoencoder.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    autoencoder.add_argument("--kl-weight", type=_non_negative_float, default=1e-9, help="KL weight (default 1e-9: the reconstruction is a mean over voxels, the KL a sum over the latent)")
+    autoencoder.set_defaults(run=_cmd_train_autoencoder)
+
+    ldm = models.add_parser(
+        "ldm",
+        help="the latent diffusion model of the paper (section 3), on a trained auto-encoder",
+        description="Train the LDM: the auto-encoder frozen, the pseudo-3D diffusion U-Net (predicting x0) and the "
+        "velocity decoder together; AdamW, cosine decay to lr/100, effective batch micro-batch x accumulation.",
+    )
+    _add_run_options(ldm, steps=500, val_every=50)
+    ldm.add_argument("--autoencoder", type=Path, required=True, metavar="PATH",
+                     help="autoencoder.pt (or its folder) from `breathcast train autoencoder` on the same split")
+    ldm.add_argument("--micro-batch", type=_int_at_least(1), default=8, help="pairs per pass (default 8)")
+    ldm.add_argument("--accumulation", type=_int_at_least(1), default=2, help="passes per step (default 2: batch 16)")
+    ldm.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW peak learning rate (default 1e-4, as the paper)")
+    ldm.add_argument("--decoder-lr-scale", type=_positive_float, default=0.1,
+                     help="learning rate of the pretrained CT decoder relative to --lr (default 0.1)")
+    ldm.add_argument("--image-weight", type=_non_negative_float, default=1.0, help="warped-image error weight (default 1)")
+    ldm.add_argument("--smooth-weight", type=_non_negative_float, default=0.01, help="velocity smoothness weight (default 0.01)")
+    ldm.add_argument("--val-steps", type=_int_at_least(1), default=10, help="DDIM steps when validating (default 10)")
+    ldm.set_defaults(run=_cmd_train_ldm)
+
     evaluate = sub.add_parser(
         "evaluate",
         help="the paper's Table 1 and Fig. 5 on held-out patients, plus field and tumour errors",
@@ -264,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dice.png and example.png.",
     )
     evaluate.add_argument("--model", type=Path, action="append", required=True, metavar="PATH",
-                          help="a model.pt written by `breathcast train cvae`; repeat to compare several")
+                          help="a model.pt written by `breathcast train cvae` or `train ldm`; repeat to compare several")
     evaluate.add_argument("--data", type=Path, required=True, metavar="DIR", help="dataset folder (docs/data-format.md)")
     evaluate.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder for the results")
     evaluate.add_argument("--patients", nargs="+", metavar="ID",
@@ -273,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pairs-per-patient", type=_int_at_least(1), default=10, metavar="N",
                           help="(moving, fixed) scan pairs per patient (default 10)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the pairs (default 0)")
+    evaluate.add_argument("--ldm-steps", type=_int_at_least(1), nargs="+", default=[50], metavar="N",
+                          help="DDIM steps of each LDM row; several give one row each (default 50, the paper's)")
     evaluate.add_argument("--five-d", action="store_true",
                           help="add the per-patient 5D motion model rows (Low et al.), fitted from the true fields and "
                           "from SimpleITK registrations (minutes per patient)")

@@ -14,27 +14,52 @@ from breathcast.argtypes import int_at_least
 __all__ = ["add_engine_commands"]
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    if args.five_d is not None:
-        return _export_five_d(args)
-    from breathcast.training.cvae import load_cvae
-    from breathcast.engine.export import export_cvae, scan_trace_spec
+def _model_trace_and_sidecar(args: argparse.Namespace, model_file: Path, grid: int):
+    """The time base of a model on ``grid`` and what its training run's manifest.json says (if beside it)."""
+    from breathcast.engine.export import scan_trace_spec
     from breathcast.engine.package import TraceSpec
 
-    model = load_cvae(args.model)
-    trace = scan_trace_spec(model.config.grid, window_samples=args.window_samples)
+    trace = scan_trace_spec(grid, window_samples=args.window_samples)
     if args.scan_duration is not None:
-        trace = TraceSpec(args.window_samples, args.scan_duration / (args.window_samples - 1), model.config.grid)
+        trace = TraceSpec(args.window_samples, args.scan_duration / (args.window_samples - 1), grid)
     training, metrics = {}, {}
-    sidecar = args.model.with_name("manifest.json")
+    sidecar = model_file.with_name("manifest.json")
     if sidecar.is_file():  # what the model was trained on travels with it
         made = json.loads(sidecar.read_text())
         training = {**made.get("training", {}), "data": made.get("data", {}), "model_file_manifest": str(sidecar)}
         metrics = made.get("metrics", {})
+    return trace, training, metrics
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    if args.five_d is not None:
+        return _export_five_d(args)
+    if args.ldm is not None:
+        return _export_ldm(args)
+    from breathcast.training.cvae import load_cvae
+    from breathcast.engine.export import export_cvae
+
+    model = load_cvae(args.model)
+    trace, training, metrics = _model_trace_and_sidecar(args, args.model, model.config.grid)
     package = export_cvae(model, args.out, trace, training, metrics, overwrite=args.overwrite)
     parity = package.manifest.metrics["export_parity"]["max_abs_velocity_difference_voxels"]
     print(f"{package.model_id}: plan and frame graphs in {package.path} (onnxruntime vs torch: {parity:.1e} voxels; "
           f"window {trace.window_samples} samples x {trace.sample_interval_s * 1e3:.2f} ms)")  # fmt: skip
+    return 0
+
+
+def _export_ldm(args: argparse.Namespace) -> int:
+    from breathcast.training.ldm import load_ldm
+    from breathcast.engine.export import LDM_SAMPLING_STEPS, export_ldm
+
+    model = load_ldm(args.ldm)
+    trace, training, metrics = _model_trace_and_sidecar(args, args.ldm, model.grid)
+    steps = args.sampling_steps if args.sampling_steps is not None else LDM_SAMPLING_STEPS
+    package = export_ldm(model, args.out, trace, training, metrics, overwrite=args.overwrite, sampling_steps=steps, seed=args.seed)
+    parity = package.manifest.metrics["export_parity"]
+    print(f"{package.model_id}: encode, denoise and decode graphs in {package.path} (onnxruntime + numpy DDIM vs torch, "
+          f"{steps} steps: {parity['max_abs_velocity_difference_voxels']:.1e} voxels; window {trace.window_samples} samples "
+          f"x {trace.sample_interval_s * 1e3:.2f} ms)")  # fmt: skip
     return 0
 
 
@@ -91,18 +116,24 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     positive_int = int_at_least(1)
     export = sub.add_parser(
         "export",
-        help="export a trained cVAE (split plan/frame ONNX graphs) or a 5D model as an engine package",
-        description="Write a model package: plan.onnx (run once per planning CT), frame.onnx (run per frame), the "
-        "torch weights for the reference runtime, and manifest.json with the model's time base, training data, "
-        "metrics and the sha256 of every file. The export checks onnxruntime against torch (<= 1e-4 voxels).",
+        help="export a trained cVAE (split plan/frame ONNX graphs), LDM (encode/denoise/decode graphs) or a 5D model as an engine package",
+        description="Write a model package: for a cVAE plan.onnx (run once per planning CT) and frame.onnx (run per "
+        "frame); for an LDM encode.onnx (once per planning CT), denoise.onnx (one U-Net pass, run per DDIM step by the "
+        "engine's numpy sampler) and decode.onnx, with the DDIM schedule and the seeded initial noise; the torch "
+        "weights for the reference runtime, and manifest.json with the model's time base, training data, metrics and "
+        "the sha256 of every file. The export checks onnxruntime against torch (cVAE <= 1e-4 voxels, LDM <= 1e-3).",
     )
     source = export.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, metavar="PATH", help="a model.pt from `breathcast train cvae`")
+    source.add_argument("--ldm", type=Path, metavar="PATH", help="a model.pt from `breathcast train ldm`")
     source.add_argument("--five-d", type=Path, metavar="DIR", help="a 5D model from `breathcast calibrate five-d` (a linear5d package)")
     export.add_argument("--out", type=Path, required=True, metavar="DIR", help="package folder to create")
     export.add_argument("--window-samples", type=positive_int, default=448, help="rolling window length (default 448)")
     export.add_argument("--scan-duration", type=float, default=None, metavar="S",
                         help="seconds one training scan took (the window's span; default: the simulator's protocol)")
+    export.add_argument("--sampling-steps", type=positive_int, default=None, metavar="N",
+                        help="--ldm: the package's default DDIM steps (default 10; a predictor may choose others)")
+    export.add_argument("--seed", type=int, default=0, help="--ldm: seed of the initial noise (default 0)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing package")
     export.set_defaults(run=_cmd_export)
 

@@ -1,8 +1,10 @@
-"""Export trained models to packages: the cVAE as split ONNX graphs, a 5D model as coefficient arrays.
+"""Export trained models to packages: the cVAE and the LDM as split ONNX graphs, a 5D model as coefficient arrays.
 
-``breathcast export`` calls :func:`export_cvae`. The export checks itself: onnxruntime runs both graphs on a
-realistic input and the velocity must match the torch model's ``decode_velocity`` to ``PARITY_TOLERANCE``; the
-measured difference is written into the manifest.
+``breathcast export`` calls :func:`export_cvae` or :func:`export_ldm`. The export checks itself: onnxruntime
+runs the graphs on a realistic input and the velocity must match the torch model to ``PARITY_TOLERANCE`` (cVAE:
+``decode_velocity``; LDM: a whole DDIM sampling, the numpy loop of :mod:`breathcast.engine.ddim` around the
+``denoise`` graph against :meth:`~breathcast.training.ldm.LDM.sample_latent`, to ``LDM_PARITY_TOLERANCE``); the
+measured differences are written into the manifest.
 """
 
 from __future__ import annotations
@@ -24,9 +26,21 @@ from breathcast.simulator import SimulationConfig
 from breathcast.traces import HelicalScan, axial_slice_positions_mm
 from breathcast.engine.package import GraphSpec, Manifest, ModelPackage, TensorSpec, TraceSpec, write_package
 
-__all__ = ["PARITY_TOLERANCE", "OPSET", "WINDOW_SAMPLES", "scan_trace_spec", "export_cvae", "export_linear5d"]
+__all__ = [
+    "PARITY_TOLERANCE",
+    "LDM_PARITY_TOLERANCE",
+    "LDM_SAMPLING_STEPS",
+    "OPSET",
+    "WINDOW_SAMPLES",
+    "scan_trace_spec",
+    "export_cvae",
+    "export_ldm",
+    "export_linear5d",
+]
 
 PARITY_TOLERANCE = 1e-4  # max abs velocity difference, half-grid voxels
+LDM_PARITY_TOLERANCE = 1e-3  # LDM: max abs difference of x0 (unit-variance latent) and velocity (half-grid voxels)
+LDM_SAMPLING_STEPS = 10  # the engine's default DDIM steps (the model's own default is 50; see export_ldm)
 OPSET = 18  # the lowest opset torch 2.13's exporter writes
 WINDOW_SAMPLES = 448
 
@@ -154,6 +168,158 @@ def export_cvae(
         graphs={"plan": plan_specs, "frame": frame_specs},
         model={**model.config.to_dict(), "velocity_grid": "half resolution: velocity voxels are 2 model-grid voxels"},
         units={"velocity": "voxels of the half-resolution grid, (dz, dy, dx)", "displacement": "model-grid voxels (dz, dy, dx), pull-back"},
+        training=training or {},
+        metrics={**(metrics or {}), "export_parity": parity},  # filled by write_files before the manifest is written
+    )
+    return write_package(out, manifest, write_files, overwrite=overwrite)
+
+
+def export_ldm(
+    model: "torch.nn.Module",
+    out: Path,
+    trace: TraceSpec | None = None,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    sampling_steps: int = LDM_SAMPLING_STEPS,
+    seed: int = 0,
+) -> ModelPackage:
+    """Write an LDM as a package with ``encode.onnx``, ``denoise.onnx``, ``decode.onnx``, ``noise.npy`` and
+    ``model.pt``, checked against torch (:mod:`breathcast.engine.ldm_graphs` says what each graph does).
+
+    The DDIM loop stays outside the graphs (the step count is the predictor's setting); the manifest's ``model``
+    holds what it needs: the schedule's ``alphas_cumprod``, the latent shape, the default ``sampling_steps``,
+    the ``seed`` and the initial noise ``noise.npy`` drawn from it exactly as :meth:`LDM.predict` draws it
+    (``torch.randn`` with a generator seeded ``seed``), so that the engine, which has no torch, starts from the
+    same noise: deterministic, and the same field as the torch model.
+
+    Args:
+        model: a :class:`breathcast.training.ldm.LDM` (evaluation mode is set here).
+        out: package folder to create.
+        trace: the model's time base; default :func:`scan_trace_spec` of the simulator's scans.
+        training, metrics: copied into the manifest.
+        overwrite: replace an existing package.
+        sampling_steps: the engine's default DDIM steps (selectable per predictor).
+        seed: seed of the initial noise.
+    """
+    import onnxruntime as ort
+    from torch.export import Dim
+
+    from breathcast.engine.ddim import ddim_sample
+    from breathcast.engine.ldm_graphs import DECODE_INPUTS, DENOISE_INPUTS, ENCODE_INPUTS, DecodeGraph, DenoiseGraph, EncodeGraph
+    from breathcast.training.ldm import LDM, save_ldm
+
+    if not isinstance(model, LDM):
+        raise BreathcastError(f"export_ldm needs an LDM, got {type(model).__name__}")
+    model = model.eval()
+    d, c, l = model.grid, model.latent_channels, model.latent_grid
+    config = model.config
+    if not 1 <= sampling_steps <= config.train_timesteps:
+        raise BreathcastError(f"sampling steps must be 1..{config.train_timesteps}, got {sampling_steps}")
+    trace = trace or scan_trace_spec(d)
+    if trace.slices != d:
+        raise BreathcastError(f"trace spec has {trace.slices} slices, the model grid {d}")
+    encode_graph, denoise_graph, decode_graph = EncodeGraph(model).eval(), DenoiseGraph(model).eval(), DecodeGraph(model).eval()
+
+    generator = torch.Generator().manual_seed(0)
+    moving = torch.rand(1, 1, d, d, d, generator=generator)
+    slices = torch.linspace(0.0, 1.0, d)
+    b_m = (0.3 + 0.4 * slices)[None]
+    b_f = torch.stack([0.8 - 0.6 * slices, 0.2 + 0.3 * slices])
+    noise = torch.randn((1, c, l, l, l), generator=torch.Generator().manual_seed(seed))  # as LDM.sample_latent draws it
+    x_t = torch.cat([noise, torch.randn((1, c, l, l, l), generator=generator)])
+    t = torch.tensor([config.train_timesteps - 1, config.train_timesteps // 3], dtype=torch.int64)
+    with torch.no_grad():
+        condition = encode_graph(moving, b_m)
+        x0 = denoise_graph(x_t, condition, t, b_f)
+        velocity = decode_graph(x0, moving)
+        sampled = model.sample_latent(condition.expand(2, -1, -1, -1, -1), b_f, sampling_steps, noise=noise.expand(2, -1, -1, -1, -1))
+        reference_velocity = model.decode_velocity(sampled, moving.expand(2, -1, -1, -1, -1))
+
+    latent_units = "latent (scaled to unit variance)"
+    specs = {
+        "encode": GraphSpec(
+            file="encode.onnx",
+            inputs=(_spec("moving", moving, "CT scaled to [0, 1]"), _spec("b_m", b_m, "amplitude per slice")),
+            outputs=(_spec("condition", condition, latent_units),),
+            opset=OPSET,
+        ),
+        "denoise": GraphSpec(
+            file="denoise.onnx",
+            inputs=(
+                _spec("x_t", x_t, latent_units, batch=True),
+                _spec("condition", condition, latent_units),
+                TensorSpec("t", ("n",), "int64", "diffusion timestep"),
+                _spec("b_f", b_f, "amplitude per slice", batch=True),
+            ),
+            outputs=(_spec("x0", x0, latent_units, batch=True),),
+            opset=OPSET,
+        ),
+        "decode": GraphSpec(
+            file="decode.onnx",
+            inputs=(_spec("x0", x0, latent_units, batch=True), _spec("moving", moving, "CT scaled to [0, 1]")),
+            outputs=(_spec("velocity", velocity, "half-grid voxels (dz, dy, dx)", batch=True),),
+            opset=OPSET,
+        ),
+    }
+    alphas_cumprod = model.scheduler.alphas_cumprod.to(torch.float32).numpy()
+
+    def write_files(folder: Path) -> None:
+        batch = Dim("n", min=1, max=1024)
+        _export_graph(encode_graph, (moving, b_m), folder / "encode.onnx", list(ENCODE_INPUTS), ["condition"], None)
+        _export_graph(denoise_graph, (x_t, condition, t, b_f), folder / "denoise.onnx", list(DENOISE_INPUTS), ["x0"],
+                      {"x_t": {0: batch}, "condition": None, "t": {0: batch}, "b_f": {0: batch}})  # fmt: skip
+        _export_graph(decode_graph, (x0, moving), folder / "decode.onnx", list(DECODE_INPUTS), ["velocity"], {"x0": {0: batch}, "moving": None})
+        np.save(folder / "noise.npy", noise.numpy())
+        save_ldm(model, folder / "model.pt")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        sessions = {name: ort.InferenceSession(str(folder / spec.file), options, providers=["CPUExecutionProvider"]) for name, spec in specs.items()}
+        (onnx_condition,) = sessions["encode"].run(None, {"moving": moving.numpy(), "b_m": b_m.numpy()})
+        (onnx_x0,) = sessions["denoise"].run(None, {"x_t": x_t.numpy(), "condition": condition.numpy(), "t": t.numpy(), "b_f": b_f.numpy()})
+
+        def denoise(x: np.ndarray, steps_t: np.ndarray) -> np.ndarray:
+            return sessions["denoise"].run(None, {"x_t": x, "condition": onnx_condition, "t": steps_t, "b_f": b_f.numpy()})[0]
+
+        onnx_sampled = ddim_sample(denoise, np.repeat(noise.numpy(), 2, axis=0), alphas_cumprod, sampling_steps)
+        (onnx_velocity,) = sessions["decode"].run(None, {"x0": onnx_sampled, "moving": moving.numpy()})
+        differences = {
+            "max_abs_condition_difference": float(np.abs(onnx_condition - condition.numpy()).max()),
+            "max_abs_x0_difference": float(np.abs(onnx_x0 - x0.numpy()).max()),
+            "max_abs_sampled_latent_difference": float(np.abs(onnx_sampled - sampled.numpy()).max()),
+            "max_abs_velocity_difference_voxels": float(np.abs(onnx_velocity - reference_velocity.numpy()).max()),
+        }
+        worst = max(differences.values())
+        if not worst <= LDM_PARITY_TOLERANCE:
+            raise BreathcastError(f"exported graphs with the numpy DDIM loop differ from the torch model by {worst:.2e} "
+                                  f"(tolerance {LDM_PARITY_TOLERANCE:.0e}): {differences}")  # fmt: skip
+        parity.update(differences, sampling_steps=sampling_steps)
+
+    parity: dict[str, float] = {}
+    manifest = Manifest(
+        kind="ldm",
+        grid=(d, d, d),
+        trace=trace,
+        graphs=specs,
+        arrays={"noise.npy": TensorSpec("noise", (1, c, l, l, l), "float32", "standard normal: the DDIM start, broadcast over a batch")},
+        model={
+            "latent_shape": [c, l, l, l],
+            "latent_scale": model.latent_scale,
+            "integration_steps": config.integration_steps,
+            "sampling_steps": int(sampling_steps),
+            "seed": int(seed),
+            "ddim": {
+                "train_timesteps": config.train_timesteps, "schedule": "scaled_linear_beta", "beta_start": config.beta_start,
+                "beta_end": config.beta_end, "prediction_type": "sample", "eta": 0.0, "clip_sample": False,
+                "final_alpha_cumprod": 1.0, "timesteps": "round(linspace(T - 1, 0, steps)); previous timestep t - T // steps",
+                "alphas_cumprod": [float(a) for a in alphas_cumprod],
+            },  # fmt: skip
+            "ldm": config.to_dict(),
+            "autoencoder": model.autoencoder.config.to_dict(),
+            "velocity_grid": "half resolution: velocity voxels are 2 model-grid voxels",
+        },
+        units={"velocity": "voxels of the half-resolution grid, (dz, dy, dx)", "displacement": "model-grid voxels (dz, dy, dx), pull-back",
+               "latent": latent_units},  # fmt: skip
         training=training or {},
         metrics={**(metrics or {}), "export_parity": parity},  # filled by write_files before the manifest is written
     )

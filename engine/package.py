@@ -6,7 +6,12 @@ Layout::
       manifest.json    what the package is (Manifest below), with the sha256 of every other file
       plan.onnx        kind "cvae": (M, b_m) -> plan tensors, run once per plan
       frame.onnx       kind "cvae": plan tensors + b_f (+ z) -> velocity, run per frame
-      model.pt         kind "cvae": the torch weights, for the torch reference runtime
+      model.pt         kinds "cvae", "ldm": the torch weights, for the torch reference runtime
+      encode.onnx      kind "ldm": (M, b_m) -> the condition latent, run once per plan
+      denoise.onnx     kind "ldm": x_t, condition, t, b_f -> x0, one U-Net pass, run per DDIM step (the loop is
+                       numpy, outside the graphs: :mod:`breathcast.engine.ddim`)
+      decode.onnx      kind "ldm": x0, M -> velocity at half resolution, run once per query
+      noise.npy        kind "ldm": (1, C, L, L, L) the DDIM start (standard normal from the manifest's seed)
       coefficients.npy kind "linear5d": (K, 3, Z, Y, X) per-voxel coefficients, model-grid voxels
 
 :func:`read_package` checks the format version, that every listed file is there with its sha256, and that no
@@ -37,6 +42,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "KINDS",
+    "NETWORK_KINDS",
     "TensorSpec",
     "GraphSpec",
     "TraceSpec",
@@ -50,7 +56,8 @@ __all__ = [
 
 FORMAT = "breathcast-model-package"
 FORMAT_VERSION = 1
-KINDS = ("cvae", "linear5d")
+KINDS = ("cvae", "ldm", "linear5d")
+NETWORK_KINDS = ("cvae", "ldm")  # kinds with a network: the direct and distilled paths
 MANIFEST = "manifest.json"
 
 

@@ -9,8 +9,10 @@
 
 Three paths, one interface:
 
-* ``direct``: the ``frame`` graph every frame, then scaling and squaring (numba) at half resolution and a
-  resize to the model grid. Exact, tens of ms.
+* ``direct``: the network every frame, then scaling and squaring (numba) at half resolution and a resize to
+  the model grid. A ``cvae`` package runs its ``frame`` graph (exact, tens of ms); an ``ldm`` package a DDIM
+  loop of ``sampling_steps`` ``denoise`` runs, then ``decode`` (one :class:`Network` per kind, prepared once
+  per plan: :class:`CVAENetwork`, :class:`LDMNetwork`).
 * ``distilled``: at plan load the network is queried over a designed set of breathing states and a per-voxel
   polynomial in the slice's own (amplitude, rate) is fitted (:mod:`breathcast.state_model`); per frame only
   the polynomial is evaluated. Its error against ``direct`` on realistic windows is measured at plan load
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from scipy.signal import savgol_filter
@@ -42,6 +45,7 @@ from breathcast.resize import FieldResizer, axis_weights, evaluate_polynomial, v
 from breathcast.state_model import DISTILLED_TERMS, StateModel, Terms, design_matrix, fit_state_model
 from breathcast.traces import TraceConfig, synthetic_trace
 from breathcast.warp import integrate_velocity
+from breathcast.engine.ddim import ddim_sample
 from breathcast.engine.package import ModelPackage, PackageError, TraceSpec, read_package
 from breathcast.engine.runtimes import RuntimeConfig, open_graph
 
@@ -53,6 +57,9 @@ __all__ = [
     "Plan",
     "Prediction",
     "Predictor",
+    "Network",
+    "CVAENetwork",
+    "LDMNetwork",
     "load_predictor",
     "window_states",
     "design_states",
@@ -111,12 +118,14 @@ class PredictorConfig:
         mode: ``window`` or ``snapshot`` (:class:`WindowMode`).
         runtime: which runtime runs the graphs and with how many threads.
         distillation: the distilled path's design.
+        sampling_steps: DDIM steps of an ``ldm`` package; None takes the package's ``sampling_steps``.
     """
 
     path: PredictorPath | str = PredictorPath.DIRECT
     mode: WindowMode | str = WindowMode.WINDOW
     runtime: RuntimeConfig = RuntimeConfig()
     distillation: DistillationConfig = DistillationConfig()
+    sampling_steps: int | None = None
 
     def __post_init__(self) -> None:
         for name, kind in (("path", PredictorPath), ("mode", WindowMode)):
@@ -126,6 +135,8 @@ class PredictorConfig:
             except ValueError:
                 valid = ", ".join(v.value for v in kind)
                 raise BreathcastError(f"predictor {name} must be one of {valid}, got {value!r}") from None
+        if self.sampling_steps is not None and (isinstance(self.sampling_steps, bool) or int(self.sampling_steps) != self.sampling_steps or self.sampling_steps < 1):
+            raise BreathcastError(f"sampling_steps must be a positive whole number or None, got {self.sampling_steps!r}")
 
 
 @dataclass(frozen=True)
@@ -257,6 +268,98 @@ def _sample_field(u: np.ndarray, points_zyx: np.ndarray) -> np.ndarray:
     return out
 
 
+class Network(Protocol):
+    """A package's network with a plan prepared: a batch of per-slice traces -> displacements.
+
+    Made once per plan (what depends only on the planning CT and its trace runs then); ``displacements`` runs
+    per query.
+    """
+
+    def displacements(self, b_f: np.ndarray) -> np.ndarray:
+        """(N, D) float32 per-slice traces b_f -> (N, 3, D, D, D) float32 model-grid voxels (dz, dy, dx), pull-back."""
+        ...
+
+
+class _Integrator:
+    """Velocities at half resolution -> displacements on the model grid: scaling and squaring (numba), then a
+    resize that also turns half-grid voxels into model-grid voxels."""
+
+    def __init__(self, shape: tuple[int, int, int], steps: int) -> None:
+        self.steps = int(steps)
+        self._upsample = FieldResizer(tuple(n // 2 for n in shape), shape)
+
+    def __call__(self, velocity: np.ndarray) -> np.ndarray:
+        return np.stack([self._upsample(integrate_velocity(v, self.steps)) for v in velocity])
+
+
+class CVAENetwork:
+    """A ``cvae`` package: the ``plan`` graph once per plan, the ``frame`` graph per batch (z = 0: the mean)."""
+
+    def __init__(self, package: ModelPackage, moving_unit: np.ndarray, b_m: np.ndarray, config: PredictorConfig) -> None:
+        manifest = package.manifest
+        plan = open_graph(package, "plan", config.runtime)
+        outputs = plan.run({"moving": moving_unit[None, None].astype(np.float32), "b_m": b_m[None]})
+        self._plan_tensors = dict(zip((spec.name for spec in manifest.graphs["plan"].outputs), outputs))
+        self._b_m = b_m[None]
+        self._frame = open_graph(package, "frame", config.runtime)
+        self._latent_dim = int(manifest.model["latent_dim"])
+        self._integrate = _Integrator(tuple(manifest.grid), manifest.model["integration_steps"])
+
+    def displacements(self, b_f: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
+        z = np.zeros((b_f.shape[0], self._latent_dim), np.float32) if z is None else np.ascontiguousarray(z, dtype=np.float32)
+        (velocity,) = self._frame.run(self._plan_tensors | {"b_m": self._b_m, "b_f": b_f, "z": z})
+        return self._integrate(velocity)
+
+
+class LDMNetwork:
+    """An ``ldm`` package: ``encode`` once per plan; per batch a DDIM loop (numpy, :mod:`breathcast.engine.ddim`)
+    around batched ``denoise`` runs from the package's fixed noise (so a query's field does not depend on the
+    batch it is in, nor on the run), then ``decode`` and integration.
+
+    ``config.sampling_steps`` DDIM steps (default: the manifest's ``sampling_steps``).
+    """
+
+    def __init__(self, package: ModelPackage, moving_unit: np.ndarray, b_m: np.ndarray, config: PredictorConfig) -> None:
+        manifest = package.manifest
+        model = manifest.model
+        ddim = model["ddim"]
+        self.steps = int(config.sampling_steps or model["sampling_steps"])
+        if not 1 <= self.steps <= int(ddim["train_timesteps"]):
+            raise BreathcastError(f"sampling steps must be 1..{ddim['train_timesteps']}, got {self.steps}")
+        self._alphas_cumprod = np.asarray(ddim["alphas_cumprod"], dtype=np.float32)
+        self._final_alpha_cumprod = float(ddim.get("final_alpha_cumprod", 1.0))
+        self._moving = moving_unit[None, None].astype(np.float32)
+        encode = open_graph(package, "encode", config.runtime)
+        (self._condition,) = encode.run({"moving": self._moving, "b_m": b_m[None]})
+        self._noise = np.ascontiguousarray(np.load(package.file("noise.npy")), dtype=np.float32)
+        if self._noise.shape != (1, *model["latent_shape"]):
+            raise PackageError(f"{package.path}: noise.npy has shape {self._noise.shape}, the latent {model['latent_shape']}")
+        self._denoise = open_graph(package, "denoise", config.runtime)
+        self._decode = open_graph(package, "decode", config.runtime)
+        self._integrate = _Integrator(tuple(manifest.grid), model["integration_steps"])
+
+    def denoise(self, x_t: np.ndarray, t: np.ndarray, b_f: np.ndarray) -> np.ndarray:
+        """One ``denoise`` run: (N, C, L, L, L) noisy latents at timesteps t (N,) int64, b_f (N, D) -> x0."""
+        return self._denoise.run({"x_t": x_t, "condition": self._condition, "t": t, "b_f": b_f})[0]
+
+    @property
+    def noise(self) -> np.ndarray:
+        """(1, C, L, L, L) the package's DDIM start."""
+        return self._noise
+
+    def latents(self, b_f: np.ndarray) -> np.ndarray:
+        """(N, D) b_f -> (N, C, L, L, L) the sampled clean latents."""
+        noise = np.repeat(self._noise, b_f.shape[0], axis=0)
+        return ddim_sample(lambda x, t: self.denoise(x, t, b_f), noise, self._alphas_cumprod, self.steps, self._final_alpha_cumprod)
+
+    def displacements(self, b_f: np.ndarray) -> np.ndarray:
+        (velocity,) = self._decode.run({"x0": self.latents(b_f), "moving": self._moving})
+        return self._integrate(velocity)
+
+
+_NETWORKS: dict[str, type] = {"cvae": CVAENetwork, "ldm": LDMNetwork}
+
+
 class Predictor:
     """A loaded package and plan; :meth:`predict` turns a window into a :class:`Prediction`.
 
@@ -275,8 +378,9 @@ class Predictor:
                 raise PackageError(f"{package.path}: the linear5d path needs a linear5d package, got {manifest.kind!r}")
             if plan.volume.shape != shape:
                 raise PackageError(f"{package.path}: a 5D model fitted on {shape} cannot serve a plan on {plan.volume.shape}")
-        elif manifest.kind != "cvae":
-            raise PackageError(f"{package.path}: the {config.path.value} path needs a cvae package, got {manifest.kind!r}")
+        elif manifest.kind not in _NETWORKS:
+            kinds = " or an ".join(f"{k} package" for k in _NETWORKS)  # "a cvae package or an ldm package"
+            raise PackageError(f"{package.path}: the {config.path.value} path needs a {kinds}, got {manifest.kind!r}")
         model_volume = plan.volume if plan.volume.shape == shape else resample_volume(plan.volume, shape)
         self.grid: Grid = model_volume.grid
         self.slices = shape[0]
@@ -286,11 +390,9 @@ class Predictor:
         self.distillation_error_mm: dict[str, float] = {}
         self._coefficients: np.ndarray | None = None
         self._terms: Terms = ()
-        if manifest.kind == "cvae":
-            self._plan_tensors = self._run_plan(hu_to_unit(model_volume.array))
-            self._frame = open_graph(package, "frame", config.runtime)
-            half = tuple(n // 2 for n in shape)
-            self._upsample = FieldResizer(half, shape)  # half-grid voxels -> model-grid voxels
+        self.network: Network | None = None
+        if manifest.kind in _NETWORKS:
+            self.network = _NETWORKS[manifest.kind](package, hu_to_unit(model_volume.array), self.b_m, config)
         if config.path is PredictorPath.DISTILLED:
             self._distil(model_volume)
         elif config.path is PredictorPath.LINEAR5D:
@@ -300,19 +402,19 @@ class Predictor:
 
     # -- the network ------------------------------------------------------------------------------------
 
-    def _run_plan(self, moving_unit: np.ndarray) -> dict[str, np.ndarray]:
-        session = open_graph(self.package, "plan", self.config.runtime)
-        outputs = session.run({"moving": moving_unit[None, None].astype(np.float32), "b_m": self.b_m[None]})
-        return dict(zip((spec.name for spec in self.package.manifest.graphs["plan"].outputs), outputs))
-
     def network_displacements(self, b_f: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
-        """The direct path for a batch: (N, D) per-slice traces -> (N, 3, D, D, D) float32 model-grid voxels."""
+        """The direct path for a batch: (N, D) per-slice traces -> (N, 3, D, D, D) float32 model-grid voxels.
+
+        ``z``: (N, latent_dim) cVAE latent samples (default 0, the mean); an LDM package takes none.
+        """
+        if self.network is None:
+            raise BreathcastError(f"a {self.package.manifest.kind} package has no network to query")
         b_f = np.ascontiguousarray(b_f, dtype=np.float32).reshape(-1, self.slices)
-        latent = self.package.manifest.model["latent_dim"]
-        z = np.zeros((b_f.shape[0], latent), np.float32) if z is None else np.ascontiguousarray(z, dtype=np.float32)
-        (velocity,) = self._frame.run(self._plan_tensors | {"b_m": self.b_m[None], "b_f": b_f, "z": z})
-        steps = int(self.package.manifest.model["integration_steps"])
-        return np.stack([self._upsample(integrate_velocity(v, steps)) for v in velocity])
+        if z is not None:
+            if not isinstance(self.network, CVAENetwork):
+                raise BreathcastError("only a cvae package takes latent samples z")
+            return self.network.displacements(b_f, z)
+        return self.network.displacements(b_f)
 
     # -- distillation -----------------------------------------------------------------------------------
 

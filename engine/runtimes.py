@@ -6,7 +6,7 @@
   from the package's Q/DQ frame graph (:mod:`breathcast.engine.quantize`); engines are cached by (TensorRT
   version, GPU compute capability, precision, graph hash).
   Without a GPU or the package, opening it raises :class:`RuntimeUnavailable` with a one-line reason.
-* ``torch``: the reference: the same split graphs as torch modules, from the package's ``model.pt``.
+* ``torch``: the reference: the same split graphs as torch modules, from the package's ``model.pt`` (cvae and ldm).
 
 Thread counts are settings (:class:`RuntimeConfig`).
 """
@@ -108,11 +108,17 @@ class _TorchSession:
     def __init__(self, package: ModelPackage, graph: str, config: RuntimeConfig) -> None:
         import torch
 
-        from breathcast.training.cvae import load_cvae
-        from breathcast.engine.graphs import FrameGraph, PlanGraph
+        if package.manifest.kind == "ldm":
+            from breathcast.training.ldm import load_ldm
+            from breathcast.engine.ldm_graphs import DecodeGraph, DenoiseGraph, EncodeGraph
 
-        model = load_cvae(package.file("model.pt"))
-        self._module = (PlanGraph if graph == "plan" else FrameGraph)(model).eval()
+            graphs = {"encode": EncodeGraph, "denoise": DenoiseGraph, "decode": DecodeGraph}
+            self._module = graphs[graph](load_ldm(package.file("model.pt"))).eval()
+        else:
+            from breathcast.training.cvae import load_cvae
+            from breathcast.engine.graphs import FrameGraph, PlanGraph
+
+            self._module = (PlanGraph if graph == "plan" else FrameGraph)(load_cvae(package.file("model.pt"))).eval()
         self._torch = torch
         self._threads = config.intra_op_threads
         self.input_names = [spec.name for spec in package.manifest.graphs[graph].inputs]
@@ -225,7 +231,7 @@ def runtime_available(kind: str) -> tuple[bool, str]:
 
 
 def open_graph(package: ModelPackage, graph: str, config: RuntimeConfig = RuntimeConfig()) -> GraphSession:
-    """A session for ``graph`` ("plan" or "frame") of a verified package."""
+    """A session for ``graph`` of a verified package ("plan" or "frame" of a cvae; "encode", "denoise" or "decode" of an ldm)."""
     if graph not in package.manifest.graphs:
         raise PackageError(f"{package.path}: the package has no {graph!r} graph (kind {package.manifest.kind!r})")
     if config.precision == "int8" and graph == "frame":  # the plan graph runs once per plan: it stays float

@@ -127,3 +127,52 @@ def wait_for(subscriber, predicate, timeout_s: float = 10.0):
         if message is not None and predicate(message):
             return message
     return None
+
+
+# -- a tiny latent diffusion model package (tests/test_engine_ldm.py and the ldm daemon tests) -------------------
+
+LDM_SAMPLING_STEPS = 2  # the tiny package's default DDIM steps: enough to exercise the loop, cheap to distil
+
+
+def tiny_ldm(seed: int = 0):
+    """A 16³ LDM (latent 4 x 4³, a 2-level U-Net), randomly initialised; the layers that start at zero or near
+    it (the U-Net's output convolution, the pseudo-3D attention outputs, the velocity) get weights so that
+    the result depends on every input."""
+    import torch
+
+    from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder
+    from breathcast.training.ldm import LDM, LDMConfig, Pseudo3DAttention
+
+    torch.manual_seed(seed)
+    autoencoder = CTAutoencoder(AutoencoderConfig(grid=D, channels=(4, 4, 4), latent_channels=4, norm_num_groups=4))
+    config = LDMConfig(channels=(8, 8), attention_levels=(False, True), norm_num_groups=8, head_channels=8, context_dim=8,
+                       velocity_channels=(4, 8), integration_steps=4)  # fmt: skip
+    model = LDM(autoencoder, 1.3, config)
+    with torch.no_grad():
+        model.unet.out[-1].conv.weight.normal_(0.0, 0.2)
+        model.velocity_decoder.velocity.weight.normal_(0.0, 0.1)
+        for module in model.unet.modules():
+            if isinstance(module, Pseudo3DAttention):
+                module.out.weight.normal_(0.0, 0.2)
+    return model.eval()
+
+
+_LDM_PACKAGE: list = []
+
+
+@pytest.fixture(scope="session")
+def tiny_ldm_package(tmp_path_factory: pytest.TempPathFactory):
+    """:func:`tiny_ldm` saved and exported by ``breathcast export --ldm`` (448-sample window, 2 DDIM steps)."""
+    if not _LDM_PACKAGE:
+        from breathcast.cli import main
+        from breathcast.engine.package import read_package
+        from breathcast.training.ldm import save_ldm
+
+        folder = tmp_path_factory.mktemp("ldm-pkg")
+        save_ldm(tiny_ldm(), folder / "model.pt")
+        out = folder / "tiny-ldm"
+        code = main(["export", "--ldm", str(folder / "model.pt"), "--out", str(out), "--scan-duration", f"{SAMPLE_INTERVAL_S * 447}",
+                     "--sampling-steps", str(LDM_SAMPLING_STEPS)])  # fmt: skip
+        assert code == 0
+        _LDM_PACKAGE.append(read_package(out, kind="ldm"))
+    return _LDM_PACKAGE[0]

@@ -56,6 +56,7 @@ from breathcast.metrics import (
     target_motion_error_mm,
 )
 from breathcast.training.cvae import CVAE, load_cvae
+from breathcast.training.ldm import LDM, load_ldm
 from breathcast.training.data import PatientData, load_patients
 from breathcast.training.inference import predict_displacement
 from breathcast.warp import warp_image, warp_labels
@@ -64,6 +65,7 @@ __all__ = [
     "Predictor",
     "NoDeformation",
     "CVAEPredictor",
+    "LDMPredictor",
     "TrueField",
     "PairMetrics",
     "PairResult",
@@ -137,6 +139,32 @@ class CVAEPredictor:
                 f"load the patients at grid {d}"
             )
         return predict_displacement(self.model, patient.images[moving], patient.amplitude[moving], fixed_amplitude)
+
+
+class LDMPredictor:
+    """The latent diffusion model: DDIM with ``steps`` steps from seeded noise (deterministic), as Table 1's LDM row.
+
+    Args:
+        model: the LDM; its grid must be the patients' grid.
+        steps: DDIM steps (the paper's 50; fewer are faster).
+        seed: seed of the initial noise.
+        name, info: as :class:`CVAEPredictor`.
+    """
+
+    def __init__(self, model: LDM, steps: int = 50, seed: int = 0, name: str = "LDM", info: dict[str, Any] | None = None) -> None:
+        self.model, self.steps, self.seed, self.name = model.eval(), int(steps), int(seed), name
+        self.info = {"kind": "ldm", "config": model.config.to_dict(), "autoencoder": model.autoencoder.config.to_dict(),
+                     "ddim_steps": self.steps, "seed": self.seed, "device": "cpu", **(info or {})}
+
+    def predict(self, patient: PatientData, moving: int, fixed_amplitude: np.ndarray) -> np.ndarray:
+        d = self.model.grid
+        if patient.images.shape[1:] != (d, d, d):
+            raise BreathcastError(f"{self.name} works on a {d}³ grid; patient {patient.patient_id} is on "
+                                  f"{patient.images.shape[1:]}: load the patients at grid {d}")  # fmt: skip
+        image = torch.from_numpy(patient.images[moving])[None, None]
+        b_m = torch.from_numpy(np.asarray(patient.amplitude[moving], dtype=np.float32))[None]
+        b_f = torch.from_numpy(np.asarray(fixed_amplitude, dtype=np.float32))[None]
+        return self.model.predict(image, b_m, b_f, steps=self.steps, seed=self.seed)[0].numpy()
 
 
 class TrueField:
@@ -791,12 +819,25 @@ def held_out_patients(model_paths: list[Path], data_dir: Path) -> list[str]:
     return first
 
 
-def _model_names(model_paths: list[Path]) -> list[str]:
-    if len(model_paths) == 1:
-        return ["cVAE"]
-    names = [f"cVAE ({Path(p).resolve().parent.name})" for p in model_paths]
+def _model_kind(path: Path) -> str:
+    """The ``kind`` a model file records ("cvae" or "ldm"); a clear error for anything else."""
+    if not Path(path).is_file():
+        raise BreathcastError(f"{path}: model file is missing")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise BreathcastError(f"{path}: not a readable breathcast model ({exc})") from None
+    kind = payload.get("kind") if isinstance(payload, dict) else None
+    if kind not in ("cvae", "ldm"):
+        raise BreathcastError(f"{path}: not a breathcast cVAE or LDM model file")
+    return kind
+
+
+def _model_names(model_paths: list[Path], kinds: list[str]) -> list[str]:
+    label = {"cvae": "cVAE", "ldm": "LDM"}
+    names = [label[k] if kinds.count(k) == 1 else f"{label[k]} ({Path(p).resolve().parent.name})" for p, k in zip(model_paths, kinds)]
     if len(set(names)) != len(names):
-        names = [f"cVAE ({Path(p)})" for p in model_paths]
+        names = [f"{label[k]} ({Path(p)})" for p, k in zip(model_paths, kinds)]
     if len(set(names)) != len(names):
         raise BreathcastError("the same model is given twice")
     return names
@@ -811,11 +852,12 @@ def evaluate_models(
     seed: int = 0,
     progress: bool = True,
     extra_predictors: list[Predictor] | None = None,
+    ldm_steps: list[int] | None = None,
 ) -> tuple[EvaluationResult, dict[str, Path]]:
-    """Load cVAE models and test patients, :func:`evaluate` them against No Deformation, write the results.
+    """Load cVAE and LDM models and test patients, :func:`evaluate` them against No Deformation, write the results.
 
     Args:
-        model_paths: ``model.pt`` files (``save_cvae``); all on one grid.
+        model_paths: ``model.pt`` files (``save_cvae`` or ``save_ldm``); all on one grid.
         data_dir: dataset folder (docs/data-format.md).
         out_dir: where :func:`write_results` writes.
         patient_ids: patients to evaluate; None takes the test split of the models' manifests
@@ -824,6 +866,7 @@ def evaluate_models(
         extra_predictors: more rows after the cVAEs (e.g. the calibration's 5D models, which the CLI adds);
             one with a ``prepare(patients)`` method gets it called with the loaded patients first, so a
             per-patient fit is not timed as a prediction.
+        ldm_steps: DDIM step counts; each LDM gives one row per count (default [50], the paper's).
 
     Returns:
         The result and the files written.
@@ -831,9 +874,10 @@ def evaluate_models(
     if not model_paths:
         raise BreathcastError("no model to evaluate; pass --model PATH/model.pt")
     model_paths = [Path(p) / "model.pt" if Path(p).is_dir() else Path(p) for p in model_paths]  # a run folder will do
-    names = _model_names(model_paths)
-    models = [load_cvae(Path(p)) for p in model_paths]
-    grids = {m.config.grid for m in models}
+    kinds = [_model_kind(p) for p in model_paths]
+    names = _model_names(model_paths, kinds)
+    models = [load_cvae(p) if kind == "cvae" else load_ldm(p) for p, kind in zip(model_paths, kinds)]
+    grids = {m.config.grid if isinstance(m, CVAE) else m.grid for m in models}
     if len(grids) != 1:
         raise BreathcastError(f"the models work on different grids ({sorted(grids)}); evaluate them separately")
     grid = grids.pop()
@@ -862,7 +906,12 @@ def evaluate_models(
         if manifest is not None:
             info["manifest"] = str(manifest_path.resolve())
             info["sha256"] = (manifest.get("files") or {}).get("model.pt")
-        predictors.append(CVAEPredictor(model, name=name, info=info))
+        if isinstance(model, CVAE):
+            predictors.append(CVAEPredictor(model, name=name, info=info))
+            continue
+        steps = list(dict.fromkeys(ldm_steps or [50]))
+        for n in steps:
+            predictors.append(LDMPredictor(model, n, name=name if len(steps) == 1 else f"{name} ({n} steps)", info=info))
     for extra in extra_predictors or []:
         prepare = getattr(extra, "prepare", None)
         if callable(prepare):

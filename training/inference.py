@@ -20,6 +20,7 @@ from breathcast.warp import count_folds, warp_image, warp_labels
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEFAULT_LDM",
     "default_model",
     "predict_displacement",
     "predict_with_uncertainty",
@@ -29,6 +30,9 @@ __all__ = [
 
 DEFAULT_MODEL = Path(breathcast.__file__).parent / "models" / "cvae64" / "model.pt"
 """The shipped cVAE (64³), trained by the command in its manifest.json (see README, "The shipped model")."""
+
+DEFAULT_LDM = Path(breathcast.__file__).parent / "models" / "ldm64" / "model.pt"
+"""The shipped latent diffusion model (64³), trained by the commands in README ("The latent diffusion model")."""
 
 
 def default_model() -> CVAE:

@@ -36,11 +36,12 @@ from breathcast.geometry import HU_MAX, HU_MIN
 from breathcast.metrics import lung_region_mask
 from breathcast.simulator import SimulationConfig
 from breathcast.training.cvae import CVAE, CVAEConfig, save_cvae
-from breathcast.training.data import PatientData, Split, load_patients, sample_pairs, simulate_patients, split_patients
+from breathcast.training.data import PatientData, Split, load_patients, sample_pairs, split_patients
+from breathcast.training.data import simulate_patients as simulate_patients_in_memory
 from breathcast.training.losses import LossWeights, cvae_loss
 from breathcast.warp_torch import warp
 
-__all__ = ["TrainConfig", "train", "training_step", "validate"]
+__all__ = ["TrainConfig", "train", "training_step", "validate", "load_training_data", "lung_region"]
 
 log = logging.getLogger(__name__)
 
@@ -122,30 +123,41 @@ def _init_distributed() -> _Distributed:
     return _Distributed(rank=dist.get_rank(), world_size=world_size, device=device)
 
 
-def _load_data(config: TrainConfig) -> tuple[Split, list[PatientData], list[PatientData], dict]:
-    grid = config.model.grid
-    if config.data is not None:
-        dataset = open_dataset(config.data)
-        split = split_patients(dataset.patients, config.val_patients, config.test_patients, seed=config.seed)
+def load_training_data(
+    data: Path | None, grid: int, val_patients: int, test_patients: int, seed: int,
+    simulate_patients: int = 8, simulation_seed: int = 0,
+) -> tuple[Split, list[PatientData], list[PatientData], dict]:
+    """The patient split, the training and validation patients at the model grid, and a summary for the manifest.
+
+    ``data`` is a dataset folder; None simulates ``simulate_patients`` patients in memory. Every model trained
+    with the same (data, val_patients, test_patients, seed) holds out the same patients.
+    """
+    if data is not None:
+        dataset = open_dataset(data)
+        split = split_patients(dataset.patients, val_patients, test_patients, seed=seed)
         train = load_patients(dataset, split.train, grid, with_truth=False)
         val = load_patients(dataset, split.val, grid, with_truth=False)
-        summary = {"source": str(Path(config.data).resolve()), "kind": dataset.kind, "patients": len(dataset.patients),
+        summary = {"source": str(Path(data).resolve()), "kind": dataset.kind, "patients": len(dataset.patients),
                    "generator": dataset.metadata.get("generator")}
     else:
-        n = config.simulate_patients
         sim = SimulationConfig(grid_size=grid)
-        ids = [f"patient_{i:03d}" for i in range(n)]
-        split = split_patients(ids, config.val_patients, config.test_patients, seed=config.seed)
-        everyone = simulate_patients(n, sim, config.simulation_seed, grid)
+        ids = [f"patient_{i:03d}" for i in range(simulate_patients)]
+        split = split_patients(ids, val_patients, test_patients, seed=seed)
+        everyone = simulate_patients_in_memory(simulate_patients, sim, simulation_seed, grid)
         by_id = {p.patient_id: p for p in everyone}
         train, val = [by_id[i] for i in split.train], [by_id[i] for i in split.val]
-        summary = {"source": "simulator (in memory)", "kind": "simulated", "patients": n,
-                   "simulation": dataclasses.asdict(sim), "simulation_seed": config.simulation_seed}
+        summary = {"source": "simulator (in memory)", "kind": "simulated", "patients": simulate_patients,
+                   "simulation": dataclasses.asdict(sim), "simulation_seed": simulation_seed}
     summary.update(split=dataclasses.asdict(split), scans=int(sum(p.n_scans for p in train)))
     return split, train, val, summary
 
 
-def _lung_region(patient: PatientData, scan: int) -> np.ndarray:
+def _load_data(config: TrainConfig) -> tuple[Split, list[PatientData], list[PatientData], dict]:
+    return load_training_data(config.data, config.model.grid, config.val_patients, config.test_patients, config.seed,
+                              config.simulate_patients, config.simulation_seed)
+
+
+def lung_region(patient: PatientData, scan: int) -> np.ndarray:
     """The masked-MSE region of a scan: its lungs dilated by 10 mm; the whole volume without labels."""
     if patient.labels is None:
         return np.ones(patient.images.shape[1:], dtype=bool)
@@ -164,7 +176,7 @@ def validate(model: CVAE, patients: list[PatientData], pairs: int, seed: int, de
     for i, (pid, _, j) in enumerate(batch.pairs):
         displacement = model.predict(batch.moving[i : i + 1].to(device), batch.b_m[i : i + 1].to(device), batch.b_f[i : i + 1].to(device))
         warped = warp(batch.moving[i : i + 1].to(device), displacement)[0, 0].cpu().numpy()
-        mask = _lung_region(by_id[pid], j)
+        mask = lung_region(by_id[pid], j)
         fixed, moving = batch.fixed[i, 0].numpy(), batch.moving[i, 0].numpy()
         predicted += float(np.mean((warped[mask] - fixed[mask]) ** 2))
         no_deformation += float(np.mean((moving[mask] - fixed[mask]) ** 2))

@@ -1,0 +1,62 @@
+"""The latent diffusion model split into the three graphs the engine runs; the DDIM loop runs outside them.
+
+The number of sampling steps is a setting of the predictor, so the sampler is not in a graph: the engine runs
+``encode`` once per plan, then per query ``denoise`` once per DDIM step (batched over the queries) with the
+update of :func:`breathcast.engine.ddim.ddim_step` in numpy between the runs, then ``decode`` once.
+
+Shapes (D = model grid, L = D / 4 the latent grid, C = latent channels, N = queries in a batch; the plan
+tensors have batch 1 and are broadcast over N inside the graphs):
+
+* ``encode``: ``moving`` (1, 1, D, D, D) CT in [0, 1], ``b_m`` (1, D) -> ``condition`` (1, C, L, L, L), the
+  scaled latent of the planning CT and its trace.
+* ``denoise``: ``x_t`` (N, C, L, L, L) noisy latent, ``condition`` (1, C, L, L, L), ``t`` (N,) int64 timestep,
+  ``b_f`` (N, D) -> ``x0`` (N, C, L, L, L), the predicted clean latent: one U-Net pass.
+* ``decode``: ``x0`` (N, C, L, L, L), ``moving`` (1, 1, D, D, D) -> ``velocity`` (N, 3, D/2, D/2, D/2), voxels of
+  the half-resolution grid (dz, dy, dx).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from breathcast.training.ldm import LDM
+
+__all__ = ["EncodeGraph", "DenoiseGraph", "DecodeGraph", "ENCODE_INPUTS", "DENOISE_INPUTS", "DECODE_INPUTS"]
+
+ENCODE_INPUTS = ("moving", "b_m")
+DENOISE_INPUTS = ("x_t", "condition", "t", "b_f")
+DECODE_INPUTS = ("x0", "moving")
+
+
+class EncodeGraph(nn.Module):
+    """(M, b_m) -> the condition latent (the frozen auto-encoder's scaled mean), once per plan."""
+
+    def __init__(self, model: LDM) -> None:
+        super().__init__()
+        self.autoencoder, self.latent_scale = model.autoencoder, model.latent_scale
+
+    def forward(self, moving: torch.Tensor, b_m: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode(moving, b_m)[0] * self.latent_scale
+
+
+class DenoiseGraph(nn.Module):
+    """One U-Net pass, the condition latent (batch 1) broadcast over the batch of noisy latents."""
+
+    def __init__(self, model: LDM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_t: torch.Tensor, condition: torch.Tensor, t: torch.Tensor, b_f: torch.Tensor) -> torch.Tensor:
+        return self.model.denoise(x_t, condition.expand_as(x_t), t, b_f)
+
+
+class DecodeGraph(nn.Module):
+    """Denoised latents -> velocities at half resolution, the moving image (batch 1) broadcast over the batch."""
+
+    def __init__(self, model: LDM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x0: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_velocity(x0, moving.expand(x0.shape[0], -1, -1, -1, -1))
