@@ -220,3 +220,24 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys, setup, extra, messa
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("breathcast: error: ")
     assert re.search(message, err), err
+
+
+def test_cli_evaluates_an_ldm_beside_the_cvae_with_one_row_per_step_count(tiny_run, tmp_path, capsys):
+    """`--model` takes LDM files too; `--ldm-steps 2 3` gives the LDM one Table 1 row per DDIM step count."""
+    from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder
+    from breathcast.training.ldm import LDM, LDMConfig, save_ldm
+
+    data, cvae = tiny_run
+    ldm = tmp_path / "ldm" / "model.pt"
+    ldm.parent.mkdir()
+    autoencoder = CTAutoencoder(AutoencoderConfig(grid=32, channels=(4, 8, 8), norm_num_groups=4))
+    save_ldm(LDM(autoencoder, 1.0, LDMConfig(channels=(16, 16, 16, 16), norm_num_groups=8, head_channels=8)), ldm)
+    (ldm.parent / "manifest.json").write_text((cvae.parent / "manifest.json").read_text())
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--model", str(cvae), "--model", str(ldm), "--ldm-steps", "2", "3", "--data", str(data),
+                 "--out", str(out), "--pairs-per-patient", "1", "-q"])  # fmt: skip
+    assert code == 0
+    assert "| LDM (2 steps) | " in capsys.readouterr().out
+    saved = read_results(out / "results.json")
+    assert saved.predictors == ["No Deformation", "cVAE", "LDM (2 steps)", "LDM (3 steps)"]
+    assert saved.info["predictors"]["LDM (3 steps)"]["ddim_steps"] == 3

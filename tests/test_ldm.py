@@ -14,6 +14,7 @@ from breathcast.cli import main
 from breathcast.simulator import SimulationConfig
 from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder, autoencoder_loss, load_autoencoder, save_autoencoder
 from breathcast.training.data import sample_pairs, simulate_patients
+from breathcast.training.inference import predict_ldm_with_uncertainty
 from breathcast.training.ldm import LDM, LDMConfig, Pseudo3DAttention, load_ldm, save_ldm
 from breathcast.training.ldm_train import encode_patients, ldm_loss
 
@@ -195,3 +196,15 @@ def test_cli_ldm_needs_an_autoencoder(tmp_path, capsys):
     code = main(["train", "ldm", "--simulate", "3", "--autoencoder", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
     assert code != 0
     assert "auto-encoder file is missing" in capsys.readouterr().err
+
+
+def test_uncertainty_map_from_ddim_samples(patients):
+    """N samples from different noise give a spread > 0; the same seed gives the same map."""
+    model = _tiny_ldm()
+    p = patients[0]
+    args = (model, p.images[0], p.amplitude[0], p.amplitude[2], p.grid)
+    mean, std = predict_ldm_with_uncertainty(*args, samples=3, steps=2, seed=1)
+    again, std_again = predict_ldm_with_uncertainty(*args, samples=3, steps=2, seed=1)
+    assert mean.shape == (3, GRID, GRID, GRID) and std.shape == (GRID, GRID, GRID)
+    assert np.array_equal(std, std_again) and np.array_equal(mean, again)
+    assert std.max() > 0 and np.isfinite(std).all()

@@ -16,6 +16,7 @@ from breathcast.metrics import endpoint_error_mm, lung_region_mask, masked_mse, 
 from breathcast.plots import plot_prediction
 from breathcast.simulator import SimulatedPatient, pair_field
 from breathcast.training.cvae import CVAE, load_cvae
+from breathcast.training.ldm import LDM
 from breathcast.warp import count_folds, warp_image, warp_labels
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "default_model",
     "predict_displacement",
     "predict_with_uncertainty",
+    "predict_ldm_with_uncertainty",
     "DemoPrediction",
     "demo_prediction",
 ]
@@ -86,6 +88,35 @@ def predict_with_uncertainty(
     draws_mm = draws * np.asarray(grid.spacing_zyx, dtype=np.float32)[None, :, None, None, None]
     std_mm = np.sqrt(draws_mm.var(axis=0).sum(axis=0)).astype(np.float32)
     return predict_displacement(model, moving_unit, b_m, b_f), std_mm
+
+
+def predict_ldm_with_uncertainty(
+    model: LDM, moving_unit: np.ndarray, b_m: np.ndarray, b_f: np.ndarray, grid: Grid, samples: int = 8,
+    steps: int = 50, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``samples`` DDIM samples of the LDM from different noise (drawn from ``seed``): their mean and spread.
+
+    Args:
+        model: the LDM; moving_unit (D, D, D) in [0, 1]; b_m, b_f (D,) per-slice amplitudes.
+        grid: the model grid (for millimetres).
+        samples: number of samples (>= 2); steps: DDIM steps per sample.
+
+    Returns:
+        (mean displacement (3, D, D, D) float32 voxels, std (D, D, D) float32 mm: the root of the summed
+        per-component variance over the samples). The same seed gives the same pair.
+    """
+    if samples < 2:
+        raise BreathcastError(f"an uncertainty map needs at least 2 samples, got {samples}")
+    moving = torch.from_numpy(np.ascontiguousarray(moving_unit, dtype=np.float32))[None, None]
+    b_m_t = torch.from_numpy(np.asarray(b_m, dtype=np.float32))[None]
+    b_f_t = torch.from_numpy(np.asarray(b_f, dtype=np.float32))[None].expand(samples, -1)
+    condition = model.encode(moving, b_m_t).expand(samples, -1, -1, -1, -1)
+    latents = model.sample_latent(condition, b_f_t, steps=steps, seed=seed)
+    with torch.no_grad():
+        draws = torch.cat([model.integrate(model.decode_velocity(latents[i : i + 1], moving)) for i in range(samples)]).numpy()
+    draws_mm = draws * np.asarray(grid.spacing_zyx, dtype=np.float32)[None, :, None, None, None]
+    std_mm = np.sqrt(draws_mm.var(axis=0).sum(axis=0)).astype(np.float32)
+    return draws.mean(axis=0).astype(np.float32), std_mm
 
 
 @dataclass(frozen=True)
