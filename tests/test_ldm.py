@@ -169,7 +169,7 @@ def test_encoded_latents_have_the_scale(patients):
     assert [a.shape for a in latents] == [(3, 4, 8, 8, 8)] * 2
     with torch.no_grad():
         direct = model.autoencoder.encode(torch.from_numpy(patients[0].images[:1])[:, None], torch.from_numpy(patients[0].amplitude[:1]))[0]
-    np.testing.assert_allclose(latents[0][0], 2.0 * direct[0].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(latents[0][0], 2.0 * direct[0].numpy(), rtol=1e-4, atol=1e-4)  # batch 3 vs 1: float order
 
 
 def test_bad_inputs_are_named():
