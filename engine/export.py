@@ -232,9 +232,9 @@ def export_ldm(
     with torch.no_grad():
         condition = encode_graph(moving, b_m)
         x0 = denoise_graph(x_t, condition, t, b_f)
-        velocity = decode_graph(x0, moving)
+        velocity = decode_graph(x0, condition, moving)
         sampled = model.sample_latent(condition.expand(2, -1, -1, -1, -1), b_f, sampling_steps, noise=noise.expand(2, -1, -1, -1, -1))
-        reference_velocity = model.decode_velocity(sampled, moving.expand(2, -1, -1, -1, -1))
+        reference_velocity = model.decode_velocity(sampled, condition.expand(2, -1, -1, -1, -1), moving.expand(2, -1, -1, -1, -1))
 
     latent_units = "latent (scaled to unit variance)"
     specs = {
@@ -257,7 +257,8 @@ def export_ldm(
         ),
         "decode": GraphSpec(
             file="decode.onnx",
-            inputs=(_spec("x0", x0, latent_units, batch=True), _spec("moving", moving, "CT scaled to [0, 1]")),
+            inputs=(_spec("x0", x0, latent_units, batch=True), _spec("condition", condition, latent_units),
+                    _spec("moving", moving, "CT scaled to [0, 1]")),
             outputs=(_spec("velocity", velocity, "half-grid voxels (dz, dy, dx)", batch=True),),
             opset=OPSET,
         ),
@@ -269,7 +270,8 @@ def export_ldm(
         _export_graph(encode_graph, (moving, b_m), folder / "encode.onnx", list(ENCODE_INPUTS), ["condition"], None)
         _export_graph(denoise_graph, (x_t, condition, t, b_f), folder / "denoise.onnx", list(DENOISE_INPUTS), ["x0"],
                       {"x_t": {0: batch}, "condition": None, "t": {0: batch}, "b_f": {0: batch}})  # fmt: skip
-        _export_graph(decode_graph, (x0, moving), folder / "decode.onnx", list(DECODE_INPUTS), ["velocity"], {"x0": {0: batch}, "moving": None})
+        _export_graph(decode_graph, (x0, condition, moving), folder / "decode.onnx", list(DECODE_INPUTS), ["velocity"],
+                      {"x0": {0: batch}, "condition": None, "moving": None})  # fmt: skip
         np.save(folder / "noise.npy", noise.numpy())
         save_ldm(model, folder / "model.pt")
         options = ort.SessionOptions()
@@ -282,7 +284,7 @@ def export_ldm(
             return sessions["denoise"].run(None, {"x_t": x, "condition": onnx_condition, "t": steps_t, "b_f": b_f.numpy()})[0]
 
         onnx_sampled = ddim_sample(denoise, np.repeat(noise.numpy(), 2, axis=0), alphas_cumprod, sampling_steps)
-        (onnx_velocity,) = sessions["decode"].run(None, {"x0": onnx_sampled, "moving": moving.numpy()})
+        (onnx_velocity,) = sessions["decode"].run(None, {"x0": onnx_sampled, "condition": onnx_condition, "moving": moving.numpy()})
         differences = {
             "max_abs_condition_difference": float(np.abs(onnx_condition - condition.numpy()).max()),
             "max_abs_x0_difference": float(np.abs(onnx_x0 - x0.numpy()).max()),

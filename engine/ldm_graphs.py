@@ -11,8 +11,8 @@ tensors have batch 1 and are broadcast over N inside the graphs):
   scaled latent of the planning CT and its trace.
 * ``denoise``: ``x_t`` (N, C, L, L, L) noisy latent, ``condition`` (1, C, L, L, L), ``t`` (N,) int64 timestep,
   ``b_f`` (N, D) -> ``x0`` (N, C, L, L, L), the predicted clean latent: one U-Net pass.
-* ``decode``: ``x0`` (N, C, L, L, L), ``moving`` (1, 1, D, D, D) -> ``velocity`` (N, 3, D/2, D/2, D/2), voxels of
-  the half-resolution grid (dz, dy, dx).
+* ``decode``: ``x0`` (N, C, L, L, L), ``condition`` (1, C, L, L, L), ``moving`` (1, 1, D, D, D) -> ``velocity``
+  (N, 3, D/2, D/2, D/2), voxels of the half-resolution grid (dz, dy, dx).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["EncodeGraph", "DenoiseGraph", "DecodeGraph", "ENCODE_INPUTS", "DENOI
 
 ENCODE_INPUTS = ("moving", "b_m")
 DENOISE_INPUTS = ("x_t", "condition", "t", "b_f")
-DECODE_INPUTS = ("x0", "moving")
+DECODE_INPUTS = ("x0", "condition", "moving")
 
 
 class EncodeGraph(nn.Module):
@@ -52,11 +52,12 @@ class DenoiseGraph(nn.Module):
 
 
 class DecodeGraph(nn.Module):
-    """Denoised latents -> velocities at half resolution, the moving image (batch 1) broadcast over the batch."""
+    """Denoised latents -> velocities at half resolution, the condition latent and moving image (batch 1) broadcast."""
 
     def __init__(self, model: LDM) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x0: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        return self.model.decode_velocity(x0, moving.expand(x0.shape[0], -1, -1, -1, -1))
+    def forward(self, x0: torch.Tensor, condition: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        n = x0.shape[0]
+        return self.model.decode_velocity(x0, condition.expand(n, -1, -1, -1, -1), moving.expand(n, -1, -1, -1, -1))

@@ -353,7 +353,7 @@ class LDMNetwork:
         return ddim_sample(lambda x, t: self.denoise(x, t, b_f), noise, self._alphas_cumprod, self.steps, self._final_alpha_cumprod)
 
     def displacements(self, b_f: np.ndarray) -> np.ndarray:
-        (velocity,) = self._decode.run({"x0": self.latents(b_f), "moving": self._moving})
+        (velocity,) = self._decode.run({"x0": self.latents(b_f), "condition": self._condition, "moving": self._moving})
         return self._integrate(velocity)
 
 

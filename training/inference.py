@@ -113,7 +113,7 @@ def predict_ldm_with_uncertainty(
     condition = model.encode(moving, b_m_t).expand(samples, -1, -1, -1, -1)
     latents = model.sample_latent(condition, b_f_t, steps=steps, seed=seed)
     with torch.no_grad():
-        draws = torch.cat([model.integrate(model.decode_velocity(latents[i : i + 1], moving)) for i in range(samples)]).numpy()
+        draws = torch.cat([model.integrate(model.decode_velocity(latents[i : i + 1], condition[:1], moving)) for i in range(samples)]).numpy()
     draws_mm = draws * np.asarray(grid.spacing_zyx, dtype=np.float32)[None, :, None, None, None]
     std_mm = np.sqrt(draws_mm.var(axis=0).sum(axis=0)).astype(np.float32)
     return draws.mean(axis=0).astype(np.float32), std_mm

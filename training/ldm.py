@@ -18,7 +18,8 @@ Pieces:
   fixed trace b_f enters by cross-attention (MONAI's SpatialTransformer in those same blocks) as L tokens from
   :class:`TraceTokens`. It predicts x0 (the paper's μ) as the condition latent plus a learned change.
 * the velocity decoder: a trainable copy of the CT decoder (to half resolution) decodes the denoised latent; new
-  3D conv layers map its features, the moving image and the latent to a velocity at half resolution. Scaling and squaring
+  3D conv layers map its features, the moving image, the latent and its change from the condition latent to a
+  velocity at half resolution. Scaling and squaring
   then gives the diffeomorphic displacement, as the cVAE.
 * sampling: MONAI's :class:`~monai.networks.schedulers.DDIMScheduler` (eta 0: deterministic given the initial
   noise, which comes from a seeded generator).
@@ -166,8 +167,9 @@ class VelocityDecoder(nn.Module):
 
     The CT decoder (a trainable copy, initialised from the auto-encoder) up to half resolution - its last level
     only sharpens the image, and the velocity lives at D/2 - then new 3D conv layers: the decoded features meet
-    the moving image at D/2, go down to D/4 where the latent joins, and come back up to the velocity, which
-    starts near zero so the first steps do not fold space.
+    the moving image at D/2, go down to D/4 where the latent and its change from the condition latent (the
+    moving scan's: no change, no motion) join, and come back up to the velocity, which starts near zero so the
+    first steps do not fold space.
     """
 
     def __init__(self, autoencoder: CTAutoencoder, channels: tuple[int, int]) -> None:
@@ -183,7 +185,7 @@ class VelocityDecoder(nn.Module):
         self.moving = _block(1, c1, stride=2)
         self.merge = _block(decoded + c1, c1)
         self.down = _block(c1, c2, stride=2)
-        self.mid = nn.Sequential(_block(c2 + latent, c2), _block(c2, c2))
+        self.mid = nn.Sequential(_block(c2 + 2 * latent, c2), _block(c2, c2))
         self.up = _block(c2 + c1, c1)
         self.velocity = nn.Conv3d(c1, 3, 3, padding=1)
         nn.init.normal_(self.velocity.weight, std=1e-5)
@@ -196,9 +198,9 @@ class VelocityDecoder(nn.Module):
         pretrained = {id(p) for p in self.pretrained_parameters()}
         return [p for p in self.parameters() if id(p) not in pretrained]
 
-    def forward(self, latent: torch.Tensor, moving: torch.Tensor, latent_scale: float) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, condition: torch.Tensor, moving: torch.Tensor, latent_scale: float) -> torch.Tensor:
         x1 = self.merge(torch.cat([self.decoder(latent / latent_scale), self.moving(moving)], 1))
-        x = self.mid(torch.cat([self.down(x1), latent], 1))
+        x = self.mid(torch.cat([self.down(x1), latent, latent - condition], 1))
         x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
         return self.velocity(self.up(torch.cat([x, x1], 1)))
 
@@ -265,8 +267,9 @@ class LDM(nn.Module):
         change = self.unet(slices, t.repeat_interleave(l), context)
         return condition + rearrange(change, "(n z) c h w -> n c z h w", n=n)
 
-    def decode_velocity(self, x0: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        return self.velocity_decoder(x0, moving, self.latent_scale)
+    def decode_velocity(self, x0: torch.Tensor, condition: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """Denoised latent x0 and the condition latent (N, C, L, L, L), moving (N, 1, D, D, D) -> velocity (N, 3, D/2, D/2, D/2)."""
+        return self.velocity_decoder(x0, condition, moving, self.latent_scale)
 
     def integrate(self, velocity: torch.Tensor) -> torch.Tensor:
         """Scaling and squaring at half resolution, then the displacement (N, 3, D, D, D) in model-grid voxels."""
@@ -285,7 +288,7 @@ class LDM(nn.Module):
         """
         x_t = self.scheduler.add_noise(original_samples=target, noise=noise, timesteps=t)
         x0 = self.denoise(x_t, condition, t, b_f)
-        velocity = self.decode_velocity(x0, moving)
+        velocity = self.decode_velocity(x0, condition, moving)
         displacement = self.integrate(velocity)
         return LDMOutput(x0, velocity, displacement, warp(moving, displacement))
 
@@ -312,8 +315,9 @@ class LDM(nn.Module):
     ) -> torch.Tensor:
         """Inference: displacement (N, 3, D, D, D) voxels from M, b_m and b_f; the same seed gives the same field."""
         self.check_inputs(moving, b_m, b_f)
-        x0 = self.sample_latent(self.encode(moving, b_m), b_f, steps, seed)
-        return self.integrate(self.decode_velocity(x0, moving))
+        condition = self.encode(moving, b_m)
+        x0 = self.sample_latent(condition, b_f, steps, seed)
+        return self.integrate(self.decode_velocity(x0, condition, moving))
 
 
 def save_ldm(model: LDM, path: Path) -> None:
