@@ -163,7 +163,7 @@ def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 
 
 class VelocityDecoder(nn.Module):
-    """Denoised latent (+ the moving image) -> velocity (N, 3, D/2, D/2, D/2) in half-grid voxels.
+    """Denoised latent (+ the condition latent and the moving image) -> velocity (N, 3, D/2, D/2, D/2), half-grid voxels.
 
     The CT decoder (a trainable copy, initialised from the auto-encoder) up to half resolution - its last level
     only sharpens the image, and the velocity lives at D/2 - then new 3D conv layers: the decoded features meet
@@ -193,10 +193,6 @@ class VelocityDecoder(nn.Module):
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
         return list(self.decoder.parameters())
-
-    def new_parameters(self) -> list[nn.Parameter]:
-        pretrained = {id(p) for p in self.pretrained_parameters()}
-        return [p for p in self.parameters() if id(p) not in pretrained]
 
     def forward(self, latent: torch.Tensor, condition: torch.Tensor, moving: torch.Tensor, latent_scale: float) -> torch.Tensor:
         x1 = self.merge(torch.cat([self.decoder(latent / latent_scale), self.moving(moving)], 1))
