@@ -29,6 +29,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_stream.py
 	$(PY) benchmarks/bench_forecast.py
+	$(PY) benchmarks/bench_ldm.py
+	$(VENV)/bin/breathcast export --ldm breathcast/models/ldm64/model.pt --out packages/ldm64 --overwrite
+	$(PY) benchmarks/bench_engine.py --package packages/ldm64 --patients 3 --windows 5
+	$(PY) benchmarks/bench_stream.py --package packages/ldm64 --cases distilled distilled_target_only
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
