@@ -10,13 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from breathcast.anatomy import LUNG_LABELS
+from breathcast.checksums import sha256_file
 from breathcast.cli import main
-from breathcast.simulator import SimulationConfig
+from breathcast.geometry import hu_to_unit
+from breathcast.metrics import lung_region_mask, masked_mse
+from breathcast.simulator import SimulationConfig, patient_seed, simulate_patient
 from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder, autoencoder_loss, load_autoencoder, save_autoencoder
 from breathcast.training.data import sample_pairs, simulate_patients
-from breathcast.training.inference import predict_ldm_with_uncertainty
+from breathcast.training.inference import DEFAULT_LDM, predict_ldm_with_uncertainty
 from breathcast.training.ldm import LDM, LDMConfig, Pseudo3DAttention, load_ldm, save_ldm
 from breathcast.training.ldm_train import encode_patients, ldm_loss
+from breathcast.warp import count_folds, warp_image
 
 GRID = 32
 TINY_AE = AutoencoderConfig(grid=GRID, channels=(4, 8, 8), latent_channels=4, norm_num_groups=4)
@@ -208,3 +213,24 @@ def test_uncertainty_map_from_ddim_samples(patients):
     assert mean.shape == (3, GRID, GRID, GRID) and std.shape == (GRID, GRID, GRID)
     assert np.array_equal(std, std_again) and np.array_equal(mean, again)
     assert std.max() > 0 and np.isfinite(std).all()
+
+
+def _batch(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, dtype=np.float32))[None]
+
+
+def test_the_shipped_ldm_matches_its_manifest_and_predicts_the_inhale():
+    """breathcast/models/ldm64: the file its manifest names, and on an unseen patient (not in its training split)
+    its most-exhale -> most-inhale prediction beats No Deformation in the lungs without folding."""
+    manifest = json.loads((DEFAULT_LDM.parent / "manifest.json").read_text())
+    assert sha256_file(DEFAULT_LDM) == manifest["files"]["model.pt"]
+    model = load_ldm(DEFAULT_LDM)
+    grid = model.grid
+    patient = simulate_patient(patient_seed(99, 0), SimulationConfig(grid_size=grid, n_scans=6), patient_id="unseen")
+    means = [scan.amplitude.mean() for scan in patient.scans]
+    moving, fixed = patient.scans[int(np.argmin(means))], patient.scans[int(np.argmax(means))]
+    m, f = hu_to_unit(moving.image_hu), hu_to_unit(fixed.image_hu)
+    u = model.predict(_batch(m)[None], _batch(moving.amplitude), _batch(fixed.amplitude), steps=10)[0].numpy()
+    region = lung_region_mask(np.isin(fixed.labels, LUNG_LABELS), patient.grid)
+    assert masked_mse(warp_image(m, u), f, region) < 0.8 * masked_mse(m, f, region)
+    assert count_folds(u) == 0
