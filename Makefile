@@ -32,7 +32,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_ldm.py
 	$(VENV)/bin/breathcast export --ldm breathcast/models/ldm64/model.pt --out packages/ldm64 --overwrite
 	$(PY) benchmarks/bench_engine.py --package packages/ldm64 --patients 3 --windows 5
-	$(PY) benchmarks/bench_stream.py --package packages/ldm64 --cases distilled distilled_target_only
+	$(PY) benchmarks/bench_stream.py --package packages/ldm64 --cases distilled distilled_target_only --latency-s 60
+	$(PY) benchmarks/bench_response.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
