@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_cvae.py
 	$(PY) benchmarks/bench_engine.py
-	$(PY) benchmarks/bench_stream.py
+	$(PY) benchmarks/bench_stream.py --latency-s 60 --sustained-25hz-s 600 --sustained-100hz-s 60
 	$(PY) benchmarks/bench_forecast.py
 	$(PY) benchmarks/bench_ldm.py
 	$(VENV)/bin/breathcast export --ldm breathcast/models/ldm64/model.pt --out packages/ldm64 --overwrite
