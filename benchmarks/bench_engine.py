@@ -29,8 +29,8 @@ from common import markdown_table, time_call, update_readme_table, write_results
 from breathcast.anatomy import LUNG_LABELS, Label
 from breathcast.geometry import Volume
 from breathcast.metrics import centroid_mm
-from breathcast.simulator import SimulationConfig, patient_seed, simulate_patient
-from breathcast.engine.package import DEFAULT_PACKAGE, read_package
+from breathcast.simulator import SimulatedPatient, SimulatedScan, SimulationConfig, patient_seed, simulate_patient
+from breathcast.engine.package import DEFAULT_PACKAGE, ModelPackage, read_package
 from breathcast.engine.predictor import Plan, PredictorConfig, load_predictor
 
 DATASET_SEED = 2026
@@ -52,6 +52,25 @@ def windows_from_trace(trace, spec, count: int) -> list[np.ndarray]:
     return [trace.amplitude_at(end - span + offsets) for end in ends]
 
 
+def held_out_ids(package: ModelPackage) -> list[str]:
+    """The held-out patient ids the package's training manifest names."""
+    training = package.manifest.training
+    test_ids = training.get("data", {}).get("split", {}).get("test") or training.get("test_ids")
+    if not test_ids:
+        raise SystemExit(f"{package.path}: the manifest names no held-out patients (training.data.split.test)")
+    return list(test_ids)
+
+
+def planning_case(patient_id: str, grid: int) -> tuple[SimulatedPatient, SimulatedScan, Plan]:
+    """A held-out patient simulated again at ``grid``³, its most exhaled scan, and the plan on that scan (the
+    tumour centroid as the target)."""
+    index = int(re.fullmatch(r"patient_(\d+)", patient_id).group(1))
+    patient = simulate_patient(patient_seed(DATASET_SEED, index), SimulationConfig(grid_size=grid), patient_id=patient_id)
+    scan = min(patient.scans, key=lambda s: float(s.amplitude.mean()))
+    target = centroid_mm(scan.labels == Label.TUMOUR, patient.grid)[None]
+    return patient, scan, Plan(Volume(scan.image_hu, patient.grid), scan.amplitude, target, name=patient_id)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--package", type=Path, default=DEFAULT_PACKAGE, help="engine package (default: the shipped one)")
@@ -70,19 +89,12 @@ def main() -> None:
     default_package = Path(args.package).resolve() == DEFAULT_PACKAGE.resolve()
     name = args.name or ("engine" if default_package else f"engine_{kind}")
     predictor_options = {"sampling_steps": args.sampling_steps} if kind == "ldm" else {}
-    model_manifest = package.manifest.training
-    test_ids = package.manifest.training.get("data", {}).get("split", {}).get("test") or model_manifest.get("test_ids")
-    if not test_ids:
-        raise SystemExit(f"{args.package}: the manifest names no held-out patients (training.data.split.test)")
+    test_ids = held_out_ids(package)
     grid = package.manifest.grid[0]
     memory_before = memory_mb()
     per_patient, timings = [], {}
     for pid in test_ids[: args.patients]:
-        index = int(re.fullmatch(r"patient_(\d+)", pid).group(1))
-        patient = simulate_patient(patient_seed(DATASET_SEED, index), SimulationConfig(grid_size=grid), patient_id=pid)
-        scan = min(patient.scans, key=lambda s: float(s.amplitude.mean()))
-        target = centroid_mm(scan.labels == Label.TUMOUR, patient.grid)[None]
-        plan = Plan(Volume(scan.image_hu, patient.grid), scan.amplitude, target, name=pid)
+        patient, scan, plan = planning_case(pid, grid)
 
         start = time.perf_counter()
         direct = load_predictor(package, plan, PredictorConfig(path="direct", **predictor_options))

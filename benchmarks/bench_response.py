@@ -2,8 +2,8 @@
 
 Run ``python benchmarks/bench_response.py`` (the shipped cVAE package and ``packages/ldm64``; ``--packages`` for
 others). For one held-out patient (the first test patient of each package's manifest, planned on its most exhaled
-scan as ``bench_engine.py`` does) the direct path is queried at constant per-slice traces b_f = a for ``--points``
-amplitudes a evenly over [-0.2, 1.3] (the distillation's amplitude range, rate 0). Reported per package: the mean
+scan by ``bench_engine.planning_case``) the direct path is queried at constant per-slice traces b_f = a for
+``--points`` amplitudes a evenly over [-0.2, 1.3] (the distillation's amplitude range, rate 0). Reported per package: the mean
 superior-inferior displacement in the lungs at each a, and how well a polynomial in a of degree 3 (the distilled
 path's), 5 and 7 fitted on the even-numbered points predicts the odd-numbered ones (error norm in the lungs, mm).
 
@@ -14,18 +14,15 @@ distilled-vs-direct numbers of ``bench_engine.py``.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import numpy as np
-from bench_cvae import DATASET_SEED
+from bench_engine import held_out_ids, planning_case
 from common import ROOT, markdown_table, update_readme_table, write_results
 
 from breathcast.anatomy import LUNG_LABELS
 from breathcast.engine.package import DEFAULT_PACKAGE, read_package
-from breathcast.engine.predictor import Plan, PredictorConfig, load_predictor
-from breathcast.geometry import Volume
-from breathcast.simulator import SimulationConfig, patient_seed, simulate_patient
+from breathcast.engine.predictor import PredictorConfig, load_predictor
 
 DEGREES = (3, 5, 7)
 AMPLITUDE_RANGE = (-0.2, 1.3)
@@ -43,13 +40,9 @@ def holdout_errors_mm(amplitudes: np.ndarray, fields: np.ndarray, lungs: np.ndar
 
 def package_response(path: Path, points: int) -> dict[str, object]:
     package = read_package(path)
-    training = package.manifest.training
-    test_id = (training.get("data", {}).get("split", {}).get("test") or training["test_ids"])[0]
-    index = int(re.fullmatch(r"patient_(\d+)", test_id).group(1))
+    test_id = held_out_ids(package)[0]
     grid = package.manifest.grid[0]
-    patient = simulate_patient(patient_seed(DATASET_SEED, index), SimulationConfig(grid_size=grid), patient_id=test_id)
-    scan = min(patient.scans, key=lambda s: float(s.amplitude.mean()))
-    plan = Plan(Volume(scan.image_hu, patient.grid), scan.amplitude, np.zeros((0, 3)), name=test_id)
+    patient, scan, plan = planning_case(test_id, grid)
     predictor = load_predictor(package, plan, PredictorConfig(path="direct"))
     amplitudes = np.linspace(*AMPLITUDE_RANGE, points).astype(np.float32)
     fields = predictor.network_displacements(np.repeat(amplitudes[:, None], grid, axis=1))
