@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, markdown_table, update_readme_table, write_results
 
-from breathcast.simulator import SimulationConfig
+from breathcast.sim.simulator import SimulationConfig
 from breathcast.training.data import load_patients, simulate_patients
 from breathcast.training.evaluate import CVAEPredictor, NoDeformation, TrueField, evaluate
 from breathcast.training.evaluate import write_results as write_evaluation

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from common import markdown_table, time_call, update_readme_table, write_results
 
-from breathcast.anatomy import LUNG_LABELS, Label
+from breathcast.sim.anatomy import LUNG_LABELS, Label
 from breathcast.geometry import Volume
 from breathcast.metrics import centroid_mm
-from breathcast.simulator import SimulatedPatient, SimulatedScan, SimulationConfig, patient_seed, simulate_patient
+from breathcast.sim.simulator import SimulatedPatient, SimulatedScan, SimulationConfig, patient_seed, simulate_patient
 from breathcast.engine.package import DEFAULT_PACKAGE, ModelPackage, read_package
 from breathcast.engine.predictor import Plan, PredictorConfig, load_predictor
 

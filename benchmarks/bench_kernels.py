@@ -19,7 +19,7 @@ import numpy as np
 from common import markdown_table, time_call, update_readme_table, write_results
 from scipy import ndimage
 
-from breathcast.simulator import SimulationConfig, save_patient, simulate_patient
+from breathcast.sim.simulator import SimulationConfig, save_patient, simulate_patient
 from breathcast.warp import integrate_velocity, invert, jacobian_determinant, warp_image, warp_labels
 
 

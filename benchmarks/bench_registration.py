@@ -18,11 +18,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, time_call, write_results  # noqa: E402
 
-from breathcast.anatomy import LUNG_LABELS  # noqa: E402
+from breathcast.sim.anatomy import LUNG_LABELS  # noqa: E402
 from breathcast.calibration.motion_model import RegistrationConfig, reference_scan_index, register_pair  # noqa: E402
 from breathcast.geometry import hu_to_unit  # noqa: E402
 from breathcast.metrics import endpoint_error_mm  # noqa: E402
-from breathcast.simulator import SimulationConfig, pair_field, patient_seed, simulate_patient  # noqa: E402
+from breathcast.sim.simulator import SimulationConfig, pair_field, patient_seed, simulate_patient  # noqa: E402
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from bench_engine import held_out_ids, planning_case
 from common import ROOT, markdown_table, update_readme_table, write_results
 
-from breathcast.anatomy import LUNG_LABELS
+from breathcast.sim.anatomy import LUNG_LABELS
 from breathcast.engine.package import DEFAULT_PACKAGE, read_package
 from breathcast.engine.predictor import PredictorConfig, load_predictor
 

@@ -25,13 +25,13 @@ log = logging.getLogger("breathcast")
 
 
 def _simulation_config(args: argparse.Namespace):
-    from breathcast.simulator import SimulationConfig
+    from breathcast.sim.simulator import SimulationConfig
 
     return SimulationConfig(grid_size=args.grid, n_scans=args.scans, noise_hu=args.noise_hu, n_tumours=args.tumours)
 
 
 def _add_simulation_options(parser: argparse.ArgumentParser, scans_default: int = 25) -> None:
-    from breathcast.simulator import MIN_GRID_SIZE
+    from breathcast.sim.simulator import MIN_GRID_SIZE
 
     parser.add_argument("--grid", type=_int_at_least(MIN_GRID_SIZE), default=64, metavar="N",
                         help=f"scan grid N x N x N voxels (at least {MIN_GRID_SIZE}; default 64)")
@@ -44,7 +44,7 @@ def _add_simulation_options(parser: argparse.ArgumentParser, scans_default: int 
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from breathcast.simulator import simulate_dataset
+    from breathcast.sim.simulator import simulate_dataset
 
     start = time.perf_counter()
     folders = simulate_dataset(args.out, args.patients, _simulation_config(args), seed=args.seed, progress=not args.quiet)
@@ -53,9 +53,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from breathcast.dataset import prepare_output_dir
+    from breathcast.io.dataset import prepare_output_dir
     from breathcast.plots import plot_patient_overview
-    from breathcast.simulator import save_patient, simulate_patient
+    from breathcast.sim.simulator import save_patient, simulate_patient
 
     out = prepare_output_dir(args.out)
     start = time.perf_counter()

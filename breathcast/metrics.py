@@ -7,7 +7,7 @@ The paper's, for a predicted image F~ = phi o M against the fixed image F:
 * :func:`ms_ssim`, multi-scale structural similarity (Wang et al. 2003), in 3D through MONAI.
 * :func:`folded_voxels`, the number of voxels where det(I + grad u) <= 0 (space folds).
 * :func:`dice` and :func:`dice_per_bucket` on label maps grouped into buckets (the paper's ten come
-  from the simulator's label table, ``breathcast.anatomy``; they are passed in, never hard-coded here).
+  from the simulator's label table, ``breathcast.sim.anatomy``; they are passed in, never hard-coded here).
 
 Ours, possible because the simulator knows the true fields: :func:`endpoint_error_mm` of a predicted
 field against the true one, and :func:`target_error_mm`, the distance between the centroids
@@ -271,7 +271,7 @@ def dice(a_mask: np.ndarray, b_mask: np.ndarray) -> float:
 def dice_per_bucket(
     labels_a: np.ndarray, labels_b: np.ndarray, buckets: Mapping[str, Sequence[int]]
 ) -> dict[str, float]:
-    """Dice per group of labels, as the paper's Fig. 5 (its ten buckets: ``breathcast.anatomy``).
+    """Dice per group of labels, as the paper's Fig. 5 (its ten buckets: ``breathcast.sim.anatomy``).
 
     Args:
         labels_a: (Z, Y, X) int label map, e.g. the labels warped with the predicted field.

@@ -10,9 +10,9 @@ matplotlib.use("Agg")  # files only; no screen on these machines
 import matplotlib.pyplot as plt
 import numpy as np
 
-from breathcast.anatomy import Label
+from breathcast.sim.anatomy import Label
 from breathcast.geometry import Grid, field_to_lps_mm
-from breathcast.simulator import SimulatedPatient
+from breathcast.sim.simulator import SimulatedPatient
 
 __all__ = ["plot_patient_overview", "plot_prediction"]
 

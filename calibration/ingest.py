@@ -2,14 +2,14 @@
 
 The steps (``breathcast ingest``, docs/dicom.md "Ingesting real 5DCT"):
 
-1. read every scan's CT series (:func:`breathcast.dicom_io.read_ct_series`); all must share one Frame of
+1. read every scan's CT series (:func:`breathcast.io.dicom_io.read_ct_series`); all must share one Frame of
    Reference and one geometry (shape, spacing, origin, direction), else a one-line error names the folder;
 2. optionally resample the scans to a model grid (same field of view, :func:`breathcast.geometry.resample_volume`);
 3. calibrate the recording once (:func:`breathcast.calibration.surrogate.calibrate_surrogate`): raw ->
    normalised amplitude (0 typical end-exhale, 1 typical end-inhale);
 4. place each scan on the recording's clock (a given start time, or the k-th X-ray-on edge) and sample the
    calibrated trace at each axial slice's acquisition time (:func:`breathcast.calibration.alignment.align_scan`);
-5. write the patient with :func:`breathcast.dataset.write_patient` (kind "real", no reference, fields or labels).
+5. write the patient with :func:`breathcast.io.dataset.write_patient` (kind "real", no reference, fields or labels).
 
 Everything that can fail is checked before anything is written, and ``write_patient`` itself writes into a
 hidden folder renamed into place, so a failed ingest leaves no patient folder.
@@ -31,8 +31,8 @@ import breathcast
 from breathcast.calibration.alignment import ScanParameters, align_scan, scan_start_time
 from breathcast.calibration.readers import CsvLayout, read_recording
 from breathcast.calibration.surrogate import CalibrationSettings, calibrate_surrogate
-from breathcast.dataset import write_patient
-from breathcast.dicom_io import CTSeries, read_ct_series
+from breathcast.io.dataset import write_patient
+from breathcast.io.dicom_io import CTSeries, read_ct_series
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume, resample_volume
 from breathcast.traces import BreathingTrace, axial_slice_positions_mm

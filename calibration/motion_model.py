@@ -14,7 +14,7 @@ The fields it is fitted to come from one of two sources:
 
 Either way the model gives fields *from its reference frame* to a breathing state. A prediction from a
 moving scan m to a wanted state f composes through the reference, as
-:func:`breathcast.simulator.pair_field` does: ``u = compose(invert(u(m's state)), u(f's state))``.
+:func:`breathcast.sim.simulator.pair_field` does: ``u = compose(invert(u(m's state)), u(f's state))``.
 
 Conventions: fields are (3, Z, Y, X) float32, voxels (dz, dy, dx), pull-back, inside the code. SimpleITK
 returns displacements in mm along patient LPS in physical space; :func:`field_from_lps_mm` turns them into
@@ -225,7 +225,7 @@ class FiveDModel:
     def predict_pair(self, moving_state: tuple[np.ndarray, np.ndarray], fixed_state: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """(3, Z, Y, X) float32 voxels from a scan at ``moving_state`` to ``fixed_state`` (each (A, Ȧ), (Z,)).
 
-        Through the reference, as :func:`breathcast.simulator.pair_field`: ``compose(invert(u_m), u_f)``.
+        Through the reference, as :func:`breathcast.sim.simulator.pair_field`: ``compose(invert(u_m), u_f)``.
         """
         u_m = self.displacement(*moving_state)
         u_f = self.displacement(*fixed_state)
@@ -472,7 +472,7 @@ def _per_slice_to(values: np.ndarray, n: int) -> np.ndarray:
 
 def dataset_rates(data_dir: Path, patient_id: str) -> tuple[np.ndarray, np.ndarray]:
     """(amplitude (K, Z), rate (K, Z) 1/s) of a patient's scans, from the dataset's sidecars (no images read)."""
-    from breathcast.dataset import _per_slice, _read_json, open_dataset
+    from breathcast.io.dataset import _per_slice, _read_json, open_dataset
 
     dataset = open_dataset(Path(data_dir))
     if patient_id not in dataset.patients:
@@ -636,7 +636,7 @@ def fit_five_d_dataset_patient(
     Returns:
         (the model, the manifest's path).
     """
-    from breathcast.dataset import open_dataset, read_patient
+    from breathcast.io.dataset import open_dataset, read_patient
     from breathcast.geometry import hu_to_unit, resample_field, resample_volume
 
     source = FitSource(source)

@@ -20,7 +20,7 @@ import numpy as np
 
 from breathcast.errors import BreathcastError
 from breathcast.geometry import hu_to_unit
-from breathcast.simulator import SimulationConfig, simulate_patient
+from breathcast.sim.simulator import SimulationConfig, simulate_patient
 from breathcast.traces import TraceConfig, sample_trace_config, synthetic_trace
 
 __all__ = ["QuantizationData", "representative_windows", "representative_plans", "save_quantization_data", "load_quantization_data"]

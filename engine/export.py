@@ -22,7 +22,7 @@ import torch
 
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid
-from breathcast.simulator import SimulationConfig
+from breathcast.sim.simulator import SimulationConfig
 from breathcast.traces import HelicalScan, axial_slice_positions_mm
 from breathcast.engine.package import GraphSpec, Manifest, ModelPackage, TensorSpec, TraceSpec, write_package
 

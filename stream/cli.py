@@ -123,7 +123,7 @@ def _cmd_export_field(args: argparse.Namespace) -> int:
     plan = build_plan(spec)
     series = None
     if spec.source == "dicom":
-        from breathcast.dicom_io import read_ct_series
+        from breathcast.io.dicom_io import read_ct_series
 
         series = read_ct_series(Path(spec.path)).identity
     mode = "snapshot" if args.trace is None else args.mode

@@ -73,8 +73,8 @@ def _true_target_lps(patient, motion, plan_scan, plan_point_lps: np.ndarray, amp
 def run_stream_demo(out: Path | str, duration_s: float = 30.0, path: str = "distilled", rate_hz: float = 25.0,
                     horizon_s: float = 0.0, log=print) -> StreamDemoResult:  # fmt: skip
     """Run the demo (about ``duration_s`` + 20 s on 2 cores) and write the report; see the module docstring."""
-    from breathcast.dataset import prepare_output_dir
-    from breathcast.motion import build_motion_field
+    from breathcast.io.dataset import prepare_output_dir
+    from breathcast.sim.motion import build_motion_field
     from breathcast.stream.client import SampleSender, Subscriber
     from breathcast.stream.config import config_from_dict
     from breathcast.stream.daemon import Daemon

@@ -56,8 +56,8 @@ def trace_window(predictor: Predictor, time_s: np.ndarray, amplitude: np.ndarray
 
 def export_predicted_field(predictor: Predictor, window: np.ndarray, request: FieldRequest, plan_series=None) -> list[Path]:
     """Predict on ``window`` and write what ``request`` asks; ``plan_series`` is the plan's DICOM
-    :class:`~breathcast.dicom_io.SeriesIdentity` (needed for ``.dcm`` and referenced by the warped CT)."""
-    from breathcast.registration_export import export_field
+    :class:`~breathcast.io.dicom_io.SeriesIdentity` (needed for ``.dcm`` and referenced by the warped CT)."""
+    from breathcast.io.registration_export import export_field
 
     prediction = predictor.predict(window)
     model_grid: Grid = predictor.grid
@@ -73,7 +73,7 @@ def export_predicted_field(predictor: Predictor, window: np.ndarray, request: Fi
 
 def write_warped_ct(plan: Plan, u_model: np.ndarray, model_grid: Grid, folder: Path, plan_series=None) -> Path:
     """Warp the planning CT at its own resolution by the model-grid field and write it as a new DICOM series."""
-    from breathcast.dicom_io import write_ct_series
+    from breathcast.io.dicom_io import write_ct_series
     from breathcast.warp import warp_image
 
     ct = plan.volume

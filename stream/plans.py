@@ -26,7 +26,7 @@ DEFAULT_PATIENT_SEED = 0
 
 def simulated_default_patient(seed: int = DEFAULT_PATIENT_SEED, grid: int = 64):
     """The patient ``breathcast demo`` simulates with its default flags (25 scans, 15 HU noise, one tumour)."""
-    from breathcast.simulator import SimulationConfig, simulate_patient
+    from breathcast.sim.simulator import SimulationConfig, simulate_patient
 
     return simulate_patient(seed, SimulationConfig(grid_size=grid, n_scans=25, noise_hu=15.0, n_tumours=1), patient_id="demo_patient")
 
@@ -75,13 +75,13 @@ def build_plan(spec: PlanSpec) -> Plan:
         return plan_from_patient(patient, spec.target_lps_mm, spec.name)
     path = Path(spec.path)
     if spec.source == "nifti":
-        from breathcast.dataset import read_volume
+        from breathcast.io.dataset import read_volume
 
         volume = read_volume(path, np.float32)
         sidecar = path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
         uid = volume.grid.frame_of_reference_uid
     else:
-        from breathcast.dicom_io import read_ct_series
+        from breathcast.io.dicom_io import read_ct_series
 
         series = read_ct_series(path)
         volume, sidecar, uid = series.volume, None, series.identity.frame_of_reference_uid
@@ -89,7 +89,7 @@ def build_plan(spec: PlanSpec) -> Plan:
     target = np.asarray(spec.target_lps_mm, dtype=np.float64).reshape(-1, 3)
     if spec.rtstruct:
         from breathcast.metrics import centroid_mm
-        from breathcast.rtstruct import read_rtstruct, roi_mask
+        from breathcast.io.rtstruct import read_rtstruct, roi_mask
 
         if not spec.roi:
             raise BreathcastError("plan.rtstruct needs plan.roi (the target ROI name)")
@@ -102,7 +102,7 @@ def plan_from_patient(patient, target_lps_mm=(), name: str = "") -> Plan:
     """A simulated patient's planning CT (:func:`planning_scan_index`), its per-slice trace and its tumour centroid."""
     from dataclasses import replace
 
-    from breathcast.anatomy import Label
+    from breathcast.sim.anatomy import Label
     from breathcast.geometry import Volume
     from breathcast.metrics import centroid_mm
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from breathcast.simulator import SimulatedPatient, SimulationConfig, simulate_patient
+from breathcast.sim.simulator import SimulatedPatient, SimulationConfig, simulate_patient
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

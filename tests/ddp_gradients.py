@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 
 def main(out: str) -> None:
-    from breathcast.simulator import SimulationConfig
+    from breathcast.sim.simulator import SimulationConfig
     from breathcast.training.cvae import CVAE, CVAEConfig
     from breathcast.training.data import sample_pairs, simulate_patients
     from breathcast.training.losses import LossWeights

@@ -19,7 +19,7 @@ from breathcast.calibration.motion_model import (
 from breathcast.cli import main
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, hu_to_unit
-from breathcast.simulator import SimulationConfig, simulate_dataset
+from breathcast.sim.simulator import SimulationConfig, simulate_dataset
 from breathcast.warp import warp_image
 
 pytest.importorskip("SimpleITK")
@@ -84,7 +84,7 @@ def test_fit_from_ground_truth_and_predict(small_patient):
     fields = np.stack([s.field for s in p.scans])
     model = fit_five_d(fields, amplitude, rate, p.grid, p.patient_id, "ground-truth")
     assert model.residual_rms_voxels < 0.05
-    from breathcast.simulator import pair_field
+    from breathcast.sim.simulator import pair_field
 
     true = pair_field(fields[0], fields[3])
     predicted = model.predict_pair((amplitude[0], rate[0]), (amplitude[3], rate[3]))

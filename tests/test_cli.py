@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from breathcast.cli import main
-from breathcast.dataset import open_dataset
+from breathcast.io.dataset import open_dataset
 
 
 def test_simulate_writes_a_dataset(tmp_path, capsys):

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from breathcast.dataset import (
+from breathcast.io.dataset import (
     open_dataset,
     read_field,
     read_patient,
@@ -20,7 +20,7 @@ from grids import OBLIQUE
 
 from breathcast.errors import BreathcastError, DatasetError
 from breathcast.geometry import Grid, Volume, field_to_lps_mm
-from breathcast.simulator import save_patient
+from breathcast.sim.simulator import save_patient
 
 
 
@@ -36,7 +36,7 @@ def test_volume_round_trip_keeps_values_and_geometry(tmp_path):
 def test_nifti_affine_is_ras():
     """NIfTI positions are RAS: the voxel at LPS (x, y, z) is stored at (-x, -y, z)."""
     path_grid = Grid((2, 2, 2), (1.0, 1.0, 1.0), origin=(10.0, 20.0, 30.0))
-    from breathcast.dataset import grid_to_nifti_affine
+    from breathcast.io.dataset import grid_to_nifti_affine
 
     ras = grid_to_nifti_affine(path_grid) @ np.array([0, 0, 0, 1.0])
     np.testing.assert_allclose(ras[:3], [-10.0, -20.0, 30.0])
@@ -77,7 +77,7 @@ def test_a_failed_write_leaves_nothing_half_written(tmp_path, small_patient):
     """A patient whose scan is inconsistent is not written at all, and the dataset index is untouched."""
     broken = [{"image_hu": small_patient.scans[0].image_hu, "amplitude": np.zeros(3), "rate": np.zeros(3),
                "slice_times_s": np.zeros(3)}]
-    from breathcast.dataset import write_patient
+    from breathcast.io.dataset import write_patient
 
     with pytest.raises(BreathcastError, match="amplitude has shape"):
         write_patient(tmp_path / "ds", "p", small_patient.grid, broken, np.zeros(2), np.zeros(2))
@@ -128,7 +128,7 @@ def test_missing_volume_and_missing_dataset_are_clear(dataset_on_disk, tmp_path)
 def test_simpleitk_reads_a_written_field_as_lps_millimetres(tmp_path):
     """ITK reads our NIfTI fields with the components we wrote (LPS mm), not flipped as it does for DISPVECT."""
     sitk = pytest.importorskip("SimpleITK", reason="SimpleITK not installed (optional cross-check)")
-    from breathcast.dataset import write_field
+    from breathcast.io.dataset import write_field
     from breathcast.geometry import Grid, field_to_lps_mm
 
     grid = Grid((3, 4, 5), spacing=(1.0, 2.0, 3.0), origin=(10.0, -5.0, 2.0))

@@ -14,8 +14,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from breathcast import dicom_io
-from breathcast.dicom_io import read_ct_series, write_ct_series
+from breathcast.io import dicom_io
+from breathcast.io.dicom_io import read_ct_series, write_ct_series
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume
 from tests.conftest import shared_data_file

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import breathcast.training.evaluate as evaluate_module
-from breathcast.anatomy import DICE_BUCKETS
+from breathcast.sim.anatomy import DICE_BUCKETS
 from breathcast.cli import main
 from breathcast.errors import BreathcastError
 from breathcast.metrics import mse
-from breathcast.simulator import SimulationConfig, simulate_dataset
+from breathcast.sim.simulator import SimulationConfig, simulate_dataset
 from breathcast.training.cvae import CVAE, CVAEConfig, save_cvae
 from breathcast.training.data import PatientData, simulate_patients
 from breathcast.training.evaluate import (

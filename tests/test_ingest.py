@@ -10,11 +10,11 @@ import pytest
 
 from breathcast.calibration.ingest import IngestConfig, ScanSpec, ingest_patient, load_ingest_config
 from breathcast.cli import main
-from breathcast.dataset import open_dataset, read_patient
-from breathcast.dicom_io import write_ct_series
+from breathcast.io.dataset import open_dataset, read_patient
+from breathcast.io.dicom_io import write_ct_series
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Volume
-from breathcast.simulator import SimulationConfig, simulate_patient
+from breathcast.sim.simulator import SimulationConfig, simulate_patient
 
 CONFIG = SimulationConfig(grid_size=16, n_scans=3)
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from breathcast.anatomy import LUNG_LABELS
+from breathcast.sim.anatomy import LUNG_LABELS
 from breathcast.checksums import sha256_file
 from breathcast.cli import main
 from breathcast.geometry import hu_to_unit
 from breathcast.metrics import lung_region_mask, masked_mse
-from breathcast.simulator import SimulationConfig, patient_seed, simulate_patient
+from breathcast.sim.simulator import SimulationConfig, patient_seed, simulate_patient
 from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder, autoencoder_loss, load_autoencoder, save_autoencoder
 from breathcast.training.data import sample_pairs, simulate_patients
 from breathcast.training.inference import DEFAULT_LDM, predict_ldm_with_uncertainty

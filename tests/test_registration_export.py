@@ -11,10 +11,10 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from pydicom.data import get_testdata_file
 
-from breathcast.dicom_io import CTSeries, read_ct_series, save_dataset, write_ct_series
+from breathcast.io.dicom_io import CTSeries, read_ct_series, save_dataset, write_ct_series
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume, field_to_lps_mm
-from breathcast.registration_export import (
+from breathcast.io.registration_export import (
     build_deformable_registration,
     export_field,
     read_deformable_registration,

@@ -11,10 +11,10 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from pydicom.data import get_testdata_file
 
-from breathcast.dicom_io import CTSeries, read_ct_series, write_ct_series
+from breathcast.io.dicom_io import CTSeries, read_ct_series, write_ct_series
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume
-from breathcast.rtstruct import mask_to_contours, read_rtstruct, resample_mask, roi_mask, write_rtstruct
+from breathcast.io.rtstruct import mask_to_contours, read_rtstruct, resample_mask, roi_mask, write_rtstruct
 
 PYDICOM_FRAME = "1.2.826.0.1.3680043.8.498.2010020400001.2"  # the Frame of Reference of pydicom's rtstruct.dcm
 

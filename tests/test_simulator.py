@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from breathcast.anatomy import DICE_BUCKETS, LUNG_LABELS, Label, render_phantom, sample_anatomy
+from breathcast.sim.anatomy import DICE_BUCKETS, LUNG_LABELS, Label, render_phantom, sample_anatomy
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, field_to_lps_mm, hu_to_unit
 from breathcast.metrics import lung_region_mask, masked_mse
-from breathcast.motion import build_motion_field, sample_motion
-from breathcast.simulator import SimulationConfig, pair_field, simulate_patient
+from breathcast.sim.motion import build_motion_field, sample_motion
+from breathcast.sim.simulator import SimulationConfig, pair_field, simulate_patient
 from breathcast.traces import axial_slice_positions_mm
 from breathcast.warp import compose, count_folds, integrate_velocity, invert, warp_image
 

@@ -9,7 +9,7 @@ import zmq
 from conftest import shared_data_file
 from stream_fixtures import make_config, running_daemon, send_trace, tiny_package  # noqa: F401 - fixtures
 
-from breathcast.dicom_io import read_ct_series
+from breathcast.io.dicom_io import read_ct_series
 from breathcast.stream.client import ControlClient, SampleSender
 from breathcast.stream.config import PlanSpec
 from breathcast.stream.plans import build_plan

@@ -9,9 +9,9 @@ import pytest
 from stream_fixtures import D, tiny_package  # noqa: F401 - fixtures
 
 from breathcast.cli import main
-from breathcast.dicom_io import read_ct_series, write_ct_series
+from breathcast.io.dicom_io import read_ct_series, write_ct_series
 from breathcast.geometry import Grid, Volume
-from breathcast.registration_export import read_exported_field
+from breathcast.io.registration_export import read_exported_field
 from breathcast.engine.predictor import PredictorConfig, load_predictor
 from breathcast.stream.export_field import state_window, trace_window
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from breathcast.errors import BreathcastError, DatasetError
-from breathcast.simulator import SimulationConfig, simulate_dataset
+from breathcast.sim.simulator import SimulationConfig, simulate_dataset
 from breathcast.training.cvae import CVAE, CVAEConfig, load_cvae, save_cvae
 from breathcast.training.data import sample_pairs, simulate_patients
 from breathcast.training.losses import LossWeights, cvae_loss

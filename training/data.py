@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from breathcast.dataset import DatasetIndex, open_dataset, read_patient
+from breathcast.io.dataset import DatasetIndex, open_dataset, read_patient
 from breathcast.errors import BreathcastError, DatasetError
 from breathcast.geometry import Grid, Volume, hu_to_unit, resample_field, resample_volume
-from breathcast.simulator import SimulationConfig, pair_field, patient_seed, simulate_patient
+from breathcast.sim.simulator import SimulationConfig, pair_field, patient_seed, simulate_patient
 
 __all__ = ["PatientData", "Split", "split_patients", "load_patients", "simulate_patients", "PairBatch", "sample_pairs"]
 

@@ -39,8 +39,8 @@ import torch
 from tqdm.auto import tqdm
 
 import breathcast
-from breathcast.anatomy import DICE_BUCKETS, LUNG_LABELS, Label
-from breathcast.dataset import open_dataset, prepare_output_dir
+from breathcast.sim.anatomy import DICE_BUCKETS, LUNG_LABELS, Label
+from breathcast.io.dataset import open_dataset, prepare_output_dir
 from breathcast.errors import BreathcastError
 from breathcast.metrics import (
     WANG_MS_SSIM_WEIGHTS,

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 
 import breathcast
-from breathcast.anatomy import LUNG_LABELS, Label
+from breathcast.sim.anatomy import LUNG_LABELS, Label
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, field_to_lps_mm, hu_to_unit
 from breathcast.metrics import endpoint_error_mm, lung_region_mask, masked_mse, target_error_mm, target_motion_error_mm
 from breathcast.plots import plot_prediction
-from breathcast.simulator import SimulatedPatient, pair_field
+from breathcast.sim.simulator import SimulatedPatient, pair_field
 from breathcast.training.cvae import CVAE, load_cvae
 from breathcast.training.ldm import LDM
 from breathcast.warp import count_folds, warp_image, warp_labels

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 import breathcast
 from breathcast.checksums import sha256_file
-from breathcast.dataset import prepare_output_dir
+from breathcast.io.dataset import prepare_output_dir
 from breathcast.errors import BreathcastError
 from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder, autoencoder_loss, load_autoencoder, save_autoencoder
 from breathcast.training.data import PatientData, sample_pairs

@@ -28,13 +28,13 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import breathcast
-from breathcast.anatomy import LUNG_LABELS
-from breathcast.dataset import open_dataset, prepare_output_dir
+from breathcast.sim.anatomy import LUNG_LABELS
+from breathcast.io.dataset import open_dataset, prepare_output_dir
 from breathcast.checksums import sha256_file
 from breathcast.errors import BreathcastError
 from breathcast.geometry import HU_MAX, HU_MIN
 from breathcast.metrics import lung_region_mask
-from breathcast.simulator import SimulationConfig
+from breathcast.sim.simulator import SimulationConfig
 from breathcast.training.cvae import CVAE, CVAEConfig, save_cvae
 from breathcast.training.data import PatientData, Split, load_patients, sample_pairs, split_patients
 from breathcast.training.data import simulate_patients as simulate_patients_in_memory

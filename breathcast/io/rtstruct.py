@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import RTStructureSetStorage
 
-from breathcast.dicom_io import SeriesIdentity, instance_references, new_dataset, new_uid, read_dicom_file, save_dataset, set_equipment
+from breathcast.io.dicom_io import SeriesIdentity, instance_references, new_dataset, new_uid, read_dicom_file, save_dataset, set_equipment
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume, resample_volume
 

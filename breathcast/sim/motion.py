@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from breathcast.anatomy import AnatomyParams
+from breathcast.sim.anatomy import AnatomyParams
 from breathcast.geometry import Grid, field_from_lps_mm
 
 __all__ = ["MotionParams", "MotionField", "sample_motion", "build_motion_field"]

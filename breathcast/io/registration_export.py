@@ -16,7 +16,7 @@ left-handed grid is written with its slices reversed: the same field in patient 
 
 NIfTI (``.nii``, ``.nii.gz``) and MetaImage (``.mha``) hold the same mm LPS components as ITK and
 SimpleITK write displacement fields (``sitk.ReadImage`` gives a field ``sitk.DisplacementFieldTransform``
-accepts); NIfTI is written by :func:`breathcast.dataset.write_field`.
+accepts); NIfTI is written by :func:`breathcast.io.dataset.write_field`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import DeformableSpatialRegistrationStorage
 
-from breathcast import dataset
-from breathcast.dicom_io import SeriesIdentity, instance_references, new_dataset, new_uid, read_dicom_file, save_dataset, set_equipment
+from breathcast.io import dataset
+from breathcast.io.dicom_io import SeriesIdentity, instance_references, new_dataset, new_uid, read_dicom_file, save_dataset, set_equipment
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, field_from_lps_mm, field_to_lps_mm
 
@@ -128,7 +128,7 @@ def build_deformable_registration(
 
     Returns:
         The dataset, with file meta (Explicit VR Little Endian); write it with
-        :func:`write_deformable_registration` or ``breathcast.dicom_io.save_dataset``.
+        :func:`write_deformable_registration` or ``breathcast.io.dicom_io.save_dataset``.
 
     Raises:
         BreathcastError: another Frame of Reference than the plan's, a plan without images or UIDs, or a

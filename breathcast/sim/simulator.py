@@ -1,6 +1,6 @@
 """The synthetic 5DCT simulator: patients, fast helical free-breathing scans, and their ground truth.
 
-A patient is an anatomy (:mod:`breathcast.anatomy`), a breathing motion (:mod:`breathcast.motion`) and a
+A patient is an anatomy (:mod:`breathcast.sim.anatomy`), a breathing motion (:mod:`breathcast.sim.motion`) and a
 breathing trace (:mod:`breathcast.traces`). Each of the ``n_scans`` scans is a fast helical sweep: slice z
 is acquired at its own time t_z, so it shows the anatomy at the breathing state (A(t_z), Ȧ(t_z)). The
 anatomy is rendered once on a grid ``supersampling`` times finer than the scan grid and blurred by the
@@ -20,11 +20,11 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from breathcast.anatomy import DICE_BUCKETS, LUNG_LABELS, AnatomyParams, Label, render_phantom, sample_anatomy
-from breathcast.dataset import describe_dataset, prepare_output_dir, write_patient
+from breathcast.sim.anatomy import DICE_BUCKETS, LUNG_LABELS, AnatomyParams, Label, render_phantom, sample_anatomy
+from breathcast.io.dataset import describe_dataset, prepare_output_dir, write_patient
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Triplet
-from breathcast.motion import MotionField, MotionParams, build_motion_field, sample_motion
+from breathcast.sim.motion import MotionField, MotionParams, build_motion_field, sample_motion
 from breathcast.warp import compose, invert
 from breathcast.traces import (
     BreathingTrace,
@@ -100,7 +100,7 @@ class SimulatedScan:
 
     Args:
         image_hu: (Z, Y, X) float32 CT in HU.
-        labels: (Z, Y, X) uint8 :class:`~breathcast.anatomy.Label` ids, the anatomy as the scan shows it.
+        labels: (Z, Y, X) uint8 :class:`~breathcast.sim.anatomy.Label` ids, the anatomy as the scan shows it.
         field: (3, Z, Y, X) float32 voxels (dz, dy, dx): ground-truth pull-back from the rest anatomy,
             ``image(x) = rest(x + field(x))``.
         slice_times_s: (Z,) acquisition time of each slice, seconds on the session clock.
