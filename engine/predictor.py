@@ -39,6 +39,7 @@ from typing import Protocol
 import numpy as np
 from scipy.signal import savgol_filter
 
+from breathcast.canonical import to_canonical
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume, hu_to_unit, resample_volume
 from breathcast.resize import FieldResizer, axis_weights, evaluate_polynomial, voxel_to_lps_matrix
@@ -381,10 +382,14 @@ class Predictor:
         elif manifest.kind not in _NETWORKS:
             kinds = " or an ".join(f"{k} package" for k in _NETWORKS)  # "a cvae package or an ldm package"
             raise PackageError(f"{package.path}: the {config.path.value} path needs a {kinds}, got {manifest.kind!r}")
-        model_volume = plan.volume if plan.volume.shape == shape else resample_volume(plan.volume, shape)
+        canonical_plan, self.frame = to_canonical(plan.volume)
+        if self.frame.axes[0] != 0:
+            raise BreathcastError("the planning CT's slices are not axial; its per-slice trace cannot be placed along z")
+        plan_amplitude = plan.amplitude[::-1] if self.frame.flips[0] else plan.amplitude
+        model_volume = canonical_plan if canonical_plan.shape == shape else resample_volume(canonical_plan, shape)
         self.grid: Grid = model_volume.grid
         self.slices = shape[0]
-        self.b_m = _resample_slices(plan.amplitude, self.slices).astype(np.float32)
+        self.b_m = _resample_slices(plan_amplitude, self.slices).astype(np.float32)
         self._to_lps = voxel_to_lps_matrix(self.grid)
         self._target_index = self.grid.lps_to_index(plan.target_lps_mm) if len(plan.target_lps_mm) else np.zeros((0, 3))
         self.distillation_error_mm: dict[str, float] = {}
