@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import numpy as np
 import breathcast
 from breathcast.errors import BreathcastError, DatasetError
 from breathcast.geometry import Grid, Volume, field_from_lps_mm, field_to_lps_mm
+from breathcast.io.files import atomic_write, temporary_sibling
 
 __all__ = [
     "FORMAT_NAME",
@@ -139,12 +139,8 @@ def read_field(path: Path) -> tuple[np.ndarray, Grid]:
 
 def _write_json(data: dict[str, Any], path: Path) -> None:
     """Write JSON atomically (temporary file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise BreathcastError(f"cannot write {path}: {exc.strerror or exc}") from None
+    text = json.dumps(data, indent=1, default=_json_default) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _json_default(value: Any) -> Any:
@@ -259,7 +255,7 @@ def write_patient(
         The patient's folder.
     """
     dataset_dir = prepare_output_dir(dataset_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{patient_id}.", dir=dataset_dir))
+    staging = temporary_sibling(dataset_dir / patient_id, directory=True)  # mode from the umask
     try:
         scan_entries = []
         for k, scan in enumerate(scans):
@@ -301,7 +297,6 @@ def write_patient(
         trace = {"time_s": np.asarray(trace_time_s), "amplitude": np.asarray(trace_amplitude), "units": {"time_s": "s", "amplitude": "dimensionless"}}
         _write_json(trace, staging / "trace.json")
         _write_json(patient, staging / "patient.json")
-        os.chmod(staging, 0o755)  # mkdtemp makes it private
         final = dataset_dir / patient_id
         if final.exists():
             shutil.rmtree(final)

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -41,11 +38,14 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 import breathcast
+from breathcast.canonical import position_direction, reorient
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume
+from breathcast.io.files import atomic_output_dir, atomic_write
 
 __all__ = [
     "SeriesIdentity",
+    "InstanceReference",
     "instance_references",
     "CTSeries",
     "read_dicom_file",
@@ -56,6 +56,7 @@ __all__ = [
     "new_dataset",
     "set_equipment",
     "new_uid",
+    "ds_value",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,7 @@ _PARALLEL_TOLERANCE_MM = 0.01  # in-plane drift of the slice origin per slice (g
 
 def instance_references(identity: SeriesIdentity) -> DicomSequence:
     """Items (ReferencedSOPClassUID, ReferencedSOPInstanceUID) for every image of a series, in slice order."""
-    out = DicomSequence()
-    for uid in identity.sop_instance_uids:
-        item = Dataset()
-        item.ReferencedSOPClassUID = identity.sop_class_uid
-        item.ReferencedSOPInstanceUID = uid
-        out.append(item)
-    return out
+    return DicomSequence([ref.item() for ref in identity.instances()])
 
 
 def new_uid() -> str:
@@ -132,6 +127,10 @@ class SeriesIdentity:
     patient_position: str = ""
     position_reference_indicator: str = ""
 
+    def instances(self) -> list[InstanceReference]:
+        """A reference to each image of the series, in slice order."""
+        return [InstanceReference(self.sop_class_uid, uid, self.series_instance_uid) for uid in self.sop_instance_uids]
+
     def apply_patient_and_study(self, ds: Dataset) -> None:
         """Copy the Patient and General Study modules of this series into ``ds`` (same patient, same study)."""
         ds.PatientName = self.patient_name
@@ -146,6 +145,33 @@ class SeriesIdentity:
         ds.ReferringPhysicianName = self.referring_physician_name
         if self.study_description:
             ds.StudyDescription = self.study_description
+
+
+@dataclass(frozen=True)
+class InstanceReference:
+    """One DICOM object another one points to (PS3.3 10.8 SOP Instance Reference macro), and its series.
+
+    Args:
+        sop_class_uid: (0008,1150) Referenced SOP Class UID.
+        sop_instance_uid: (0008,1155) Referenced SOP Instance UID.
+        series_instance_uid: the series it belongs to (for the Common Instance Reference module).
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+
+    @classmethod
+    def of(cls, ds: Dataset) -> InstanceReference:
+        """The reference to a dataset (its SOP Class, SOP Instance and Series Instance UIDs)."""
+        return cls(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
+
+    def item(self) -> Dataset:
+        """A sequence item with ReferencedSOPClassUID and ReferencedSOPInstanceUID."""
+        item = Dataset()
+        item.ReferencedSOPClassUID = self.sop_class_uid
+        item.ReferencedSOPInstanceUID = self.sop_instance_uid
+        return item
 
 
 @dataclass(frozen=True, repr=False)
@@ -396,51 +422,6 @@ def read_ct_series(folder: Path | str, series_uid: str | None = None) -> CTSerie
     return CTSeries(Volume(array, grid), identity, tuple(paths))
 
 
-class atomic_output_dir:  # noqa: N801 - used as a context manager, reads like a function
-    """Write a folder whole or not at all: a hidden temporary sibling, renamed into place on success.
-
-    ``target`` must not exist, or be an empty folder. On an exception the temporary folder is removed
-    and ``target`` is left as it was.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> root = pathlib.Path(tempfile.mkdtemp())
-        >>> with atomic_output_dir(root / "series") as tmp:
-        ...     _ = (tmp / "a.dcm").write_bytes(b"")
-        >>> sorted(p.name for p in (root / "series").iterdir())
-        ['a.dcm']
-    """
-
-    def __init__(self, target: Path | str) -> None:
-        self.target = Path(target)
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        if self.target.exists() and (not self.target.is_dir() or any(self.target.iterdir())):
-            raise BreathcastError(
-                f"{self.target}: already exists and is not an empty folder; choose a new output folder"
-            )
-        try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent))
-        except OSError as exc:
-            raise BreathcastError(f"cannot write {self.target}: {exc.strerror or exc}") from None
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        try:
-            if self.target.is_dir():
-                self.target.rmdir()  # empty, checked on entry
-            os.rename(self.tmp, self.target)
-        except OSError as exc2:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise BreathcastError(f"cannot write {self.target}: {exc2.strerror or exc2}") from None
-
-
 def _file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class_uid
@@ -509,8 +490,13 @@ def _new_identity(reference: SeriesIdentity | None, frame: str) -> SeriesIdentit
     )
 
 
-def _ds_str(value: float) -> str:
-    """A DS value (16 characters at most) that keeps as many digits as fit."""
+def ds_value(value: float) -> str:
+    """A decimal string (VR DS, PS3.5 6.2: 16 characters at most) that keeps as many digits as fit.
+
+    Example:
+        >>> ds_value(-164.24107142857142), ds_value(2.0), ds_value(1e-20)
+        ('-164.24107142857', '2.0', '1e-20')
+    """
     return pydicom.valuerep.format_number_as_ds(float(value))
 
 
@@ -528,6 +514,9 @@ def write_ct_series(
     description: str = "breathcast derived CT",
     series_number: int = 901,
     derivation: str = "breathcast: CT warped by a predicted displacement field",
+    orientation: str | None = None,
+    source_images: SeriesIdentity | None = None,
+    source_instances: Sequence[InstanceReference] = (),
 ) -> SeriesIdentity:
     """Write a CT volume in HU as a new DICOM series (one CT Image Storage file per slice).
 
@@ -539,10 +528,25 @@ def write_ct_series(
         description: SeriesDescription.
         series_number: SeriesNumber.
         derivation: DerivationDescription (why the images differ from the acquired ones).
+        orientation: a PatientPosition of :data:`breathcast.canonical.PATIENT_POSITIONS` ("HFS", "FFS",
+            "HFP", "FFP", "HFDL", ...): the voxels are laid out as an axial scan of a patient in that position
+            is stored (its ImageOrientationPatient; no interpolation, the same anatomy at the same LPS places)
+            and PatientPosition says it. None: stored as ``volume.grid`` is.
+        source_images: the series slice ``k`` of this volume was made from, slice for slice (same grid):
+            each slice lists its source in SourceImageSequence (PS3.3 C.12.4, purpose DCM 121322).
+        source_instances: other objects the images were made from (the REG that warped them): listed in
+            every slice's SourceInstanceSequence. Both are listed, by series, in ReferencedSeriesSequence
+            (Common Instance Reference, PS3.3 C.12.2).
 
     Returns:
         The :class:`SeriesIdentity` of the written series (SOP Instance UIDs in slice order).
     """
+    if orientation is not None:
+        volume = reorient(volume, position_direction(orientation))
+    if source_images is not None and len(source_images.sop_instance_uids) != volume.shape[0]:
+        raise BreathcastError(
+            f"source series has {len(source_images.sop_instance_uids)} slices; the volume {volume.shape[0]}"
+        )
     grid = volume.grid
     direction = grid.direction_matrix
     frame = grid.frame_of_reference_uid
@@ -557,6 +561,9 @@ def write_ct_series(
         )
     pixels = _hu_to_int16(volume.array)
     identity = _new_identity(reference, frame)
+    if orientation is not None:
+        identity = replace(identity, patient_position=orientation)
+    referenced_series = _referenced_series(source_images, source_instances)
     sop_uids = []
     folder = Path(folder)
     with atomic_output_dir(folder) as tmp:
@@ -572,14 +579,14 @@ def write_ct_series(
             ds.ContentDate = ds.InstanceCreationDate
             ds.ContentTime = ds.InstanceCreationTime
             position = np.asarray(grid.origin) + direction[:, 2] * grid.spacing[2] * k
-            ds.ImagePositionPatient = [_ds_str(v) for v in position]
-            ds.ImageOrientationPatient = [_ds_str(v) for v in direction[:, :2].T.ravel()]
+            ds.ImagePositionPatient = [ds_value(v) for v in position]
+            ds.ImageOrientationPatient = [ds_value(v) for v in direction[:, :2].T.ravel()]
             ds.PixelSpacing = [
-                _ds_str(grid.spacing[1]),
-                _ds_str(grid.spacing[0]),
+                ds_value(grid.spacing[1]),
+                ds_value(grid.spacing[0]),
             ]  # row spacing (y), column spacing (x)
-            ds.SliceThickness = _ds_str(grid.spacing[2])
-            ds.SliceLocation = _ds_str(position @ direction[:, 2])
+            ds.SliceThickness = ds_value(grid.spacing[2])
+            ds.SliceLocation = ds_value(position @ direction[:, 2])
             ds.KVP = ""
             ds.AcquisitionNumber = ""
             ds.SamplesPerPixel = 1
@@ -595,11 +602,43 @@ def write_ct_series(
             ds.WindowCenter = "40"
             ds.WindowWidth = "400"
             ds.PixelData = np.ascontiguousarray(pixels[k]).astype("<i2").tobytes()
+            if source_images is not None:
+                ds.SourceImageSequence = _source_image(source_images, k)
+            if source_instances:
+                ds.SourceInstanceSequence = DicomSequence([r.item() for r in source_instances])
+            if referenced_series:
+                ds.ReferencedSeriesSequence = referenced_series
             _save(ds, tmp / f"CT{k + 1:05d}.dcm", folder)
             sop_uids.append(str(ds.SOPInstanceUID))
     return replace(
         identity, sop_instance_uids=tuple(sop_uids), series_number=series_number, series_description=description[:64]
     )
+
+
+def _source_image(source: SeriesIdentity, k: int) -> DicomSequence:
+    item = source.instances()[k].item()
+    purpose = Dataset()  # CID 7202 Source Image Purposes of Reference
+    purpose.CodeValue = "121322"
+    purpose.CodingSchemeDesignator = "DCM"
+    purpose.CodeMeaning = "Source image for image processing operation"
+    item.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
+    return DicomSequence([item])
+
+
+def _referenced_series(images: SeriesIdentity | None, instances: Sequence[InstanceReference]) -> DicomSequence:
+    """Common Instance Reference (PS3.3 C.12.2): every referenced instance, grouped by its series."""
+    by_series: dict[str, list[InstanceReference]] = {}
+    if images is not None:
+        by_series[images.series_instance_uid] = images.instances()
+    for ref in instances:
+        by_series.setdefault(ref.series_instance_uid, []).append(ref)
+    out = DicomSequence()
+    for uid, refs in by_series.items():
+        series = Dataset()
+        series.SeriesInstanceUID = uid
+        series.ReferencedInstanceSequence = DicomSequence([r.item() for r in refs])
+        out.append(series)
+    return out
 
 
 def _set_ct_series(ds: Dataset, identity: SeriesIdentity, description: str, series_number: int) -> None:
@@ -622,21 +661,5 @@ def _save(ds: Dataset, path: Path, shown: Path) -> None:
 
 
 def save_dataset(ds: Dataset, path: Path | str) -> Path:
-    """Write one DICOM object atomically (temporary sibling file, then rename); returns ``path``."""
-    path = Path(path)
-    if path.is_dir():
-        raise BreathcastError(f"{path}: is a folder; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise BreathcastError(f"cannot write {path}: {exc.strerror or exc}") from None
-    tmp = Path(tmp_name)
-    try:
-        _save(ds, tmp, path)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write one DICOM object atomically (temporary sibling file, then rename; mode from the umask); returns ``path``."""
+    return atomic_write(path, lambda tmp: _save(ds, tmp, Path(path)))

@@ -12,7 +12,10 @@ identity. Objects are built, then validated (:func:`validate_deformable_registra
 atomically; ``dciodvfy`` (Debian ``dicom3tools``) passes them without errors (tested when installed).
 
 The DICOM grid has no direction of its own for the slice axis (it is row x column), so a field on a
-left-handed grid is written with its slices reversed: the same field in patient space.
+left-handed grid is written with its slices reversed, and an axial grid whose row x column points inferior
+(a feet-first plan) with its columns and slices reversed, so the third axis is +z as SlicerRT's reader
+assumes: the same field in patient space. Positions and orientations are DS strings of at most 16 characters
+(PS3.5 6.2), so strict readers accept any grid.
 
 NIfTI (``.nii``, ``.nii.gz``) and MetaImage (``.mha``) hold the same mm LPS components as ITK and
 SimpleITK write displacement fields (``sitk.ReadImage`` gives a field ``sitk.DisplacementFieldTransform``
@@ -21,8 +24,6 @@ accepts); NIfTI is written by :func:`breathcast.io.dataset.write_field`.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +33,20 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import DeformableSpatialRegistrationStorage
 
 from breathcast.io import dataset
-from breathcast.io.dicom_io import SeriesIdentity, instance_references, new_dataset, new_uid, read_dicom_file, save_dataset, set_equipment
+from breathcast.canonical import flip_grid
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, field_from_lps_mm, field_to_lps_mm
+from breathcast.io.dicom_io import (
+    SeriesIdentity,
+    ds_value,
+    instance_references,
+    new_dataset,
+    new_uid,
+    read_dicom_file,
+    save_dataset,
+    set_equipment,
+)
+from breathcast.io.files import atomic_write
 
 __all__ = [
     "RegistrationField",
@@ -79,17 +91,24 @@ class RegistrationField:
         return f"RegistrationField({self.grid!r}; from {self.path})"
 
 
-def _right_handed(lps: np.ndarray, grid: Grid) -> tuple[np.ndarray, Grid]:
-    """The same field on a right-handed grid (slices reversed when the grid is left-handed)."""
-    direction = grid.direction_matrix
-    if np.linalg.det(direction) > 0:
+def _dicom_layout(lps: np.ndarray, grid: Grid) -> tuple[np.ndarray, Grid]:
+    """The same field on the grid a DICOM REG can hold, third axis +z when the grid is axial.
+
+    DICOM has no direction for the grid's slice axis: it is row x column (PS3.3 C.20.3.1.1), so a left-handed
+    grid has its slices reversed. And SlicerRT's REG reader assumes the third axis is +z (superior): an axial
+    grid whose row x column points inferior (a feet-first plan) has its columns and slices reversed.
+    Reversals only; every point keeps its displacement (mm LPS).
+    """
+    d = grid.direction_matrix
+    normal = np.cross(d[:, 0], d[:, 1])
+    flip_columns = bool(abs(normal[2]) >= np.abs(normal[:2]).max() and normal[2] < 0)
+    if flip_columns:
+        normal = -normal
+    flips = (bool(normal @ d[:, 2] < 0), flip_columns, False)
+    if not any(flips):
         return lps, grid
-    nz = grid.shape[0]
-    origin = np.asarray(grid.origin) + direction[:, 2] * grid.spacing[2] * (nz - 1)
-    direction = direction.copy()
-    direction[:, 2] *= -1
-    flipped = Grid(grid.shape, grid.spacing, tuple(origin), tuple(map(tuple, direction)), grid.frame_of_reference_uid)
-    return np.ascontiguousarray(lps[:, ::-1]), flipped
+    axes = tuple(1 + a for a, f in enumerate(flips) if f)
+    return np.ascontiguousarray(np.flip(lps, axes)), flip_grid(grid, flips)
 
 
 def _code_sequence(value: str, scheme: str, meaning: str) -> DicomSequence:
@@ -142,7 +161,7 @@ def build_deformable_registration(
         raise BreathcastError(
             f"field grid is in Frame of Reference {grid.frame_of_reference_uid}, the plan in {plan.frame_of_reference_uid}"
         )
-    lps, grid = _right_handed(field_to_lps_mm(u_voxels, grid), grid)
+    lps, grid = _dicom_layout(field_to_lps_mm(u_voxels, grid), grid)
     if not np.all(np.isfinite(lps)):
         raise BreathcastError("displacement field holds NaN or infinite values; not exported")
     ds = new_dataset(DeformableSpatialRegistrationStorage)
@@ -185,8 +204,8 @@ def build_deformable_registration(
 def _grid_item(lps: np.ndarray, grid: Grid) -> Dataset:
     direction = grid.direction_matrix
     item = Dataset()
-    item.ImagePositionPatient = [float(v) for v in grid.origin]
-    item.ImageOrientationPatient = [float(v) for v in direction[:, :2].T.ravel()]
+    item.ImagePositionPatient = [ds_value(v) for v in grid.origin]
+    item.ImageOrientationPatient = [ds_value(v) for v in direction[:, :2].T.ravel()]
     item.GridDimensions = [int(n) for n in grid.shape[::-1]]  # (columns, rows, slices)
     item.GridResolution = [float(s) for s in grid.spacing]
     item.VectorGridData = np.ascontiguousarray(lps.transpose(1, 2, 3, 0), dtype="<f4").tobytes()
@@ -339,31 +358,6 @@ def read_deformable_registration(path: Path | str, item: int = 0) -> Registratio
     return RegistrationField(lps, grid, str(registration.get("SourceFrameOfReferenceUID", "")), referenced, path)
 
 
-def _temporary_sibling(path: Path) -> Path:
-    """A hidden file beside ``path`` that keeps its suffixes (writers choose the format by them)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{path.name}", dir=path.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise BreathcastError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return Path(name)
-
-
-def _atomic(write, path: Path) -> Path:  # noqa: ANN001 - write(tmp_path) -> None
-    tmp = _temporary_sibling(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise BreathcastError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_field_mha(u_voxels: np.ndarray, grid: Grid, path: Path | str) -> Path:
     """Write a (3, Z, Y, X) voxel field as a MetaImage (.mha) displacement field: float32, mm LPS, as ITK does.
 
@@ -399,7 +393,7 @@ def write_field_mha(u_voxels: np.ndarray, grid: Grid, path: Path | str) -> Path:
     def write(tmp: Path) -> None:
         tmp.write_bytes(text + data)
 
-    return _atomic(write, Path(path))
+    return atomic_write(path, write)
 
 
 def read_field_mha(path: Path | str) -> tuple[np.ndarray, Grid]:
@@ -454,7 +448,7 @@ def export_field(u_voxels: np.ndarray, grid: Grid, path: Path | str, plan: Serie
     if name.endswith(".mha"):
         return write_field_mha(u_voxels, grid, path)
     if name.endswith((".nii", ".nii.gz")):
-        return _atomic(lambda tmp: dataset.write_field(u_voxels, grid, tmp), path)
+        return atomic_write(path, lambda tmp: dataset.write_field(u_voxels, grid, tmp))
     raise BreathcastError(f"{path}: unknown field format; use .dcm (DICOM REG), .nii.gz or .mha")
 
 
