@@ -1,0 +1,303 @@
+"""Statistics of exhale -> inhale lung motion, the same for real landmarks and simulated fields.
+
+What simulated motion must match on real lungs (issue 13, part 2): the mean displacement magnitude against the
+normalised superior-inferior position in the lungs (0 = lung base, 1 = apex), the direction ratios
+mean |LR| : |AP| : |SI| and the signed means, the fraction of points moving more than a threshold, and, over a
+population, each patient's mean magnitude and its spread between patients.
+
+Every sample is a set of points in the lungs with their end-exhale position q (x, y, z) mm, x left, y posterior,
+z superior, and their exhale -> inhale displacement d (mm, same frame). The normalised position of a point is
+``(q_z - z_lo) / (z_hi - z_lo)`` clipped to [0, 1], with z_lo, z_hi the 1st and 99th percentiles of the sample's own
+exhale z: landmarks without images and simulated lungs are normalised the same way, by where their points are.
+:func:`landmark_statistics` takes :class:`~breathcast.io.landmarks.LandmarkPairs`; :func:`field_statistics` takes a
+pull-back field on the exhale anatomy's grid and samples it in the lungs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from breathcast.errors import BreathcastError
+from breathcast.geometry import Grid
+from breathcast.io.landmarks import LandmarkPairs
+
+__all__ = [
+    "N_BINS",
+    "THRESHOLD_MM",
+    "MotionStatistics",
+    "PopulationStatistics",
+    "motion_statistics",
+    "landmark_statistics",
+    "field_statistics",
+    "population_statistics",
+]
+
+N_BINS = 5
+"""Bins of the normalised superior-inferior position, base (0) to apex (1)."""
+
+THRESHOLD_MM = 10.0
+"""Displacements above this count in :attr:`MotionStatistics.fraction_above`."""
+
+_EXTENT_PERCENTILES = (1.0, 99.0)
+
+
+@dataclass(frozen=True)
+class MotionStatistics:
+    """One patient's (or one landmark set's) exhale -> inhale motion in the lungs.
+
+    Args:
+        name: the sample's name.
+        n_points: points the statistics were computed on.
+        mean_magnitude_mm: mean |d|.
+        median_magnitude_mm: median |d|.
+        p95_magnitude_mm: 95th percentile of |d|.
+        threshold_mm: the threshold of ``fraction_above``.
+        fraction_above: fraction of points with |d| > ``threshold_mm``.
+        mean_abs_mm: (3,) mean |d_x|, |d_y|, |d_z| (LR, AP, SI), mm.
+        component_ratio: (3,) ``mean_abs_mm / mean_abs_mm.sum()``: the LR : AP : SI shares, summing to 1.
+        signed_mean_mm: (3,) mean d (x left, y posterior, z superior), mm; real inhale moves the lungs inferior
+            (z < 0).
+        z_extent_mm: (2,) the exhale z (mm) that maps to position 0 (base) and 1 (apex).
+        bin_edges: (N_BINS + 1,) normalised positions bounding the bins, 0 (base) to 1 (apex).
+        bin_counts: (N_BINS,) points per bin.
+        bin_mean_magnitude_mm: (N_BINS,) mean |d| per bin, NaN in an empty bin.
+    """
+
+    name: str
+    n_points: int
+    mean_magnitude_mm: float
+    median_magnitude_mm: float
+    p95_magnitude_mm: float
+    threshold_mm: float
+    fraction_above: float
+    mean_abs_mm: np.ndarray
+    component_ratio: np.ndarray
+    signed_mean_mm: np.ndarray
+    z_extent_mm: np.ndarray
+    bin_edges: np.ndarray
+    bin_counts: np.ndarray
+    bin_mean_magnitude_mm: np.ndarray
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready: floats rounded to 0.01 mm (0.0001 for shares), arrays as lists, NaN as None."""
+        out: dict[str, object] = {}
+        for key, value in self.__dict__.items():
+            digits = 4 if key in ("component_ratio", "fraction_above", "bin_edges") else 3
+            if isinstance(value, np.ndarray):
+                out[key] = [None if not np.isfinite(v) else round(float(v), digits) for v in value]
+            elif isinstance(value, float):
+                out[key] = round(value, digits)
+            else:
+                out[key] = value
+        return out
+
+
+@dataclass(frozen=True)
+class PopulationStatistics:
+    """What a population of samples shares and how much it varies.
+
+    Args:
+        names: the samples, in order.
+        per_patient_mean_mm: (P,) each sample's mean |d|.
+        mean_of_means_mm: mean of ``per_patient_mean_mm``.
+        std_of_means_mm: standard deviation of ``per_patient_mean_mm`` between samples (ddof 0).
+        range_of_means_mm: (2,) min and max of ``per_patient_mean_mm``.
+        component_ratio: (3,) mean of the samples' LR : AP : SI shares.
+        component_ratio_range: (2, 3) min and max of each share over the samples.
+        bin_profile: (N_BINS,) mean over samples of each sample's bin magnitude divided by its own mean |d|
+            (shape of the magnitude along base -> apex, amplitude removed); NaN in a bin empty in every sample.
+        bin_profile_range: (2, N_BINS) min and max of that ratio over samples.
+        fraction_above: mean over samples of the fraction above the threshold.
+        fraction_above_range: (2,) its min and max.
+    """
+
+    names: tuple[str, ...]
+    per_patient_mean_mm: np.ndarray
+    mean_of_means_mm: float
+    std_of_means_mm: float
+    range_of_means_mm: np.ndarray
+    component_ratio: np.ndarray
+    component_ratio_range: np.ndarray
+    bin_profile: np.ndarray
+    bin_profile_range: np.ndarray
+    fraction_above: float
+    fraction_above_range: np.ndarray
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready, rounded to 0.001 (mm or share)."""
+        out: dict[str, object] = {}
+        for key, value in self.__dict__.items():
+            if isinstance(value, np.ndarray):
+                out[key] = np.round(np.where(np.isfinite(value), value, np.nan), 3).tolist()
+            elif isinstance(value, float):
+                out[key] = round(value, 3)
+            else:
+                out[key] = list(value)
+        return out
+
+
+def motion_statistics(
+    name: str,
+    exhale_mm: np.ndarray,
+    displacement_mm: np.ndarray,
+    n_bins: int = N_BINS,
+    threshold_mm: float = THRESHOLD_MM,
+) -> MotionStatistics:
+    """Statistics of exhale -> inhale displacements of points in the lungs.
+
+    Args:
+        name: the sample's name.
+        exhale_mm: (N, 3) end-exhale positions (x, y, z) mm, z superior (only z is used: the normalised position).
+        displacement_mm: (N, 3) exhale -> inhale displacement of each point, (x, y, z) mm, same frame.
+        n_bins: bins of the normalised position, base (0) to apex (1).
+        threshold_mm: the threshold of ``fraction_above``.
+
+    Returns:
+        :class:`MotionStatistics`.
+
+    Example:
+        >>> q = np.array([[0.0, 0.0, z] for z in np.linspace(0.0, 100.0, 11)])
+        >>> d = np.zeros_like(q); d[:, 2] = -np.linspace(20.0, 0.0, 11)  # base moves most, inferior
+        >>> s = motion_statistics("toy", q, d, n_bins=2)
+        >>> s.component_ratio.tolist(), float(s.signed_mean_mm[2]), s.bin_mean_magnitude_mm.round(1).tolist()
+        ([0.0, 0.0, 1.0], -10.0, [16.0, 5.0])
+    """
+    q = np.asarray(exhale_mm, dtype=np.float64)
+    d = np.asarray(displacement_mm, dtype=np.float64)
+    if q.ndim != 2 or q.shape[1] != 3 or q.shape != d.shape or len(q) < 2:
+        raise BreathcastError(f"{name}: need two equal (N >= 2, 3) arrays of points, got {q.shape} and {d.shape}")
+    if n_bins < 1:
+        raise BreathcastError(f"{name}: need at least one position bin, got {n_bins}")
+    magnitude = np.linalg.norm(d, axis=1)
+    z_lo, z_hi = np.percentile(q[:, 2], _EXTENT_PERCENTILES)
+    if z_hi <= z_lo:
+        raise BreathcastError(f"{name}: the points have no superior-inferior extent (all at z = {z_lo:.1f} mm)")
+    position = np.clip((q[:, 2] - z_lo) / (z_hi - z_lo), 0.0, 1.0)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.minimum((position * n_bins).astype(int), n_bins - 1)
+    counts = np.bincount(which, minlength=n_bins)
+    sums = np.bincount(which, weights=magnitude, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_bin = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    mean_abs = np.abs(d).mean(axis=0)
+    total = mean_abs.sum()
+    ratio = mean_abs / total if total > 0 else np.full(3, np.nan)
+    return MotionStatistics(
+        name=name,
+        n_points=int(len(q)),
+        mean_magnitude_mm=float(magnitude.mean()),
+        median_magnitude_mm=float(np.median(magnitude)),
+        p95_magnitude_mm=float(np.percentile(magnitude, 95)),
+        threshold_mm=float(threshold_mm),
+        fraction_above=float((magnitude > threshold_mm).mean()),
+        mean_abs_mm=mean_abs,
+        component_ratio=ratio,
+        signed_mean_mm=d.mean(axis=0),
+        z_extent_mm=np.array([z_lo, z_hi]),
+        bin_edges=edges,
+        bin_counts=counts,
+        bin_mean_magnitude_mm=per_bin,
+    )
+
+
+def landmark_statistics(
+    pairs: LandmarkPairs, n_bins: int = N_BINS, threshold_mm: float = THRESHOLD_MM
+) -> MotionStatistics:
+    """:func:`motion_statistics` of real landmark pairs (exhale positions, exhale -> inhale displacements)."""
+    return motion_statistics(pairs.name, pairs.exhale_mm, pairs.displacement_mm, n_bins, threshold_mm)
+
+
+def field_statistics(
+    field_lps_mm: np.ndarray,
+    lung_mask: np.ndarray,
+    grid: Grid,
+    n_points: int = 5000,
+    seed: int = 0,
+    name: str = "field",
+    n_bins: int = N_BINS,
+    threshold_mm: float = THRESHOLD_MM,
+) -> MotionStatistics:
+    """:func:`motion_statistics` of a simulated pull-back field, sampled at points in the lungs.
+
+    The field is the pull-back displacement of end-inhale (amplitude 1) from the end-exhale (amplitude 0) anatomy,
+    on the exhale anatomy's grid: the tissue seen at x at inhale was at q = x + u(x) at exhale. So the exhale ->
+    inhale motion of the tissue whose exhale position is q = x + u(x) is d = -u(x), with no inversion needed. The
+    points are drawn among the voxel centres x whose exhale position q falls in the exhale lung mask (nearest
+    voxel): they are the lungs as seen at inhale, each with its exact exhale position q and displacement -u(x).
+    Drawing uniformly over inhale voxels weights points by the inhale volume they fill; the lungs' local volume
+    change (~10-30 %) shifts the statistics much less than the differences they are meant to show. Only the sign
+    convention matters here: a field whose inhale tissue came from further superior (u_z > 0) moves the lungs
+    inferior on inhale (d_z < 0), as real lungs do.
+
+    Args:
+        field_lps_mm: (3, Z, Y, X) pull-back displacement at amplitude 1, components (x, y, z) mm along patient LPS
+            (convert the code's voxel fields with :func:`breathcast.geometry.field_to_lps_mm`).
+        lung_mask: (Z, Y, X) bool, the lungs of the exhale (amplitude 0) anatomy.
+        grid: the grid both live on (any direction; positions are patient LPS).
+        n_points: points to draw (all of them when the lungs hold fewer).
+        seed: seed of the draw.
+        name: the sample's name.
+        n_bins: bins of the normalised position.
+        threshold_mm: the threshold of ``fraction_above``.
+
+    Returns:
+        :class:`MotionStatistics` of the drawn points.
+
+    Raises:
+        BreathcastError: shapes disagree with ``grid``, or no inhale voxel maps into the lungs.
+    """
+    u = np.asarray(field_lps_mm)
+    mask = np.asarray(lung_mask, dtype=bool)
+    if u.shape != (3, *grid.shape) or mask.shape != grid.shape:
+        raise BreathcastError(
+            f"{name}: field must be (3, {', '.join(map(str, grid.shape))}) and mask {grid.shape}, "
+            f"got {u.shape} and {mask.shape}"
+        )
+    index = np.indices(grid.shape).reshape(3, -1).T  # (V, 3) voxel centres x, (z, y, x) order
+    u_points = u.reshape(3, -1).T.astype(np.float64)  # (V, 3) u(x), (x, y, z) mm
+    exhale = grid.index_to_lps(index) + u_points  # q = x + u(x), LPS mm
+    source = np.rint(grid.lps_to_index(exhale)).astype(np.int64)  # nearest exhale voxel of q
+    inside = np.all((source >= 0) & (source < np.asarray(grid.shape)), axis=1)
+    in_lungs = np.zeros(len(index), dtype=bool)
+    in_lungs[inside] = mask[tuple(source[inside].T)]
+    candidates = np.flatnonzero(in_lungs)
+    if len(candidates) < 2:
+        raise BreathcastError(f"{name}: fewer than 2 inhale voxels map into the exhale lung mask")
+    rng = np.random.default_rng(seed)
+    if len(candidates) > n_points:
+        candidates = rng.choice(candidates, size=n_points, replace=False)
+    return motion_statistics(name, exhale[candidates], -u_points[candidates], n_bins, threshold_mm)
+
+
+def population_statistics(samples: list[MotionStatistics]) -> PopulationStatistics:
+    """Means, ranges and the spread between patients of a list of samples (e.g. the 10 DIR-Lab cases).
+
+    Raises:
+        BreathcastError: an empty list.
+    """
+    if not samples:
+        raise BreathcastError("population statistics need at least one sample")
+    means = np.array([s.mean_magnitude_mm for s in samples])
+    ratios = np.stack([s.component_ratio for s in samples])
+    profiles = np.stack([s.bin_mean_magnitude_mm / s.mean_magnitude_mm for s in samples])
+    fractions = np.array([s.fraction_above for s in samples])
+    with warnings.catch_warnings():  # a bin empty in every sample is NaN, as documented
+        warnings.simplefilter("ignore", RuntimeWarning)
+        profile = np.nanmean(profiles, axis=0)
+        profile_range = np.stack([np.nanmin(profiles, axis=0), np.nanmax(profiles, axis=0)])
+    return PopulationStatistics(
+        names=tuple(s.name for s in samples),
+        per_patient_mean_mm=means,
+        mean_of_means_mm=float(means.mean()),
+        std_of_means_mm=float(means.std()),
+        range_of_means_mm=np.array([means.min(), means.max()]),
+        component_ratio=ratios.mean(axis=0),
+        component_ratio_range=np.stack([ratios.min(axis=0), ratios.max(axis=0)]),
+        bin_profile=profile,
+        bin_profile_range=profile_range,
+        fraction_above=float(fractions.mean()),
+        fraction_above_range=np.array([fractions.min(), fractions.max()]),
+    )

@@ -1,0 +1,139 @@
+"""Motion statistics: known fields and point sets, the pull-back sign, and DIR-Lab/POPI through the same path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from breathcast.errors import BreathcastError
+from breathcast.geometry import Grid, field_to_lps_mm
+from breathcast.io.landmarks import LandmarkPairs, read_dirlab_case, read_popi
+from breathcast.sim.anatomy import LUNG_LABELS
+from breathcast.sim.motion import build_motion_field
+from breathcast.sim.motion_statistics import (
+    N_BINS,
+    field_statistics,
+    landmark_statistics,
+    motion_statistics,
+    population_statistics,
+)
+from breathcast.sim.simulator import SimulationConfig, simulate_patient
+from tests.conftest import shared_data_file
+from tests.grids import OBLIQUE
+
+TINY = Grid.centered((8, 6, 6), extent_mm=(30.0, 30.0, 40.0))  # 5 mm voxels
+
+
+def _translation_lps_mm(grid: Grid, lps_mm: tuple[float, float, float]) -> np.ndarray:
+    return np.broadcast_to(np.asarray(lps_mm, dtype=np.float32)[:, None, None, None], (3, *grid.shape)).copy()
+
+
+def test_pure_si_translation_gives_si_only_and_inferior() -> None:
+    """Pull-back u_z = +4 mm (inhale tissue came from superior): d = (0, 0, -4), shares 0 : 0 : 1."""
+    stats = field_statistics(_translation_lps_mm(TINY, (0.0, 0.0, 4.0)), np.ones(TINY.shape, bool), TINY, seed=1)
+    np.testing.assert_allclose(stats.component_ratio, [0.0, 0.0, 1.0], atol=1e-12)
+    np.testing.assert_allclose(stats.signed_mean_mm, [0.0, 0.0, -4.0], atol=1e-6)
+    assert stats.mean_magnitude_mm == pytest.approx(4.0) and stats.fraction_above == 0.0
+    np.testing.assert_allclose(stats.bin_mean_magnitude_mm[stats.bin_counts > 0], 4.0, atol=1e-6)
+
+
+def test_voxel_field_on_an_oblique_grid_is_read_in_lps() -> None:
+    """One row (index j) on OBLIQUE is -1.5 mm LPS z: pull-back +1 row means the lungs moved 1.5 mm superior."""
+    u = np.zeros((3, *OBLIQUE.shape), np.float32)
+    u[1] = 1.0  # dy, voxels
+    stats = field_statistics(field_to_lps_mm(u, OBLIQUE), np.ones(OBLIQUE.shape, bool), OBLIQUE)
+    np.testing.assert_allclose(stats.signed_mean_mm, [0.0, 0.0, 1.5], atol=1e-5)
+    np.testing.assert_allclose(stats.component_ratio, [0.0, 0.0, 1.0], atol=1e-6)
+
+
+def test_points_are_exhale_positions_inside_the_exhale_lungs() -> None:
+    """With lungs in the lower half and u_z = +10 mm, the exhale positions x + u(x), not x, lie in the mask."""
+    mask = np.zeros(TINY.shape, bool)
+    mask[:4] = True  # slices below z = 0 (index z grows superior on this axial grid)
+    mask_top_mm = TINY.index_to_lps(np.array([3.0, 0.0, 0.0]))[2]
+    stats = field_statistics(_translation_lps_mm(TINY, (0.0, 0.0, 10.0)), mask, TINY)
+    assert stats.z_extent_mm[1] <= mask_top_mm + 1e-6
+    assert stats.n_points == 2 * TINY.shape[1] * TINY.shape[2]  # the two inhale slices that map into it
+
+
+def test_subsampling_is_seeded() -> None:
+    """n_points below the lung voxels draws that many, the same for the same seed."""
+    field = _translation_lps_mm(TINY, (1.0, 2.0, 3.0))
+    a, b = (field_statistics(field, np.ones(TINY.shape, bool), TINY, n_points=50, seed=3) for _ in range(2))
+    assert a.n_points == 50 and a.z_extent_mm.tolist() == b.z_extent_mm.tolist()
+    np.testing.assert_allclose(a.component_ratio, [1 / 6, 2 / 6, 3 / 6])
+
+
+def test_profile_bins_base_to_apex_and_ignore_the_frame() -> None:
+    """|d| falling from base to apex fills the bins in decreasing order; moving the points by 100 mm changes nothing."""
+    z = np.linspace(-80.0, 80.0, 201)
+    q = np.stack([np.zeros_like(z), np.zeros_like(z), z], axis=1)
+    d = np.zeros_like(q)
+    d[:, 2] = -(80.0 - z) / 10.0  # 16 mm at the base, 0 at the apex
+    stats = motion_statistics("ramp", q, d)
+    assert len(stats.bin_mean_magnitude_mm) == N_BINS and np.all(np.diff(stats.bin_mean_magnitude_mm) < 0)
+    shifted = motion_statistics("ramp", q + np.array([5.0, -7.0, 100.0]), d)
+    np.testing.assert_allclose(shifted.bin_mean_magnitude_mm, stats.bin_mean_magnitude_mm)
+    assert stats.fraction_above == pytest.approx(np.mean(np.abs(d[:, 2]) > 10.0))
+
+
+def test_population_of_two() -> None:
+    """Means 2 and 4 mm: mean 3, SD 1 (ddof 0), range 2-4; shares averaged."""
+    q = np.stack([np.zeros(3), np.zeros(3), np.array([0.0, 10.0, 20.0])], axis=1)
+    a = motion_statistics("a", q, np.tile([0.0, 0.0, -2.0], (3, 1)))
+    b = motion_statistics("b", q, np.tile([4.0, 0.0, 0.0], (3, 1)))
+    population = population_statistics([a, b])
+    assert (population.mean_of_means_mm, population.std_of_means_mm) == pytest.approx((3.0, 1.0))
+    np.testing.assert_allclose(population.range_of_means_mm, [2.0, 4.0])
+    np.testing.assert_allclose(population.component_ratio, [0.5, 0.0, 0.5])
+    assert population.to_dict()["names"] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: motion_statistics("flat", np.zeros((4, 3)), np.ones((4, 3))), "no superior-inferior extent"),
+        (lambda: motion_statistics("short", np.zeros((1, 3)), np.zeros((1, 3))), "N >= 2"),
+        (lambda: field_statistics(np.zeros((3, 2, 2, 2)), np.ones(TINY.shape, bool), TINY), "field must be"),
+        (lambda: field_statistics(_translation_lps_mm(TINY, (0, 0, 0)), np.zeros(TINY.shape, bool), TINY),
+         "fewer than 2 inhale voxels"),
+        (lambda: population_statistics([]), "at least one sample"),
+    ],
+)
+def test_bad_input(call, message: str) -> None:
+    """Wrong shapes, empty lungs and degenerate samples are refused with the reason."""
+    with pytest.raises(BreathcastError, match=message):
+        call()
+
+
+def test_dirlab_case1_statistics() -> None:
+    """DIR-Lab case 1 through the statistics: 3.89 mm, SI-dominant, inferior, the base moving most."""
+    stats = landmark_statistics(read_dirlab_case(shared_data_file("landmarks/dirlab/case01.csv")))
+    assert stats.mean_magnitude_mm == pytest.approx(3.89, abs=0.005)
+    assert stats.component_ratio[2] > 0.6 and stats.signed_mean_mm[2] < 0
+    assert stats.bin_mean_magnitude_mm[0] > 3 * stats.bin_mean_magnitude_mm[-1]
+
+
+def test_popi_statistics() -> None:
+    """POPI through the statistics: 5.6 mm mean, moving inferior."""
+    stats = landmark_statistics(read_popi(shared_data_file("landmarks/popi")))
+    assert stats.mean_magnitude_mm == pytest.approx(5.6, abs=0.05) and stats.signed_mean_mm[2] < 0
+
+
+def test_landmark_and_field_paths_agree_on_a_translation() -> None:
+    """The same 3 mm inferior motion reads the same from landmark pairs and from a pull-back field."""
+    exhale = np.stack([np.zeros(5), np.zeros(5), np.linspace(0.0, 40.0, 5)], axis=1)
+    pairs = landmark_statistics(LandmarkPairs("pairs", exhale, exhale + np.array([0.0, 0.0, -3.0])))
+    field = field_statistics(_translation_lps_mm(TINY, (0.0, 0.0, 3.0)), np.ones(TINY.shape, bool), TINY)
+    np.testing.assert_allclose(pairs.signed_mean_mm, field.signed_mean_mm, atol=1e-6)
+    np.testing.assert_allclose(pairs.component_ratio, field.component_ratio, atol=1e-9)
+
+
+def test_cartoon_patient_moves_like_lungs() -> None:
+    """A 24³ cartoon patient at amplitude 1: inferior on inhale, SI-dominant, the base moving more than the apex."""
+    patient = simulate_patient(5, SimulationConfig(grid_size=24, n_scans=1, supersampling=1, noise_hu=0.0))
+    motion = build_motion_field(patient.anatomy, patient.motion, patient.grid)
+    field = field_to_lps_mm(motion.displacement(1.0, 0.0), patient.grid)
+    stats = field_statistics(field, np.isin(patient.reference_labels, LUNG_LABELS), patient.grid)
+    assert stats.signed_mean_mm[2] < 0 and stats.component_ratio[2] > 0.5
+    assert stats.bin_mean_magnitude_mm[0] > 2 * stats.bin_mean_magnitude_mm[-1]
