@@ -4,7 +4,9 @@ Reading checks that the structure set belongs to the CT it is rasterised on: the
 its ``ReferencedFrameOfReferenceSequence`` (and of the ROI) must equal the grid's, otherwise the contours
 are in another patient coordinate system and the result would be silently wrong. A ROI's CLOSED_PLANAR
 contours (LPS mm) are filled per axial slice of the grid with the even-odd rule, so a contour inside
-another of the same ROI on the same slice is a hole; a voxel belongs to the ROI when its centre is inside.
+another of the same ROI on the same slice is a hole; a voxel belongs to the ROI when its centre is inside
+or on a contour (within 0.001 voxel): the contour is the ROI's outline, so contours drawn through the centres of
+a mask's edge voxels (rt-utils, OpenCV) give that mask back, and no edge is dropped on one side only.
 Contours must lie on the grid's slices (within 10 % of the slice spacing): structure sets are drawn on
 the CT's own slices. POINT and OPEN contours carry no volume and are refused for masks.
 
@@ -22,7 +24,6 @@ from pathlib import Path
 
 import contourpy
 import numpy as np
-from matplotlib.path import Path as PolygonPath
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import RTStructureSetStorage
@@ -31,11 +32,23 @@ from breathcast.io.dicom_io import SeriesIdentity, instance_references, new_data
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume, resample_volume
 
-__all__ = ["Roi", "StructureSet", "read_rtstruct", "roi_mask", "resample_mask", "mask_to_contours", "write_rtstruct"]
+__all__ = [
+    "Roi",
+    "StructureSet",
+    "read_rtstruct",
+    "roi_mask",
+    "polygon_cover",
+    "resample_mask",
+    "mask_to_contours",
+    "write_rtstruct",
+    "write_rtstruct_contours",
+]
 
 log = logging.getLogger(__name__)
 
 _PLANE_TOLERANCE = 0.1  # fraction of a slice: how far a contour may sit off the grid's slice plane
+_ON_EDGE = 1e-3  # voxels: a voxel centre this close to a contour lies on it (and belongs to the ROI)
+_EDGE_CHUNK = 64  # polygon edges tested at once
 _COLOURS = ((255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 200, 0), (0, 200, 200), (200, 0, 200))
 
 
@@ -166,7 +179,7 @@ def roi_mask(structure_set: StructureSet, name: str, grid: Grid) -> np.ndarray:
             on its slices.
 
     Returns:
-        (Z, Y, X) bool mask: True where the voxel centre is inside the ROI.
+        (Z, Y, X) bool mask: True where the voxel centre is inside the ROI or on one of its contours.
     """
     roi = structure_set.roi(name)
     _check_frame(structure_set, roi, grid)
@@ -176,7 +189,8 @@ def roi_mask(structure_set: StructureSet, name: str, grid: Grid) -> np.ndarray:
         raise BreathcastError(
             f"{structure_set.path}: ROI {roi.name!r} has no CLOSED_PLANAR contours ({', '.join(kinds)}); it has no volume"
         )
-    mask = np.zeros(grid.shape, dtype=bool)
+    interior = np.zeros(grid.shape, dtype=bool)
+    boundary = np.zeros(grid.shape, dtype=bool)
     ny, nx = grid.shape[1:]
     for points in closed:
         index = grid.lps_to_index(points)  # (N, 3) fractional (z, y, x)
@@ -191,14 +205,58 @@ def roi_mask(structure_set: StructureSet, name: str, grid: Grid) -> np.ndarray:
             log.debug("%s: contour of %s outside the grid (slice %d), skipped", structure_set.path, roi.name, k)
             continue
         yx = index[:, 1:]
-        lo = np.maximum(np.floor(yx.min(axis=0)).astype(int), 0)
-        hi = np.minimum(np.ceil(yx.max(axis=0)).astype(int) + 1, (ny, nx))
+        lo = np.maximum(np.floor(yx.min(axis=0) - _ON_EDGE).astype(int), 0)
+        hi = np.minimum(np.ceil(yx.max(axis=0) + _ON_EDGE).astype(int) + 1, (ny, nx))
         if np.any(hi <= lo):
             continue
         jj, ii = np.mgrid[lo[0] : hi[0], lo[1] : hi[1]]
-        inside = PolygonPath(yx[:, ::-1]).contains_points(np.column_stack([ii.ravel(), jj.ravel()]))
-        mask[k, lo[0] : hi[0], lo[1] : hi[1]] ^= inside.reshape(ii.shape)  # even-odd: inner contours are holes
-    return mask
+        inside, on_edge = polygon_cover(yx, np.column_stack([jj.ravel(), ii.ravel()]).astype(np.float64))
+        box = (k, slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+        interior[box] ^= inside.reshape(ii.shape)  # even-odd: a contour inside another of the ROI is a hole
+        boundary[box] |= on_edge.reshape(ii.shape)
+    return interior | boundary
+
+
+def polygon_cover(polygon: np.ndarray, points: np.ndarray, tolerance: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Which points lie strictly inside a closed polygon (even-odd rule), and which on its edges.
+
+    A point on an edge (within ``tolerance``) is reported on the edge, not inside; :func:`roi_mask` counts it
+    in the ROI (the contour is the ROI's outline: voxel centres on it belong to it, for outer contours and
+    holes alike), as contours drawn through the centres of a mask's edge voxels expect.
+
+    Args:
+        polygon: (N, 2) vertices (first not repeated), any units.
+        points: (M, 2) query points in the same units.
+        tolerance: distance from an edge still counted on it, same units.
+
+    Returns:
+        ((M,) bool strictly inside, (M,) bool on an edge).
+
+    Example:
+        >>> square = np.array([[0.0, 0.0], [0.0, 2.0], [2.0, 2.0], [2.0, 0.0]])
+        >>> inside, edge = polygon_cover(square, np.array([[1.0, 1.0], [0.0, 1.0], [3.0, 1.0]]))
+        >>> inside.tolist(), edge.tolist()
+        ([True, False, False], [False, True, False])
+    """
+    a = np.asarray(polygon, dtype=np.float64)
+    b = np.roll(a, -1, axis=0)
+    p = np.asarray(points, dtype=np.float64)
+    parity = np.zeros(len(p), dtype=bool)
+    on_edge = np.zeros(len(p), dtype=bool)
+    for start in range(0, len(a), _EDGE_CHUNK):  # (M, chunk) arrays: bounded memory on large contours
+        a0, b0 = a[start : start + _EDGE_CHUNK].T[:, None, :], b[start : start + _EDGE_CHUNK].T[:, None, :]
+        px, py = p[:, 0:1], p[:, 1:2]
+        # Crossing number along +x (PS3.3 C.8.8.6: the contour encloses the ROI on its plane)
+        straddles = (a0[1] > py) != (b0[1] > py)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x_cross = a0[0] + (py - a0[1]) * (b0[0] - a0[0]) / (b0[1] - a0[1])
+        parity ^= np.logical_xor.reduce(straddles & (px < x_cross), axis=1)
+        edge = b0 - a0
+        length2 = np.maximum((edge**2).sum(axis=0), 1e-300)
+        t = np.clip(((px - a0[0]) * edge[0] + (py - a0[1]) * edge[1]) / length2, 0.0, 1.0)
+        distance2 = (px - a0[0] - t * edge[0]) ** 2 + (py - a0[1] - t * edge[1]) ** 2
+        on_edge |= (distance2 <= tolerance**2).any(axis=1)
+    return parity & ~on_edge, on_edge
 
 
 def resample_mask(mask: Volume, shape: tuple[int, int, int]) -> Volume:
@@ -257,12 +315,36 @@ def write_rtstruct(
     """Write boolean masks on a CT grid as an RT Structure Set referencing that CT series.
 
     Args:
-        masks: ROI name -> (Z, Y, X) bool mask on ``grid``.
+        masks: ROI name -> (Z, Y, X) bool mask on ``grid``, contoured by :func:`mask_to_contours`.
         grid: the CT grid (``ct``'s slices, in array order).
         ct: identity of the CT series the masks were drawn on (patient, study, Frame of Reference, SOP
             Instance UIDs per slice).
         path: the output file; written atomically.
         label: StructureSetLabel.
+
+    Returns:
+        ``path``.
+    """
+    for name, mask in masks.items():
+        if np.shape(mask) != grid.shape:
+            raise BreathcastError(f"mask {name!r} has shape {np.shape(mask)}; the grid says {grid.shape}")
+    contours = {name: mask_to_contours(mask, grid) for name, mask in masks.items()}
+    return write_rtstruct_contours(contours, grid, ct, path, label)
+
+
+def write_rtstruct_contours(
+    contours: dict[str, list[np.ndarray]],
+    grid: Grid,
+    ct: SeriesIdentity,
+    path: Path | str,
+    label: str = "breathcast",
+) -> Path:
+    """Write closed planar contours as an RT Structure Set referencing the CT series they were drawn on.
+
+    Args:
+        contours: ROI name -> polygons, each (N, 3) float points (x, y, z) mm LPS on one slice of ``grid``
+            (first point not repeated).
+        grid, ct, path, label: as :func:`write_rtstruct`.
 
     Returns:
         ``path``.
@@ -292,14 +374,14 @@ def write_rtstruct(
     ds.StructureSetROISequence = DicomSequence()
     ds.ROIContourSequence = DicomSequence()
     ds.RTROIObservationsSequence = DicomSequence()
-    for number, (name, mask) in enumerate(masks.items(), start=1):
+    for number, (name, polygons) in enumerate(contours.items(), start=1):
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = ct.frame_of_reference_uid
         roi.ROIName = name
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
         ds.StructureSetROISequence.append(roi)
-        ds.ROIContourSequence.append(_roi_contours(number, np.asarray(mask, dtype=bool), grid, ct))
+        ds.ROIContourSequence.append(_roi_contours(number, name, polygons, grid, ct))
         observation = Dataset()
         observation.ObservationNumber = number
         observation.ReferencedROINumber = number
@@ -326,18 +408,20 @@ def _referenced_frame(ct: SeriesIdentity) -> Dataset:
     return frame
 
 
-def _roi_contours(number: int, mask: np.ndarray, grid: Grid, ct: SeriesIdentity) -> Dataset:
+def _roi_contours(number: int, name: str, polygons: list[np.ndarray], grid: Grid, ct: SeriesIdentity) -> Dataset:
     item = Dataset()
     item.ReferencedROINumber = number
     item.ROIDisplayColor = list(_COLOURS[(number - 1) % len(_COLOURS)])
     item.ContourSequence = DicomSequence()
-    for points in mask_to_contours(mask, grid):
-        k = int(round(float(grid.lps_to_index(points[:1])[0, 0])))
-        image = Dataset()
-        image.ReferencedSOPClassUID = ct.sop_class_uid
-        image.ReferencedSOPInstanceUID = ct.sop_instance_uids[k]
+    images = ct.instances()
+    for points in polygons:
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        z = grid.lps_to_index(points)[:, 0]
+        k = int(round(float(z[0])))
+        if len(points) < 3 or not 0 <= k < grid.shape[0] or np.abs(z - k).max() > _PLANE_TOLERANCE:
+            raise BreathcastError(f"ROI {name!r}: a contour of {len(points)} points is not a polygon on a slice of the grid")
         contour = Dataset()
-        contour.ContourImageSequence = DicomSequence([image])
+        contour.ContourImageSequence = DicomSequence([images[k].item()])
         contour.ContourGeometricType = "CLOSED_PLANAR"
         contour.NumberOfContourPoints = len(points)
         contour.ContourData = _ds_list(points)
