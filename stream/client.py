@@ -15,6 +15,7 @@ CURVE: pass ``curve=CurveKeys(server_public, client_secret)`` (files from ``brea
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,23 +58,39 @@ class CurveKeys:
 def make_keys(folder: Path | str, name: str) -> tuple[Path, Path]:
     """Write a CURVE key pair ``NAME.key`` (public, give it out) and ``NAME.key_secret`` (keep it) into ``folder``.
 
+    ``NAME.key_secret`` holds both keys (ZeroMQ's ZPL certificate: ``public-key`` and ``secret-key``, Z85). Modes are
+    set whatever the umask: a folder made here 0700, the secret file 0600, the public one 0644; an existing folder
+    that others can write is refused.
+
     Example:
         >>> import tempfile
         >>> public, secret = make_keys(tempfile.mkdtemp(), "console")
         >>> public.name, secret.name
         ('console.key', 'console.key_secret')
     """
+    import tempfile
+
     import zmq.auth
 
     folder = Path(folder)
     if not name or "/" in name or name.startswith("."):
         raise BreathcastError(f"key name must be a plain file name, got {name!r}")
-    folder.mkdir(parents=True, exist_ok=True)
-    if (folder / f"{name}.key").exists() or (folder / f"{name}.key_secret").exists():
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        folder.chmod(0o700)  # whatever the umask
+    elif folder.stat().st_mode & 0o022:
+        raise BreathcastError(f"{folder} is writable by others, who could replace keys in it; chmod 700 {folder} or choose another")
+    public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
+    if public.exists() or secret.exists():
         raise BreathcastError(f"{folder / name}.key already exists; choose another name or folder")
-    public, secret = zmq.auth.create_certificates(str(folder), name)
-    Path(secret).chmod(0o600)
-    return Path(public), Path(secret)
+    # Made in a private (0700) folder and moved in with their modes set: the secret is never readable by others.
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        made_public, made_secret = (Path(p) for p in zmq.auth.create_certificates(tmp, name))
+        made_secret.chmod(0o600)
+        made_public.chmod(0o644)
+        os.replace(made_secret, secret)
+        os.replace(made_public, public)
+    return public, secret
 
 
 class _Client:

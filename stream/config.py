@@ -27,7 +27,7 @@ Example:
     ...     config_from_dict({"gating": {"colour": 1}})
     ... except BreathcastError as exc:
     ...     print(exc)
-    config: unknown key gating.colour (known: amplitude_range, kind, target_index, target_limits_mm)
+    config: unknown key gating.colour (known: amplitude_range, hysteresis, hysteresis_mm, kind, target_index, target_limits_mm)
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ __all__ = [
     "PlanSpec",
     "GatingConfig",
     "SafetyConfig",
+    "PlausibilityConfig",
     "FieldConfig",
     "SecurityConfig",
     "ForecastConfig",
@@ -134,12 +135,18 @@ class GatingConfig:
         amplitude_range: [low, high], dimensionless.
         target_limits_mm: [[x_lo, x_hi], [y_lo, y_hi], [z_lo, z_hi]] displacement from the planned position, mm LPS.
         target_index: which target point.
+        hysteresis: amplitude gating: BEAM_ON starts only once the amplitude is this far inside ``amplitude_range``
+            and stops when it leaves the range itself (dimensionless; 0 = off, the default), so irregular breathing
+            near a threshold does not chatter.
+        hysteresis_mm: the same for target gating, mm on every axis (0 = off).
     """
 
     kind: str = "amplitude"
     amplitude_range: tuple[float, float] = (-0.2, 0.3)
     target_limits_mm: tuple[tuple[float, float], ...] = ((-3.0, 3.0), (-3.0, 3.0), (-3.0, 3.0))
     target_index: int = 0
+    hysteresis: float = 0.0
+    hysteresis_mm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("amplitude", "target"):
@@ -152,6 +159,10 @@ class GatingConfig:
             raise BreathcastError("gating target_limits_mm must be three [low, high] pairs (x, y, z) with low < high")
         if self.target_index < 0:
             raise BreathcastError("gating target_index must be >= 0")
+        if not 0 <= 2 * self.hysteresis < hi - lo:
+            raise BreathcastError(f"gating hysteresis must be >= 0 and less than half the amplitude range, got {self.hysteresis}")
+        if not all(0 <= 2 * self.hysteresis_mm < b - a for a, b in limits):
+            raise BreathcastError(f"gating hysteresis_mm must be >= 0 and less than half of every target limit, got {self.hysteresis_mm}")
         object.__setattr__(self, "amplitude_range", (lo, hi))
         object.__setattr__(self, "target_limits_mm", limits)
 
@@ -165,21 +176,76 @@ class SafetyConfig:
         max_gap_s: source-time step between two samples above which the window holds a gap, s; HOLD until the
             gap has left the window.
         reorder_hold_s: HOLD this long after an out-of-order or duplicate sample, s.
-        restart_after: this many consecutive backward-seq samples (themselves in order) are taken as a
-            restarted source: the window is cleared.
+        restart_after: this many consecutive backward-seq (or time-jumped) samples, themselves in order, are taken
+            as a restarted source: the window is cleared.
+        time_jump_factor: a source-time step larger than this many times what the source's own cadence (its
+            recent seconds per seq step, times the seq step) or the daemon's clock (time since the last accepted
+            sample) explains, plus ``time_jump_slack_s``, is an absurd timestamp: rejected (``time_jump``).
+        time_jump_slack_s: the step always allowed on top, s (covers the first samples and a batch sent at once).
+        stuck_after_s: HOLD ``stuck_sensor`` once the amplitude has not changed by more than ``stuck_tolerance``
+            for this long (source time), s; 0 = off. A live sensor is never exactly constant: a flat line is a
+            sensor or cable fault, or a frozen source.
+        stuck_tolerance: the largest amplitude spread still counted as constant (dimensionless).
     """
 
     stale_after_s: float = 0.25
     max_gap_s: float = 0.25
     reorder_hold_s: float = 0.5
     restart_after: int = 10
+    time_jump_factor: float = 4.0
+    time_jump_slack_s: float = 1.0
+    stuck_after_s: float = 2.0
+    stuck_tolerance: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("stale_after_s", "max_gap_s", "reorder_hold_s"):
+        for name in ("stale_after_s", "max_gap_s", "reorder_hold_s", "time_jump_slack_s"):
             if not getattr(self, name) > 0:
                 raise BreathcastError(f"safety {name} must be > 0")
         if self.restart_after < 1:
             raise BreathcastError("safety restart_after must be >= 1")
+        if self.time_jump_factor < 1:
+            raise BreathcastError("safety time_jump_factor must be >= 1")
+        if self.stuck_after_s < 0 or self.stuck_tolerance < 0:
+            raise BreathcastError("safety stuck_after_s and stuck_tolerance must be >= 0 (stuck_after_s 0 = off)")
+
+
+@dataclass(frozen=True)
+class PlausibilityConfig:
+    """Physiological limits: a sample or a target beyond them is a sensor or model fault, never a breath.
+
+    A violating sample is rejected (``implausible_sample``) and a violating frame held (``implausible_target``);
+    either HOLDs until its time has left the window. The defaults are several times what any breath does (a deep
+    breath reaches amplitude 2-3; the diaphragm moves 5-25 mm at amplitude 1).
+
+    Args:
+        amplitude_range: [low, high] amplitudes a breath can reach (dimensionless).
+        max_step: largest amplitude change between two consecutive samples (dimensionless).
+        max_rate_per_s: largest |d amplitude / dt| between two consecutive samples, 1/s (a breath: about 1-3).
+        noise: amplitude change allowed on top of ``max_rate_per_s`` times the time between two samples
+            (sensor noise at a high sample rate; dimensionless).
+        max_target_displacement_mm: largest displacement of a target point from the plan, mm (vector length).
+
+    Example:
+        >>> PlausibilityConfig().max_rate_per_s
+        10.0
+    """
+
+    amplitude_range: tuple[float, float] = (-3.0, 4.0)
+    max_step: float = 1.5
+    max_rate_per_s: float = 10.0
+    noise: float = 0.05
+    max_target_displacement_mm: float = 60.0
+
+    def __post_init__(self) -> None:
+        lo, hi = (float(v) for v in self.amplitude_range)
+        if not lo < hi:
+            raise BreathcastError("plausibility amplitude_range must be [low, high] with low < high")
+        object.__setattr__(self, "amplitude_range", (lo, hi))
+        for name in ("max_step", "max_rate_per_s", "max_target_displacement_mm"):
+            if not getattr(self, name) > 0:
+                raise BreathcastError(f"plausibility {name} must be > 0")
+        if self.noise < 0:
+            raise BreathcastError("plausibility noise must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -288,6 +354,7 @@ class ServeConfig:
     endpoints: Endpoints = _field(default_factory=Endpoints)
     gating: GatingConfig = _field(default_factory=GatingConfig)
     safety: SafetyConfig = _field(default_factory=SafetyConfig)
+    plausibility: PlausibilityConfig = _field(default_factory=PlausibilityConfig)
     field: FieldConfig = _field(default_factory=FieldConfig)
     security: SecurityConfig = _field(default_factory=SecurityConfig)
     forecast: ForecastConfig = _field(default_factory=ForecastConfig)
@@ -365,6 +432,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise BreathcastError(f"config: {prefix.rstrip('.') or 'the configuration'} must be a table")
+    if not all(isinstance(k, str) for k in data):
+        raise BreathcastError(f"config: keys of {prefix.rstrip('.') or 'the configuration'} must be strings")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)

@@ -15,9 +15,16 @@ Threads (docs/protocol.md has the wire side):
   keeps serving a path change, and a new plan holds the gate with reason ``loading``.
 
 The PUB socket is shared by intake, frame and field (a model error found while making a field holds the gate) under
-a lock; the field socket belongs to the field thread. Field
-arrays go out zero-copy from a ring of preallocated buffers; a buffer is reused only once ZeroMQ has released
-it (its ``MessageTracker`` is done), else the field is dropped and counted.
+a lock; the field socket belongs to the field thread and to its own ZeroMQ context (its own I/O thread), so that
+sending large fields to many subscribers never queues ``gate`` and ``target`` behind them. Field arrays go out
+zero-copy from a ring of preallocated buffers; a buffer is reused only once ZeroMQ has released it (its
+``MessageTracker`` is done), else the field is dropped and counted. A field subscriber that does not read holds at
+most ``field.sndhwm`` + 1 of them (a full subscriber queue drops new fields for that subscriber only), so the ring
+has ``sndhwm + 3``.
+
+Nothing a peer sends can stop the daemon or leave it silent: every loop is bounded, every control request gets a
+reply (``internal_error`` with the message if a handler fails), and :meth:`Daemon.wait` gives up on a thread after
+a bounded time so that ``shutdown`` and SIGTERM end the process within 2 s whatever a thread is doing.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from breathcast.errors import BreathcastError
+from breathcast.errors import BreathcastError, PlanRejected
 from breathcast.stream.config import GatingConfig, ServeConfig, _build
 from breathcast.stream.protocol import (
     MAX_CONTROL_BYTES,
@@ -45,6 +52,7 @@ from breathcast.stream.protocol import (
     ProtocolError,
     Topic,
     array_header,
+    check_version,
     grid_header,
     pack,
     parse_input,
@@ -59,12 +67,16 @@ log = logging.getLogger("breathcast.stream")
 
 REASON_PRIORITY: tuple[HoldReason, ...] = (
     HoldReason.SHUTDOWN,
+    HoldReason.PLAN_REJECTED,
     HoldReason.NO_PLAN,
     HoldReason.LOADING,
     HoldReason.NO_INPUT,
     HoldReason.STALE_INPUT,
+    HoldReason.STUCK_SENSOR,
     HoldReason.NON_FINITE_SAMPLE,
     HoldReason.INVALID_SAMPLE,
+    HoldReason.IMPLAUSIBLE_SAMPLE,
+    HoldReason.TIME_JUMP,
     HoldReason.GAP,
     HoldReason.SOURCE_RESTART,
     HoldReason.OUT_OF_ORDER,
@@ -72,13 +84,17 @@ REASON_PRIORITY: tuple[HoldReason, ...] = (
     HoldReason.WINDOW_NOT_FULL,
     HoldReason.MODEL_ERROR,
     HoldReason.NON_FINITE_FIELD,
+    HoldReason.IMPLAUSIBLE_TARGET,
     HoldReason.INTERNAL_ERROR,
     HoldReason.OUTSIDE_WINDOW,
 )
 """When several reasons hold, the gate's ``reason`` is the first of these; ``reasons`` lists them all."""
 
-_FIELD_BUFFERS = 4
 _LATENCY_KEEP = 2000
+_LINGER_MS = 300
+_JOIN_S = 0.8  # wait() joins the threads this long in all, then gives up on them (they are daemon threads)
+_TRACKER_WAIT_S = 0.2  # then this long for zero-copy fields in flight: ends within 2 s of stop() in all
+_INTERNAL_ERROR_REPLY = b"\x83\xa1v\x01\xa2ok\xc2\xa5error\x82\xa4code\xaeinternal_error\xa7message\xb2reply not encodable"
 
 
 def _percentiles(values: deque) -> dict[str, float | None]:
@@ -134,6 +150,7 @@ class Daemon:
         self._loading: str | None = None
         self._serving_during_load = False
         self._last_error = ""
+        self._plan_rejected: str | None = None
         self._window: RollingWindow | None = None
         self._version = 0
         self._done_version = 0
@@ -152,7 +169,9 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._log: SessionLog | None = None
         self.ctx: zmq.Context | None = None
-        self._auth = None
+        self.field_ctx: zmq.Context | None = None
+        self._auths: list = []
+        self._framed: tuple | None = None  # (predictor, newest sample) of the last frame computed
 
     # -- counters ----------------------------------------------------------------------------------------
 
@@ -176,7 +195,7 @@ class Daemon:
         if cfg.session_log:
             self._log = SessionLog(cfg.session_log, cfg.fsync_interval_s,
                                    {"config": _jsonable(dataclasses.asdict(cfg)), "model_id": self._package.model_id})  # fmt: skip
-        self.ctx = zmq.Context()
+        self.ctx, self.field_ctx = zmq.Context(), zmq.Context()
         self.sockets: list[zmq.Socket] = []
         try:
             self._bind()
@@ -205,11 +224,12 @@ class Daemon:
 
         return run
 
-    def _socket(self, kind: int, endpoint: str, options: dict[int, int] | None = None) -> zmq.Socket:
-        """A socket with linger, its options and (when configured) the CURVE server key, bound to ``endpoint``."""
-        s = self.ctx.socket(kind)
+    def _socket(self, kind: int, endpoint: str, options: dict[int, int] | None = None, ctx: zmq.Context | None = None) -> zmq.Socket:
+        """A socket of ``ctx`` (default: the main context) with linger, its options and (when configured) the CURVE
+        server key, bound to ``endpoint``."""
+        s = (ctx or self.ctx).socket(kind)
         self.sockets.append(s)
-        s.linger = 500
+        s.linger = _LINGER_MS
         for option, value in (options or {}).items():
             s.setsockopt(option, value)
         sec = self.config.security
@@ -236,14 +256,16 @@ class Daemon:
                 raise BreathcastError(f"client_keys_dir {keys} is not a folder of client public keys")
             if not Path(cfg.security.server_secret_key).is_file():
                 raise BreathcastError(f"server_secret_key {cfg.security.server_secret_key} is not a file")
-            self._auth = ThreadAuthenticator(self.ctx)
-            self._auth.start()  # before any bind: the ZAP handler must exist when the first client connects
-            self._auth.configure_curve(domain="*", location=str(keys))
+            for ctx in (self.ctx, self.field_ctx):  # one ZAP handler per context
+                auth = ThreadAuthenticator(ctx)
+                auth.start()  # before any bind: the ZAP handler must exist when the first client connects
+                auth.configure_curve(domain="*", location=str(keys))
+                self._auths.append(auth)
         self.input = self._socket(zmq.PULL, cfg.endpoints.input, {zmq.MAXMSGSIZE: 4 * MAX_INPUT_BYTES})
         self.pub = self._socket(zmq.PUB, cfg.endpoints.publish, {zmq.SNDHWM: 1000})
-        # XPUB + NODROP: a full subscriber queue makes send raise Again instead of dropping silently, so every
-        # field not sent is counted (fields_dropped_slow_subscriber).
-        self.field_pub = self._socket(zmq.XPUB, cfg.endpoints.field, {zmq.SNDHWM: cfg.field.sndhwm, zmq.XPUB_NODROP: 1})
+        # Plain PUB semantics on its own context: a subscriber whose queue (sndhwm fields) is full loses new fields,
+        # the others do not (XPUB_NODROP would make one stalled reader stop fields for everyone).
+        self.field_pub = self._socket(zmq.PUB, cfg.endpoints.field, {zmq.SNDHWM: cfg.field.sndhwm}, self.field_ctx)
         self.control = self._socket(zmq.REP, cfg.endpoints.control, {zmq.MAXMSGSIZE: 4 * MAX_CONTROL_BYTES})
 
     def stop(self) -> None:
@@ -255,44 +277,72 @@ class Daemon:
             self._field_ready.notify_all()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until stopped and cleaned up; True when it has."""
+        """Block until stopped, then clean up within 2 s whatever a thread is doing; True when it has.
+
+        Args:
+            timeout: give up waiting for the stop after this long, s (None: wait for it).
+        """
         end = None if timeout is None else time.monotonic() + timeout
         while not self._stop.wait(0.1):
             if end is not None and time.monotonic() > end:
                 return False
+        join_end = time.monotonic() + _JOIN_S
         for thread in self._threads:
-            thread.join(None if end is None else max(0.0, end - time.monotonic()))
+            thread.join(max(0.0, join_end - time.monotonic()))
         self._shutdown()
         return True
+
+    def serve_forever(self) -> int:
+        """Wait (in the main thread) until SIGINT, SIGTERM or a ``shutdown`` command, then clean up; returns 0."""
+        import signal
+
+        def on_signal(signum, frame) -> None:  # noqa: ARG001
+            self.stop()
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.wait()
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        return 0
 
     def _shutdown(self) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        try:
-            self._publish_gate(None, [HoldReason.SHUTDOWN], extra={})
-        except Exception:
-            pass
-        deadline = time.monotonic() + 1.0  # let zero-copy fields in flight leave before the context goes
-        for tracker in self._trackers:
-            while tracker is not None and not tracker.done and time.monotonic() < deadline:
-                time.sleep(0.005)
-        self._close_sockets()
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        if stuck:  # a thread that did not end owns its sockets: leave them and the contexts to process exit
+            log.error("threads %s did not stop within %.1f s; exiting without them", stuck, _JOIN_S)
+        elif self._pub_lock.acquire(timeout=0.2):
+            self._pub_lock.release()
+            try:
+                self._publish_gate(None, [HoldReason.SHUTDOWN], extra={})
+            except Exception:
+                log.exception("last gate not published")
+            deadline = time.monotonic() + _TRACKER_WAIT_S  # let zero-copy fields in flight leave before the context goes
+            for tracker in self._trackers:
+                while tracker is not None and not tracker.done and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            self._close_sockets()
         if self._log:
-            self._log.write({"type": "event", "event": "shutdown", "t_wall": time.time(), "counters": dict(self.counters)})
+            self._log.write({"type": "event", "event": "shutdown", "t_wall": time.time(), "counters": dict(self.counters),
+                             "threads_not_stopped": stuck})  # fmt: skip
             self._log.close()
 
     def _close_sockets(self) -> None:
         for s in getattr(self, "sockets", []):
             try:
-                s.close(linger=500)
+                s.close(linger=_LINGER_MS)
             except Exception:
                 pass
-        if self._auth is not None:
-            self._auth.stop()
-        if self.ctx is not None:
-            self.ctx.term()
-            self.ctx = None
+        for auth in self._auths:
+            auth.stop()
+        for name in ("ctx", "field_ctx"):
+            ctx = getattr(self, name)
+            if ctx is not None:
+                ctx.term()
+                setattr(self, name, None)
 
     def __enter__(self) -> Daemon:
         return self.start()
@@ -330,7 +380,8 @@ class Daemon:
             predictor = load_predictor(self._package, plan, PredictorConfig(path=path, mode=mode, runtime=runtime))
             fcfg = self.config.field
             resizer, grid = predictor.field_resizer(fcfg.shape or None, np.float16 if fcfg.dtype == "float16" else np.float32)
-            buffers = [np.empty((3, *grid.shape), resizer.dtype) for _ in range(_FIELD_BUFFERS)] if fcfg.enabled else []
+            # a stalled subscriber holds sndhwm + 1 buffers at most; the others cycle through the rest
+            buffers = [np.empty((3, *grid.shape), resizer.dtype) for _ in range(fcfg.sndhwm + 3)] if fcfg.enabled else []
             phash = plan_hash(plan) if new_plan else self._plan_hash
             from breathcast.stream.targets import target_evaluator
 
@@ -343,12 +394,17 @@ class Daemon:
                 targets.evaluate(np.full(predictor.trace.window_samples, float(np.mean(plan.amplitude))))
         except Exception as exc:
             message = str(exc) if isinstance(exc, BreathcastError) else f"{type(exc).__name__}: {exc}"
-            log.error("loading failed: %s", message)
+            rejected = isinstance(exc, PlanRejected) and new_plan
+            log.error("plan rejected: %s" if rejected else "loading failed: %s", message)
             with self._state_lock:
-                self._last_error = f"load failed: {message}"
+                self._last_error = f"plan rejected: {message}" if rejected else f"load failed: {message}"
+                if new_plan:  # a new plan failed: nothing serves; say why (never a silent guess)
+                    self._plan_rejected = message if rejected else None
                 self._loading = None
-            self.count("load_failures")
-            self._event({"event": "load_failed", "error": message})
+                self._version += 1
+                self._new_window.notify_all()
+            self.count("plans_rejected" if rejected else "load_failures")
+            self._event({"event": "plan_rejected" if rejected else "load_failed", "error": message})
             return
         with self._state_lock:
             # Zero-copy fields of the old predictor may still be in flight: the old buffers are dropped, not reused.
@@ -358,9 +414,11 @@ class Daemon:
             self._resizer, self._field_grid = resizer, grid
             self._buffers, self._trackers = buffers, [None] * len(buffers)
             if self._window is None or new_plan or self._window.trace != predictor.trace:
-                self._window = RollingWindow(predictor.trace, self.config.safety, self.config.forecast_horizon_s, self.config.forecast)
+                self._window = RollingWindow(predictor.trace, self.config.safety, self.config.forecast_horizon_s, self.config.forecast,
+                                             plausibility=self.config.plausibility)  # fmt: skip
             self._loading = None
             self._last_error = ""
+            self._plan_rejected = None
             self._version += 1
             self._new_window.notify_all()
         info = {"event": "loaded", "plan": plan.name, "plan_hash": phash, "path": path, "mode": mode,
@@ -426,7 +484,6 @@ class Daemon:
                     continue
                 for sample in samples:
                     self.count("samples_received")
-                    self._last_receive_mono = now
                     amplitude = self._amplitude(sample)
                     reason = window.add(sample, amplitude, now, t_receive)
                     rec = {"type": "sample", "seq": sample.seq, "t": sample.t_source, "t_receive": t_receive,
@@ -437,6 +494,7 @@ class Daemon:
                         rec["t_sent"] = sample.t_sent
                     if reason is None:
                         self.count("samples_accepted")
+                        self._last_receive_mono = now  # only an accepted sample is fresh input
                     else:
                         rec["type"], rec["reason"] = "rejected", reason.value
                         self.count("samples_rejected")
@@ -460,14 +518,24 @@ class Daemon:
             return math.nan
 
     def _check_stale(self, now: float) -> None:
-        reasons = self._input_time_reasons(now)
+        """Publish a HOLD without a frame when nothing serves or input stopped (at once, then every status interval)."""
+        reasons = self._plan_reasons() + self._input_time_reasons(now)
         if not reasons:
             return
+        reasons.sort(key=REASON_PRIORITY.index)
         with self._pub_lock:
             last = self._gate_last
         due = now - self._gate_last_mono >= self.config.status_interval_s
         if last is None or last[0] != GateState.HOLD.value or last[1] != reasons[0].value or due:
             self._publish_gate(None, reasons, extra={})
+
+    def _plan_reasons(self) -> list[HoldReason]:
+        """Why nothing serves: the plan was rejected, it is loading, or there is none."""
+        if self._predictor is not None:
+            return []
+        if self._loading is not None:
+            return [HoldReason.LOADING]
+        return [HoldReason.PLAN_REJECTED if self._plan_rejected else HoldReason.NO_PLAN]
 
     def _input_time_reasons(self, now: float) -> list[HoldReason]:
         if self._last_receive_mono is None:
@@ -491,13 +559,18 @@ class Daemon:
                 newest = window.newest if window is not None else None
                 now = time.monotonic()
                 reasons = window.reasons(now) if window is not None else []
-                values = window.window() if (window is not None and window.full) else None
+                fresh = self._framed is None or predictor is not self._framed[0] or newest is not self._framed[1]
+                values = window.window() if (fresh and window is not None and window.full) else None
                 forecast = window.forecast_amplitude() if newest is not None else None
                 gating = self._gating
                 loading = self._loading
             if merged > 0:
                 self.count("frames_merged", merged)
             try:
+                if not fresh:  # a refused sample: the gate is decided again, but no frame repeats the old window
+                    if reasons:
+                        self._publish_gate(newest, reasons, extra={})
+                    continue
                 self._compute_frame(predictor, newest, reasons, values, forecast, gating, loading)
             except Exception as exc:
                 log.exception("frame error")
@@ -506,13 +579,12 @@ class Daemon:
                 self._publish_gate(newest, [HoldReason.INTERNAL_ERROR], extra={})
 
     def _compute_frame(self, predictor, newest, reasons, values, forecast, gating, loading) -> None:
-        if predictor is None:
-            reasons = [HoldReason.LOADING if loading else HoldReason.NO_PLAN, *reasons]
-        elif loading:
+        if predictor is not None and loading:
             self.count("frames_during_load")
         if newest is None or values is None or predictor is None:
-            self._publish_gate(newest, reasons or [HoldReason.WINDOW_NOT_FULL], extra={})
+            self._publish_gate(newest, reasons or ([HoldReason.WINDOW_NOT_FULL] if predictor is not None else []), extra={})
             return
+        self._framed = (predictor, newest)
         self._frame += 1
         frame = self._frame
         fast = self._targets if self._targets is not None and self._targets.predictor is predictor else None
@@ -534,7 +606,16 @@ class Daemon:
             self._publish_gate(newest, [*reasons, HoldReason.NON_FINITE_FIELD], extra={"frame": frame})
             return
         amplitude_now = float(values[-1])
-        inside = self._inside(gating, amplitude_now, target_disp)
+        limit = self.config.plausibility.max_target_displacement_mm
+        if len(target_disp) and float(np.max(np.linalg.norm(np.asarray(target_disp, float), axis=1))) > limit:
+            self.count("implausible_targets")  # a model answer no anatomy gives: HOLD until the window is clean
+            with self._state_lock:
+                if self._window is not None:
+                    self._window.flag(HoldReason.IMPLAUSIBLE_TARGET, newest.t_source)
+            reasons = [*reasons, HoldReason.IMPLAUSIBLE_TARGET]
+        with self._pub_lock:
+            was_on = self._gate_last is not None and self._gate_last[0] == GateState.BEAM_ON.value
+        inside = self._inside(gating, amplitude_now, target_disp, was_on)
         base = self._frame_header(predictor, newest, frame, float(r[-1]), compute_s, amplitude_now)
         target = {**base, "target_lps_mm": np.asarray(now_lps).tolist(),
                   "target_planned_lps_mm": predictor.plan.target_lps_mm.tolist(),
@@ -603,14 +684,17 @@ class Daemon:
         self._last_error = f"frame {frame}: {exc if isinstance(exc, BreathcastError) else f'{type(exc).__name__}: {exc}'}"
         self._publish_gate(newest, [*reasons, reason], extra={"frame": frame})
 
-    def _inside(self, gating: GatingConfig, amplitude: float, target_disp: np.ndarray) -> bool:
+    def _inside(self, gating: GatingConfig, amplitude: float, target_disp: np.ndarray, was_on: bool = False) -> bool:
+        """Inside the gating window; with hysteresis, BEAM_ON starts only that far inside and stops at the edge."""
         if gating.kind == "amplitude":
             lo, hi = gating.amplitude_range
-            return lo <= amplitude <= hi
+            margin = 0.0 if was_on else gating.hysteresis
+            return lo + margin <= amplitude <= hi - margin
         if gating.target_index >= len(target_disp):
             return False
+        margin = 0.0 if was_on else gating.hysteresis_mm
         d = target_disp[gating.target_index]
-        return all(lo <= v <= hi for v, (lo, hi) in zip(d, gating.target_limits_mm))
+        return all(lo + margin <= v <= hi - margin for v, (lo, hi) in zip(d, gating.target_limits_mm))
 
     def _frame_header(self, predictor, newest, frame: int, rate: float, compute_s: float, amplitude: float) -> dict[str, Any]:
         plan = predictor.plan
@@ -655,14 +739,6 @@ class Daemon:
         trackers[index] = tracker
         self.count("fields_published")
         self._lat["field_ms"].append((time.time() - newest.t_receive) * 1e3)
-        self._drain_field_subscriptions()
-
-    def _drain_field_subscriptions(self) -> None:
-        for _ in range(100):
-            try:
-                self.field_pub.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
 
     # -- publishing --------------------------------------------------------------------------------------
 
@@ -682,7 +758,7 @@ class Daemon:
 
     def _publish_gate(self, newest, reasons: list[HoldReason], extra: dict[str, Any]) -> None:
         """Publish (and log) one gate decision; a stale input, checked here last, always wins."""
-        reasons = list(dict.fromkeys(reasons + self._input_time_reasons(time.monotonic())))
+        reasons = list(dict.fromkeys(self._plan_reasons() + reasons + self._input_time_reasons(time.monotonic())))
         if self._stop.is_set() and HoldReason.SHUTDOWN not in reasons:
             reasons.insert(0, HoldReason.SHUTDOWN)
         reasons.sort(key=REASON_PRIORITY.index)
@@ -726,12 +802,16 @@ class Daemon:
         with self._counter_lock:
             counters = dict(self.counters)
         window = self._window
-        state = "loading" if self._loading else ("running" if predictor is not None else "no_plan")
+        state = "loading" if self._loading else ("running" if predictor is not None else
+                                                  "plan_rejected" if self._plan_rejected else "no_plan")
         return {
             "state": state,
             "loading": self._loading,
             "serving_during_load": bool(self._loading and self._serving_during_load),
             "last_error": self._last_error,
+            "plan_rejected": self._plan_rejected,
+            "status_interval_s": self.config.status_interval_s,
+            "stale_after_s": self.config.safety.stale_after_s,
             "uptime_s": time.monotonic() - self._started_mono,
             "model_id": predictor.model_id if predictor else self._package.model_id,
             "plan": {"name": self._plan.name if self._plan else "", "hash": self._plan_hash,
@@ -769,18 +849,30 @@ class Daemon:
             request = unpack(frames[0], MAX_CONTROL_BYTES)
             if not isinstance(request, dict):
                 raise ProtocolError("malformed", "a request must be a msgpack map")
-            if request.get("v") != PROTOCOL_VERSION:
-                raise ProtocolError("bad_version", f"protocol version {request.get('v')!r}; this daemon speaks {PROTOCOL_VERSION}")
+            check_version(request)
+            if not isinstance(request.get("cmd"), str):
+                raise ProtocolError("bad_argument", f"cmd must be a string, got {type(request.get('cmd')).__name__}")
             reply = self._command(request)
             stop_after = request.get("cmd") == "shutdown"
             reply = {"v": PROTOCOL_VERSION, "ok": True, **reply}
         except ProtocolError as exc:
             self.count("control_errors")
-            reply = {"v": PROTOCOL_VERSION, "ok": False, "error": {"code": exc.code, "message": str(exc).split(": ", 1)[-1]}}
+            reply = _error_reply(exc.code, str(exc).split(": ", 1)[-1])
         except BreathcastError as exc:
             self.count("control_errors")
-            reply = {"v": PROTOCOL_VERSION, "ok": False, "error": {"code": "bad_argument", "message": str(exc)}}
-        self.control.send(pack(_jsonable(reply)))
+            reply = _error_reply("bad_argument", str(exc))
+        except Exception as exc:  # a bug: still one reply, REQ/REP must never lock up for every client
+            log.exception("control request failed")
+            self.count("control_errors")
+            self.count("internal_errors")
+            reply = _error_reply("internal_error", f"{type(exc).__name__}: {exc}")
+        try:
+            data = pack(_jsonable(reply))
+        except Exception:
+            log.exception("control reply not encodable")
+            self.count("internal_errors")
+            data = _INTERNAL_ERROR_REPLY
+        self.control.send(data)
         if stop_after:
             self._event({"event": "shutdown_requested"})
             self.stop()
@@ -807,6 +899,10 @@ class Daemon:
         if cmd == "set_gating":
             merged = {**_jsonable(dataclasses.asdict(self._gating)), **args}
             gating = _build(GatingConfig, merged, "gating.")
+            predictor = self._predictor
+            points = len(predictor.plan.target_lps_mm) if predictor is not None else None
+            if gating.kind == "target" and points is not None and gating.target_index >= points:
+                raise ProtocolError("bad_argument", f"target_index {gating.target_index}: the plan has {points} target point(s)")
             with self._state_lock:
                 self._gating = gating
             self._event({"event": "set_gating", "gating": dataclasses.asdict(gating)})
@@ -844,12 +940,19 @@ class Daemon:
         if cmd == "load_plan":
             from breathcast.stream.config import PlanSpec
 
-            spec = _build(PlanSpec, args.get("plan", {}) if isinstance(args.get("plan", {}), dict) else {"?": 0}, "plan.")
+            plan_map = args.get("plan", {})
+            if not isinstance(plan_map, dict):
+                raise ProtocolError("bad_argument", f"plan must be a map of [plan] keys, got {type(plan_map).__name__}")
+            spec = _build(PlanSpec, plan_map, "plan.")
             self._plan_spec = spec
             self._start_load(spec, self._path, self._mode, new_plan=True)
             return {"loading": True}
         raise ProtocolError("unknown_command", f"unknown cmd {cmd!r}; known: status, load_plan, set_mode, set_gating, "
                             "set_forecast, reset, shutdown")  # fmt: skip
+
+
+def _error_reply(code: str, message: str) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "ok": False, "error": {"code": code, "message": message}}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -871,17 +974,4 @@ def _jsonable(obj: Any) -> Any:
 
 def serve(config: ServeConfig) -> int:
     """Run the daemon in the foreground until SIGINT / SIGTERM or a ``shutdown`` command; returns 0."""
-    import signal
-
-    daemon = Daemon(config).start()
-
-    def on_signal(signum, frame) -> None:  # noqa: ARG001
-        daemon.stop()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        daemon.wait()
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    return 0
+    return Daemon(config).start().serve_forever()

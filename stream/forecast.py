@@ -91,19 +91,26 @@ class RlsForecaster:
             del self._y[: len(self._y) - keep]
 
     def update(self, t: float, amplitude: float) -> None:
-        """One accepted sample (source time s, increasing; finite amplitude)."""
+        """One accepted sample (source time s, increasing; finite amplitude); bounded work whatever ``t`` is."""
         if self._t_last is None:
             self._t_grid, self._t_last, self._a_last = t, t, amplitude
             self._push(amplitude)
             return
-        if t <= self._t_last:
+        if not t > self._t_last:
             return
         t0, a0 = self._t_last, self._a_last
-        g = self._t_grid + self.dt
-        while g <= t:
+        # Grid points are counted, never stepped by repeated addition (at |t| >= 2**49 s, g + dt == g). A step
+        # longer than the history the regression reads has nothing to interpolate across: start afresh there.
+        steps = math.floor((t - self._t_grid) / self.dt)
+        if steps > self.m * self.lag + self.h + 1:
+            self.reset()
+            self.update(t, amplitude)
+            return
+        base = self._t_grid
+        for k in range(1, steps + 1):
+            g = base + k * self.dt
             self._push(a0 + (amplitude - a0) * (g - t0) / (t - t0))
             self._t_grid = g
-            g += self.dt
         self._t_last, self._a_last = t, amplitude
 
     def predict(self) -> float:

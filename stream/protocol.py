@@ -43,7 +43,9 @@ __all__ = [
     "MAX_INPUT_BYTES",
     "MAX_BATCH",
     "MAX_CONTROL_BYTES",
+    "MAX_ABS_T_S",
     "ProtocolError",
+    "check_version",
     "Sample",
     "encode_sample",
     "encode_batch",
@@ -68,6 +70,10 @@ MAX_BATCH = 2000
 MAX_CONTROL_BYTES = 64 * 1024
 """Largest control request, bytes."""
 
+MAX_ABS_T_S = float(2**32)
+"""Largest source timestamp magnitude accepted, s (136 years; float64 still resolves 1 us there). A larger ``t``
+cannot be resampled at a breathing source's cadence and is rejected as ``bad_value``."""
+
 
 class Topic(str, Enum):
     """The first frame of every published message (ASCII bytes on the wire)."""
@@ -88,18 +94,23 @@ class HoldReason(str, Enum):
 
     OK = "ok"
     NO_PLAN = "no_plan"
+    PLAN_REJECTED = "plan_rejected"
     LOADING = "loading"
     NO_INPUT = "no_input"
     WINDOW_NOT_FULL = "window_not_full"
     STALE_INPUT = "stale_input"
+    STUCK_SENSOR = "stuck_sensor"
     GAP = "gap"
+    TIME_JUMP = "time_jump"
     INVALID_SAMPLE = "invalid_sample"
     NON_FINITE_SAMPLE = "non_finite_sample"
+    IMPLAUSIBLE_SAMPLE = "implausible_sample"
     OUT_OF_ORDER = "out_of_order"
     DUPLICATE = "duplicate"
     SOURCE_RESTART = "source_restart"
     MODEL_ERROR = "model_error"
     NON_FINITE_FIELD = "non_finite_field"
+    IMPLAUSIBLE_TARGET = "implausible_target"
     OUTSIDE_WINDOW = "outside_gating_window"
     INTERNAL_ERROR = "internal_error"
     SHUTDOWN = "shutdown"
@@ -173,8 +184,8 @@ def _sample(item: Any) -> Sample:
     if isinstance(seq, bool) or not isinstance(seq, int) or not (0 <= seq < 2**63):
         raise ProtocolError("bad_type", "seq must be a non-negative integer")
     t = _number(item.get("t"), "t")
-    if not math.isfinite(t):
-        raise ProtocolError("bad_value", "t must be finite")
+    if not (math.isfinite(t) and abs(t) <= MAX_ABS_T_S):
+        raise ProtocolError("bad_value", f"t must be finite and within +-{MAX_ABS_T_S:.0f} s, got {t!r}")
     amplitude, raw = item.get("amplitude"), item.get("raw")
     if (amplitude is None) == (raw is None):
         raise ProtocolError("bad_type", "a sample needs exactly one of amplitude or raw")
@@ -190,10 +201,33 @@ def _sample(item: Any) -> Sample:
         raise ProtocolError("bad_type", "valid must be a boolean")
     t_sent = item.get("t_sent")
     t_sent = None if t_sent is None else _number(t_sent, "t_sent")
+    if t_sent is not None and not math.isfinite(t_sent):
+        raise ProtocolError("bad_value", "t_sent must be finite")
     source = item.get("source")
     if source is not None and (not isinstance(source, str) or len(source) > 256):
         raise ProtocolError("bad_type", "source must be a string of at most 256 characters")
     return Sample(seq, t, amplitude, raw, valid, t_sent, source)
+
+
+def check_version(msg: dict[Any, Any]) -> None:
+    """Refuse a map whose keys are not all strings (``malformed``) or whose ``v`` is not the integer 1 (``bad_version``).
+
+    ``True`` and ``1.0`` compare equal to 1 in Python; on the wire they are other types, so they are refused.
+
+    Example:
+        >>> check_version({"v": 1})
+        >>> try:
+        ...     check_version({"v": True})
+        ... except ProtocolError as exc:
+        ...     print(exc.code)
+        bad_version
+    """
+    if not all(isinstance(k, str) for k in msg):
+        raise ProtocolError("malformed", "map keys must be strings")
+    version = msg.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError("bad_version", f"protocol version {version!r} ({type(version).__name__}); this daemon speaks "
+                            f"{PROTOCOL_VERSION} (an integer)")  # fmt: skip
 
 
 def parse_input(data: bytes | memoryview) -> list[Sample]:
@@ -201,9 +235,7 @@ def parse_input(data: bytes | memoryview) -> list[Sample]:
     msg = unpack(data, MAX_INPUT_BYTES)
     if not isinstance(msg, dict):
         raise ProtocolError("malformed", f"input must be a msgpack map, got {type(msg).__name__}")
-    version = msg.get("v")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError("bad_version", f"protocol version {version!r}; this daemon speaks {PROTOCOL_VERSION}")
+    check_version(msg)
     kind = msg.get("type")
     if kind == "sample":
         return [_sample(msg)]

@@ -5,7 +5,10 @@ little-endian unsigned length followed by that many bytes of one msgpack map wit
 (``session``, ``sample``, ``rejected``, ``gate``, ``event``). Each record is handed to the kernel with one
 ``write(2)`` as soon as it is made, so a SIGKILL-ed daemon loses nothing already logged; the file is
 ``fsync``-ed every ``fsync_interval_s`` against power loss. A reader stops at a torn last record (the only
-damage a crash can do) and says how many bytes it skipped.
+damage a crash can do) and says how many bytes it skipped. A writer that opens a log with a torn tail (a SIGKILL,
+then power loss between fsyncs) moves the torn bytes to ``FILE.torn-<unix ns>`` and truncates the log to its last
+whole record before appending, so the new session stays readable (the ``session`` record says
+``repaired_tail_bytes``). Logs and torn tails are created mode 0600 whatever the umask.
 
 Example:
     >>> import tempfile, os
@@ -52,16 +55,14 @@ class SessionLog:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            os.fchmod(self._fd, 0o600)  # patient data: owner only, whatever the umask or an older file's mode
+            self.repaired_tail_bytes = self._prepare()
         except OSError as exc:
             raise BreathcastError(f"cannot open session log {self.path}: {exc.strerror}") from None
-        if os.fstat(self._fd).st_size == 0:
-            os.write(self._fd, MAGIC)
-        else:
-            with open(self.path, "rb") as f:
-                if f.read(len(MAGIC)) != MAGIC:
-                    os.close(self._fd)
-                    raise BreathcastError(f"{self.path} exists and is not a breathcast session log; choose another file")
+        except BreathcastError:
+            os.close(self._fd)
+            raise
         self._lock = threading.Lock()
         self.records = 0
         self.bytes = 0
@@ -71,7 +72,33 @@ class SessionLog:
         self._fsync_interval = fsync_interval_s
         self._syncer = threading.Thread(target=self._sync_loop, name="session-log-fsync", daemon=True)
         self._syncer.start()
-        self.write({"type": "session", "protocol": PROTOCOL_VERSION, "t_wall": time.time(), **(header or {})})
+        extra = {"repaired_tail_bytes": self.repaired_tail_bytes} if self.repaired_tail_bytes else {}
+        self.write({"type": "session", "protocol": PROTOCOL_VERSION, "t_wall": time.time(), **extra, **(header or {})})
+
+    def _prepare(self) -> int:
+        """Write the magic into a new file, or check an old one and cut a torn tail off it; bytes cut."""
+        size = os.fstat(self._fd).st_size
+        if size == 0:
+            os.write(self._fd, MAGIC)
+            return 0
+        data = os.pread(self._fd, size, 0)
+        if not data.startswith(MAGIC):
+            raise BreathcastError(f"{self.path} exists and is not a breathcast session log; choose another file")
+        end = len(MAGIC)
+        for end, _ in iter_records(data):
+            pass
+        if end == size:
+            return 0
+        torn = self.path.with_name(f"{self.path.name}.torn-{time.time_ns()}")
+        fd = os.open(torn, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data[end:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.ftruncate(self._fd, end)
+        os.fsync(self._fd)
+        return size - end
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (a map with a ``type``); one write(2)."""

@@ -7,9 +7,15 @@ linear interpolation in source time, ending at the newest sample (plus the forec
 the forecast amplitude). It also judges every sample (docs/protocol.md "Gate"):
 
 * duplicate seq, or a seq / source time that goes backwards: rejected; HOLD for ``reorder_hold_s``;
-  ``restart_after`` such samples in a row (in order among themselves) are a restarted source: the window restarts;
-* invalid flag, NaN or Inf: rejected; HOLD until that time has left the window (it would be interpolated over);
+* a source-time step that neither the source's own cadence (seconds per seq step, times the seq step) nor the
+  daemon's clock explains (``time_jump``): rejected, HOLD for ``reorder_hold_s``; ``restart_after`` backward or
+  jumped samples in a row (in order among themselves) are a restarted source: the window restarts
+  (``source_restart``, as a changed ``source`` name does);
+* invalid flag, NaN or Inf, or an amplitude no breath makes (outside the plausible range, or a step or rate
+  beyond the limits against the previous sample: ``implausible_sample``): rejected; HOLD until that time has left
+  the window (it would be interpolated over);
 * a source-time step over ``max_gap_s``: accepted; HOLD until the gap has left the window;
+* an amplitude constant for ``stuck_after_s``: HOLD ``stuck_sensor`` until the flat part has left the window;
 * fewer than a window of samples since the (re)start: HOLD ``window_not_full``.
 
 Example:
@@ -17,22 +23,28 @@ Example:
     >>> from breathcast.stream.protocol import Sample
     >>> w = RollingWindow(TraceSpec(448, 2.3 / 447, 16))
     >>> for k in range(60):  # 2.4 s at 25 Hz
-    ...     _ = w.add(Sample(k, k * 0.04, amplitude=0.5), 0.5, now=0.0)
+    ...     a = 0.5 + 0.01 * (k % 2)
+    ...     _ = w.add(Sample(k, k * 0.04, amplitude=a), a, now=0.0)
     >>> w.reasons(now=0.0), w.window().shape
     ([], (448,))
     >>> w.add(Sample(59, 2.4, amplitude=0.5), 0.5, now=0.0).value
     'duplicate'
+    >>> w.add(Sample(60, 6e8, amplitude=0.5), 0.5, now=0.0).value  # 19 years after 2.4 s, 40 ms later
+    'time_jump'
+    >>> w.add(Sample(61, 2.44, amplitude=50.0), 50.0, now=0.0).value
+    'implausible_sample'
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from breathcast.engine.package import TraceSpec
-from breathcast.stream.config import ForecastConfig, SafetyConfig
+from breathcast.stream.config import ForecastConfig, PlausibilityConfig, SafetyConfig
 from breathcast.stream.forecast import RlsForecaster
 from breathcast.stream.protocol import HoldReason, Sample
 
@@ -59,11 +71,13 @@ class RollingWindow:
         horizon_s: forecast horizon, s (the window ends this far after the newest sample).
         forecast: the forecaster's settings.
         capacity: most samples kept (enough for a window at 1 kHz).
+        plausibility: physiological limits on the amplitude.
     """
 
     def __init__(self, trace: TraceSpec, safety: SafetyConfig = SafetyConfig(), horizon_s: float = 0.0,
-                 forecast: ForecastConfig = ForecastConfig(), capacity: int = 4096) -> None:  # fmt: skip
-        self.trace, self.safety, self.capacity = trace, safety, capacity
+                 forecast: ForecastConfig = ForecastConfig(), capacity: int = 4096,
+                 plausibility: PlausibilityConfig = PlausibilityConfig()) -> None:  # fmt: skip
+        self.trace, self.safety, self.capacity, self.plausibility = trace, safety, capacity, plausibility
         self.span_s = trace.window_duration_s
         self._offsets = np.arange(trace.window_samples) * trace.sample_interval_s - self.span_s
         self._t = np.empty(capacity)
@@ -85,8 +99,12 @@ class RollingWindow:
         self.newest: NewestSample | None = None
         self._window_faults: dict[HoldReason, float] = {}  # reason -> source time it happened
         self._timed_faults: dict[HoldReason, float] = {}  # reason -> daemon monotonic time it ends
-        self._backward_run = 0
-        self._backward_last: int | None = None
+        self._run = 0  # consecutive backward / time-jumped samples, in order among themselves
+        self._run_last: tuple[int, float] | None = None
+        self._last_now: float | None = None  # daemon time of the last in-order sample
+        self._steps: deque[float] = deque(maxlen=32)  # recent source seconds per seq step (the cadence)
+        self._previous: tuple[float, float] | None = None  # (t, amplitude) of the last in-order finite sample
+        self._flat: list[float] | None = None  # [t_start, t_last, low, high] of the current constant run
         self.forecaster.reset()
 
     # -- intake ------------------------------------------------------------------------------------------
@@ -98,37 +116,84 @@ class RollingWindow:
             None when accepted, else the rejection reason.
         """
         if sample.source is not None and sample.source != self.source and self.last_seq is not None:
-            self.reset()  # another source: its seq and clock start afresh
+            self._restart(sample.t_source)  # another source: its seq and clock start afresh
         if sample.source is not None:
             self.source = sample.source
         if self.last_seq is not None:
             if sample.seq == self.last_seq:
                 return self._timed(HoldReason.DUPLICATE, now)
-            if sample.seq < self.last_seq or sample.t_source <= self.last_t:
-                in_run = self._backward_last is not None and sample.seq == self._backward_last + 1
-                self._backward_run = self._backward_run + 1 if in_run else 1
-                self._backward_last = sample.seq
-                if self._backward_run >= self.safety.restart_after:
-                    self.reset()  # a restarted source: take it from here
-                    self._window_faults[HoldReason.SOURCE_RESTART] = sample.t_source
-                else:
-                    return self._timed(HoldReason.OUT_OF_ORDER, now)
-        self._backward_run, self._backward_last = 0, None
+            backward = sample.seq < self.last_seq or not sample.t_source > self.last_t
+            if backward or self._time_jump(sample, now):
+                run = self._run_last
+                in_run = run is not None and sample.seq == run[0] + 1 and sample.t_source > run[1]
+                self._run = self._run + 1 if in_run else 1
+                self._run_last = (sample.seq, sample.t_source)
+                if self._run < self.safety.restart_after:
+                    return self._timed(HoldReason.OUT_OF_ORDER if backward else HoldReason.TIME_JUMP, now)
+                self._restart(sample.t_source)  # a restarted source (or a new clock): take it from here
+        self._run, self._run_last = 0, None
         gap = self.last_t is not None and sample.t_source - self.last_t > self.safety.max_gap_s
-        self.last_seq, self.last_t = sample.seq, sample.t_source
+        if self.last_seq is not None:
+            self._steps.append((sample.t_source - self.last_t) / (sample.seq - self.last_seq))
+        self.last_seq, self.last_t, self._last_now = sample.seq, sample.t_source, now
         if not sample.valid:
             self._window_faults[HoldReason.INVALID_SAMPLE] = sample.t_source
             return HoldReason.INVALID_SAMPLE
         if not math.isfinite(amplitude):
             self._window_faults[HoldReason.NON_FINITE_SAMPLE] = sample.t_source
             return HoldReason.NON_FINITE_SAMPLE
+        previous, self._previous = self._previous, (sample.t_source, amplitude)
+        if not self._plausible(amplitude, previous, sample.t_source):
+            self._window_faults[HoldReason.IMPLAUSIBLE_SAMPLE] = sample.t_source
+            return HoldReason.IMPLAUSIBLE_SAMPLE
         if gap:
             self._window_faults[HoldReason.GAP] = sample.t_source
             self.forecaster.reset()
+        self._track_flat(sample.t_source, amplitude)
         self._append(sample.t_source, amplitude)
         self.forecaster.update(sample.t_source, amplitude)
         self.newest = NewestSample(sample.seq, sample.t_source, t_receive, sample.t_sent, amplitude)
         return None
+
+    def flag(self, reason: HoldReason, t_source: float) -> None:
+        """HOLD with ``reason`` until source time ``t_source`` has left the window (e.g. ``implausible_target``)."""
+        self._window_faults[reason] = t_source
+
+    def _restart(self, t_source: float) -> None:
+        self.reset()
+        self._window_faults[HoldReason.SOURCE_RESTART] = t_source
+
+    def _time_jump(self, sample: Sample, now: float) -> bool:
+        """True when the step to ``sample`` is far beyond what the source's cadence or the daemon's clock explain."""
+        step = sample.t_source - self.last_t
+        slack = self.safety.time_jump_slack_s
+        if step <= slack:
+            return False
+        cadence = float(np.median(self._steps)) if self._steps else 0.0
+        waited = 0.0 if self._last_now is None else max(now - self._last_now, 0.0)
+        explained = max((sample.seq - self.last_seq) * cadence, waited)
+        return step > self.safety.time_jump_factor * explained + slack
+
+    def _plausible(self, amplitude: float, previous: tuple[float, float] | None, t: float) -> bool:
+        p = self.plausibility
+        lo, hi = p.amplitude_range
+        if not lo <= amplitude <= hi:
+            return False
+        if previous is None:
+            return True
+        change = abs(amplitude - previous[1])
+        return change <= p.max_step and change <= p.max_rate_per_s * (t - previous[0]) + p.noise
+
+    def _track_flat(self, t: float, amplitude: float) -> None:
+        if self.safety.stuck_after_s <= 0:
+            return
+        flat = self._flat
+        if flat is not None and max(flat[3], amplitude) - min(flat[2], amplitude) <= self.safety.stuck_tolerance:
+            flat[1], flat[2], flat[3] = t, min(flat[2], amplitude), max(flat[3], amplitude)
+            return
+        if flat is not None and flat[1] - flat[0] >= self.safety.stuck_after_s:
+            self._window_faults[HoldReason.STUCK_SENSOR] = flat[1]  # the flat part is no measurement either
+        self._flat = [t, t, amplitude, amplitude]
 
     def _timed(self, reason: HoldReason, now: float) -> HoldReason:
         self._timed_faults[reason] = now + self.safety.reorder_hold_s
@@ -161,6 +226,9 @@ class RollingWindow:
                 out.append(reason)
             else:
                 del self._timed_faults[reason]
+        flat = self._flat
+        if flat is not None and self.safety.stuck_after_s > 0 and flat[1] - flat[0] >= self.safety.stuck_after_s:
+            out.append(HoldReason.STUCK_SENSOR)
         start = self.window_start
         for reason, t in list(self._window_faults.items()):
             if start is None or start <= t:

@@ -142,7 +142,7 @@ def test_window_not_full_holds(io):
         ({"seq": 150, "t_source": 3.0, "amplitude": 0.2, "valid": False}, "invalid_sample"),
         ({"seq": 149, "t_source": 3.0, "amplitude": 0.2}, "duplicate"),
         ({"seq": 100, "t_source": 3.0, "amplitude": 0.2}, "out_of_order"),
-        ({"seq": 150, "t_source": 4.5, "amplitude": 0.2}, "gap"),
+        ({"seq": 150, "t_source": 3.8, "amplitude": 0.2}, "gap"),
     ],
 )
 def test_each_fault_holds_with_its_reason_then_recovers(io, bad, reason):

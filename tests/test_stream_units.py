@@ -125,7 +125,7 @@ def test_loopback_detection(endpoint, loopback):
 
 
 def _full_window(rate_hz: float = 50.0, seconds: float = 3.0) -> tuple[RollingWindow, int, float]:
-    w = RollingWindow(TRACE, SafetyConfig(max_gap_s=0.25, reorder_hold_s=0.5, restart_after=5))
+    w = RollingWindow(TRACE, SafetyConfig(max_gap_s=0.25, reorder_hold_s=0.5, restart_after=5, stuck_after_s=0.0))
     n = int(seconds * rate_hz)
     for k in range(n):
         assert w.add(Sample(k, k / rate_hz, 0.3), 0.3, now=0.0) is None
@@ -202,7 +202,7 @@ def test_a_new_time_base_or_source_name_restarts_the_window():
     assert w.last_t == 0.02 * 4 and HoldReason.WINDOW_NOT_FULL in w.reasons(0.0)
     w, n, t = _full_window()
     assert w.add(Sample(0, 0.0, 0.3, source="belt-2"), 0.3, now=0.0) is None
-    assert w.reasons(0.0) == [HoldReason.WINDOW_NOT_FULL]
+    assert w.reasons(0.0) == [HoldReason.SOURCE_RESTART, HoldReason.WINDOW_NOT_FULL]
 
 
 def test_forecast_horizon_extends_the_window():
