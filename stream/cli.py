@@ -142,8 +142,10 @@ def _cmd_export_field(args: argparse.Namespace) -> int:
         window = trace_window(predictor, trace.time_s, trace.amplitude, args.at)
         what = f"the window of {args.trace} ending at {args.at:g} s ({mode} mode)"
     request = FieldRequest(args.out, tuple(args.field_shape) if args.field_shape else None, args.warped_ct)
-    written = export_predicted_field(predictor, window, request, series)
-    print(f"{predictor.model_id} ({args.path}) on {plan.name}, {what}: wrote {', '.join(str(p) for p in written)}")
+    result = export_predicted_field(predictor, window, request, series)
+    print(f"{predictor.model_id} ({args.path}) on {plan.name}, {what}: wrote {', '.join(str(p) for p in result.written)}")
+    for line in result.target_lines():
+        print(line)
     return 0
 
 

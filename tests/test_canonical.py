@@ -1,0 +1,190 @@
+"""The canonical frame end to end: the same anatomy stored in every patient orientation (DICOM, NIfTI) reaches the
+model identically, and fields, targets and the warped CT go back to each plan's own layout, physically the same."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+from stream_fixtures import tiny_package  # noqa: F401 - fixture
+
+from breathcast.canonical import PATIENT_POSITIONS, canonical_frame, position_direction, reorient, to_canonical
+from breathcast.cli import main
+from breathcast.engine.predictor import Plan, PredictorConfig, load_predictor
+from breathcast.errors import BreathcastError
+from breathcast.geometry import Grid, Volume, field_to_lps_mm
+from breathcast.io.dataset import read_volume, write_volume
+from breathcast.io.dicom_io import read_ct_series, write_ct_series
+from breathcast.io.registration_export import read_exported_field
+from breathcast.stream.export_field import FieldRequest, export_predicted_field, state_window
+
+POSITIONS = list(PATIENT_POSITIONS)
+TARGET_LPS_MM = (14.0, -9.0, 20.0)
+
+
+@pytest.fixture(scope="module")
+def anatomy() -> Volume:
+    """A canonical (identity direction) CT of 12 x 20 x 24 voxels, anisotropic, asymmetric along every axis."""
+    grid = Grid((12, 20, 24), (8.0, 9.0, 12.0), origin=(-92.0, -85.5, -66.0), frame_of_reference_uid="1.2.826.0.1.3680043.8.498.77")
+    hu = np.random.default_rng(3).uniform(-1000, 400, size=grid.shape).round().astype(np.float32)
+    hu[:4, :8, :5] = 300.0  # a bright block in one corner
+    return Volume(hu, grid)
+
+
+PLAN_AMPLITUDE = np.linspace(0.05, 0.6, 12)  # per canonical slice, inferior to superior
+
+
+def _plan_of(series) -> Plan:
+    """The plan of a series read from disk: its per-slice trace laid out in the series' own slice order."""
+    frame = canonical_frame(series.volume.grid)
+    amplitude = PLAN_AMPLITUDE[::-1] if frame.flips[0] else PLAN_AMPLITUDE
+    uid = series.identity.frame_of_reference_uid
+    return Plan(series.volume, amplitude, np.array([TARGET_LPS_MM]), uid, "orientation test")
+
+
+def _physical(u_voxels: np.ndarray, grid: Grid) -> tuple[np.ndarray, Grid]:
+    """A field as (3, Z, Y, X) mm LPS on the canonical grid of its points: comparable across layouts."""
+    frame = canonical_frame(grid)
+    return np.ascontiguousarray(frame.to_canonical_array(field_to_lps_mm(u_voxels, grid))), frame.canonical
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_dicom_series_in_each_position_reads_back_as_the_same_anatomy(anatomy, tmp_path, position):
+    """Written for each PatientPosition, a series carries that position's IOP and reads back, canonical, unchanged."""
+    write_ct_series(anatomy, tmp_path / "ct", orientation=position)
+    first = pydicom.dcmread(tmp_path / "ct" / "CT00001.dcm")
+    assert first.PatientPosition == position
+    assert_allclose([float(v) for v in first.ImageOrientationPatient], np.ravel(PATIENT_POSITIONS[position]))
+    series = read_ct_series(tmp_path / "ct")
+    assert_allclose(series.volume.grid.direction_matrix, position_direction(position))
+    canonical, _ = to_canonical(series.volume)
+    assert_array_equal(canonical.array, anatomy.array)
+    assert canonical.grid.shape == anatomy.grid.shape
+    assert_allclose(canonical.grid.origin, anatomy.grid.origin, atol=1e-9)
+    assert_allclose(canonical.grid.spacing, anatomy.grid.spacing, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "direction",
+    [
+        ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0)),  # RAS+ NIfTI as most tools write it
+        ((1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0)),  # LAS (radiological), left-handed
+        ((0.0, 0.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),  # axes permuted
+        ((0.0, -1.0, 0.0), (0.0, 0.0, -1.0), (-1.0, 0.0, 0.0)),  # permuted and flipped
+    ],
+)
+def test_nifti_with_any_axis_aligned_affine_reads_back_as_the_same_anatomy(anatomy, tmp_path, direction):
+    """A NIfTI volume whose affine permutes or flips the axes reaches the canonical frame unchanged."""
+    stored = reorient(anatomy, np.asarray(direction))
+    assert_allclose(stored.grid.direction_matrix, direction)
+    write_volume(Volume(stored.array.astype(np.int16), stored.grid), tmp_path / "ct.nii.gz")
+    canonical, _ = to_canonical(read_volume(tmp_path / "ct.nii.gz", np.float32))
+    assert_array_equal(canonical.array, anatomy.array)
+    assert_allclose(canonical.grid.origin, anatomy.grid.origin, atol=1e-4)
+
+
+def test_field_to_stored_keeps_every_displacement_at_its_point(anatomy):
+    """A canonical field taken to a stored FFDR layout has, at each physical point, the same mm LPS displacement."""
+    stored = reorient(anatomy, position_direction("FFDR"))
+    frame = canonical_frame(stored.grid)
+    u = np.random.default_rng(0).normal(0.0, 1.0, (3, *anatomy.shape)).astype(np.float32)
+    u_stored, grid = frame.field_to_stored(u, anatomy.grid)
+    assert grid == stored.grid
+    point = np.array([3, 7, 11])  # a canonical voxel, and the stored voxel at the same place
+    index = np.round(grid.lps_to_index(anatomy.grid.index_to_lps(point))).astype(int)
+    assert_allclose(field_to_lps_mm(u_stored, grid)[:, index[0], index[1], index[2]],
+                    field_to_lps_mm(u, anatomy.grid)[:, point[0], point[1], point[2]], atol=1e-5)  # fmt: skip
+
+
+def test_oblique_plan_is_refused_in_one_line(tiny_package):  # noqa: F811
+    """A plan whose axes are rotated (not along LPS) is refused at load with the orientation named."""
+    c, s = np.cos(0.3), np.sin(0.3)
+    grid = Grid((16, 16, 16), (10.0, 10.0, 10.0), direction=((c, -s, 0.0), (s, c, 0.0), (0.0, 0.0, 1.0)))
+    plan = Plan(Volume(np.zeros(grid.shape, np.float32), grid), np.zeros(16))
+    with pytest.raises(BreathcastError, match=r"^oblique geometry \(ImageOrientationPatient 0\.955336\\0\.29552") as info:
+        load_predictor(tiny_package, plan)
+    assert "\n" not in str(info.value)
+
+
+def test_sagittal_plan_is_refused(anatomy, tiny_package):  # noqa: F811
+    """A plan stored in sagittal slices cannot place its per-slice trace along z: refused."""
+    sagittal = reorient(anatomy, np.array([(0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (-1.0, 0.0, 0.0)]).T)
+    with pytest.raises(BreathcastError, match="slices are not axial"):
+        load_predictor(tiny_package, Plan(sagittal, np.zeros(sagittal.shape[0])))
+
+
+@pytest.fixture(scope="module")
+def exports(anatomy, tiny_package, tmp_path_factory):  # noqa: F811
+    """For every position: the plan written as DICOM in it, then export-field's REG, MHA, warped CT and targets."""
+    out = {}
+    for position in POSITIONS:
+        root = tmp_path_factory.mktemp(position)
+        write_ct_series(anatomy, root / "ct", orientation=position)
+        series = read_ct_series(root / "ct")
+        predictor = load_predictor(tiny_package, _plan_of(series), PredictorConfig(path="direct", mode="snapshot"))
+        window = state_window(predictor, 0.9, 0.3)
+        export_predicted_field(predictor, window, FieldRequest(root / "reg.dcm", warped_ct=root / "warped"), series.identity)
+        export_predicted_field(predictor, window, FieldRequest(root / "u.mha", shape=series.volume.shape), series.identity)
+        out[position] = (root, series)
+    return out
+
+
+@pytest.mark.parametrize("position", POSITIONS[1:])
+@pytest.mark.parametrize("name", ["reg.dcm", "u.mha"])
+def test_same_anatomy_gives_the_same_physical_field_in_every_position(exports, position, name):
+    """REG (model grid) and MHA (plan grid, --field-shape in the plan's order) agree with HFS within 0.1 mm."""
+    reference, grid_reference = _physical(*read_exported_field(exports["HFS"][0] / name))
+    field, grid = _physical(*read_exported_field(exports[position][0] / name))
+    assert grid.shape == grid_reference.shape
+    assert_allclose(grid.origin, grid_reference.origin, atol=1e-3)
+    assert np.abs(reference).max() > 0.5  # a field that moves things
+    assert np.abs(field - reference).max() <= 0.1
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_exports_are_in_the_plans_own_layout(exports, position):
+    """The MHA field is on the plan's own grid; the REG's grid has its third axis +z; both read strictly."""
+    root, series = exports[position]
+    _, grid = read_exported_field(root / "u.mha")
+    assert grid.shape == series.volume.shape
+    assert_allclose(grid.direction_matrix, series.volume.grid.direction_matrix)
+    with pydicom.config.strict_reading():
+        reg = pydicom.dcmread(root / "reg.dcm")
+        item = reg.DeformableRegistrationSequence[0].DeformableRegistrationGridSequence[0]
+        iop = np.array([float(v) for v in item.ImageOrientationPatient])
+    assert np.cross(iop[:3], iop[3:])[2] > 0.99
+
+
+@pytest.mark.parametrize("position", POSITIONS[1:])
+def test_same_target_motion_and_warped_ct_in_every_position(exports, position):
+    """The predicted target and the warped CT (read back, canonical) are those of the HFS plan."""
+    targets = {p: json.loads((exports[p][0] / "reg.target.json").read_text())["targets"][0] for p in ("HFS", position)}
+    assert_allclose(targets[position]["predicted_lps_mm"], targets["HFS"]["predicted_lps_mm"], atol=0.1)
+    assert np.linalg.norm(targets["HFS"]["displacement_lps_mm"]) > 0.1
+    warped = {p: read_ct_series(exports[p][0] / "warped") for p in ("HFS", position)}
+    assert_allclose(warped[position].volume.grid.direction_matrix, exports[position][1].volume.grid.direction_matrix)
+    assert_array_equal(to_canonical(warped[position].volume)[0].array, to_canonical(warped["HFS"].volume)[0].array)
+
+
+def test_export_field_cli_prints_and_writes_the_target(anatomy, tiny_package, tmp_path, capsys):  # noqa: F811
+    """export-field on a feet-first DICOM plan with --target prints and writes the predicted target (mm LPS)."""
+    write_ct_series(anatomy, tmp_path / "ct", orientation="FFS")
+    np.save(tmp_path / "amplitude.npy", PLAN_AMPLITUDE[::-1])  # the FFS series' slices run superior to inferior
+    args = ["export-field", "--package", str(tiny_package.path), "--plan-source", "dicom", "--plan-path", str(tmp_path / "ct"),
+            "--plan-amplitude", str(tmp_path / "amplitude.npy"), "--target", *map(str, TARGET_LPS_MM),
+            "--amplitude", "0.9", "--rate", "0.3", "--out", str(tmp_path / "u.nii.gz")]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((tmp_path / "u.target.json").read_text())
+    assert data["units"] == "mm, patient LPS (x, y, z)" and data["field"] == "u.nii.gz"
+    (target,) = data["targets"]
+    assert_allclose(target["planned_lps_mm"], TARGET_LPS_MM)
+    assert_allclose(np.subtract(target["predicted_lps_mm"], TARGET_LPS_MM), target["displacement_lps_mm"], atol=1e-9)
+    assert "target 0: (" + ", ".join(f"{v:.2f}" for v in target["predicted_lps_mm"]) + ") mm LPS" in printed
+    series = read_ct_series(tmp_path / "ct")
+    predictor = load_predictor(tiny_package, _plan_of(series), PredictorConfig(path="direct", mode="snapshot"))
+    expected = predictor.predict(state_window(predictor, 0.9, 0.3)).target_lps_mm[0]
+    assert_allclose(target["predicted_lps_mm"], expected, atol=1e-6)
