@@ -247,3 +247,65 @@ def test_exported_registration_passes_dciodvfy(plan, tmp_path):
     del ds.DeviceSerialNumber
     _, errors = _dciodvfy_errors(save_dataset(ds, tmp_path / "broken.dcm"))
     assert len(errors) >= 2
+
+
+def _ds_values(ds: pydicom.Dataset) -> list[str]:
+    """Every DS value of a dataset (nested sequences too), as the strings stored."""
+    out = []
+    for element in ds.iterall():
+        if element.VR == "DS" and element.value not in (None, ""):
+            values = element.value if element.VM > 1 else [element.value]
+            out += [str(v) for v in values]
+    return out
+
+
+@pytest.mark.parametrize("shape", [(7, 11, 13), (3, 9, 14), (8, 12, 16)])
+def test_any_field_shape_reads_strictly_with_short_ds(plan, tmp_path, shape):
+    """A field grid whose origin/spacing have long decimal expansions: DS <= 16 chars, strict pydicom reads it."""
+    grid = plan.volume.grid.with_shape(shape)  # e.g. spacing 1.5 * 16 / 13 = 1.8461538461538463 mm
+    u = random_field(grid.shape, seed=5)
+    path = write_deformable_registration(u, grid, plan.identity, tmp_path / "reg.dcm")
+    with pydicom.config.strict_reading():
+        ds = pydicom.dcmread(path)
+        values = _ds_values(ds)
+    assert values and max(len(v) for v in values) <= 16
+    back = read_deformable_registration(path)
+    assert_allclose(back.grid.affine, grid.affine, atol=1e-9)
+    assert_allclose(back.field_voxels(), u, atol=1e-5)
+    if shutil.which("dciodvfy"):
+        report, errors = _dciodvfy_errors(path)
+        assert errors == [], report
+
+
+@pytest.mark.parametrize("position", ["FFS", "FFP", "FFDL", "HFP"])
+def test_registration_grid_has_its_third_axis_superior(plan, tmp_path, position):
+    """A field on a feet-first (or prone) grid is written with row x column = +z, the same field at every point."""
+    from breathcast.canonical import canonical_frame, position_direction, reorient
+
+    stored = reorient(plan.volume, position_direction(position)).grid
+    u = random_field(stored.shape, seed=6)
+    back = read_deformable_registration(write_deformable_registration(u, stored, plan.identity, tmp_path / "reg.dcm"))
+    assert_allclose(back.grid.direction_matrix[:, 2], (0.0, 0.0, 1.0), atol=1e-12)
+    assert_allclose(back.grid.direction_matrix[:, 0], stored.direction_matrix[:, 0], atol=1e-12)  # rows kept
+    for grid, lps in ((stored, field_to_lps_mm(u, stored)), (back.grid, back.field_lps_mm)):
+        frame = canonical_frame(grid)  # both on the canonical grid of their points: equal voxel for voxel
+        assert_allclose(frame.canonical.origin, plan.volume.grid.origin, atol=1e-9)
+        assert_array_equal(frame.to_canonical_array(lps), canonical_frame(stored).to_canonical_array(field_to_lps_mm(u, stored)))
+
+
+def test_exports_follow_the_umask(plan, tmp_path):
+    """REG, MHA, NIfTI and CT series are as readable as the umask allows (022: world-readable), not 0600/0700."""
+    import os
+
+    grid = plan.volume.grid
+    u = random_field(grid.shape)
+    old = os.umask(0o022)
+    try:
+        files = [export_field(u, grid, tmp_path / name, plan=plan.identity) for name in ("reg.dcm", "u.mha", "u.nii.gz")]
+        write_ct_series(Volume(np.zeros(grid.shape, np.float32), grid), tmp_path / "ct", reference=plan.identity)
+    finally:
+        os.umask(old)
+    for path in files + [tmp_path / "ct" / "CT00001.dcm"]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert (tmp_path / "ct").stat().st_mode & 0o777 == 0o755
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

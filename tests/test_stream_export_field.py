@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pydicom
 import pytest
 from stream_fixtures import D, tiny_package  # noqa: F401 - fixtures
 
@@ -40,11 +41,21 @@ def test_dicom_registration_of_a_state_and_the_warped_ct(tiny_package, dicom_pla
     assert warped_series.identity.frame_of_reference_uid == series.identity.frame_of_reference_uid
     assert warped_series.identity.series_instance_uid != series.identity.series_instance_uid
     assert warped_series.volume.shape == series.volume.shape
+    reg = pydicom.dcmread(out)
+    assert reg.ReferencedSeriesSequence[0].SeriesInstanceUID == series.identity.series_instance_uid
+    for k in (0, D - 1):  # each warped slice names its plan slice and the REG that warped it
+        ct = pydicom.dcmread(warped_series.files[k])
+        assert ct.SourceImageSequence[0].ReferencedSOPInstanceUID == series.identity.sop_instance_uids[k]
+        assert ct.SourceInstanceSequence[0].ReferencedSOPInstanceUID == reg.SOPInstanceUID
+        referenced = {item.SeriesInstanceUID: item for item in ct.ReferencedSeriesSequence}
+        assert set(referenced) == {series.identity.series_instance_uid, reg.SeriesInstanceUID}
+        assert len(referenced[series.identity.series_instance_uid].ReferencedInstanceSequence) == D
     if shutil.which("dciodvfy"):
         import subprocess
 
-        report = subprocess.run(["dciodvfy", str(out)], capture_output=True, text=True)
-        assert not [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+        for path in (out, warped_series.files[0]):
+            report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+            assert not [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
 
 
 def _plan_from(series):
