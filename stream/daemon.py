@@ -885,6 +885,8 @@ class Daemon:
         if cmd == "shutdown":
             return {}
         if cmd == "reset":
+            if not isinstance(args.get("counters", False), bool):
+                raise ProtocolError("bad_argument", "reset takes counters: true or false")
             with self._state_lock:
                 if self._window is not None:
                     self._window.reset()

@@ -44,6 +44,8 @@ __all__ = [
     "MAX_BATCH",
     "MAX_CONTROL_BYTES",
     "MAX_ABS_T_S",
+    "CONTROL_ERROR_CODES",
+    "INPUT_ERROR_CODES",
     "ProtocolError",
     "check_version",
     "Sample",
@@ -73,6 +75,15 @@ MAX_CONTROL_BYTES = 64 * 1024
 MAX_ABS_T_S = float(2**32)
 """Largest source timestamp magnitude accepted, s (136 years; float64 still resolves 1 us there). A larger ``t``
 cannot be resampled at a breathing source's cadence and is rejected as ``bad_value``."""
+
+
+CONTROL_ERROR_CODES = frozenset({"not_msgpack", "too_large", "malformed", "bad_version", "unknown_command", "bad_argument",
+                                 "busy", "internal_error"})  # fmt: skip
+"""Every ``error.code`` a control reply can carry (docs/protocol.md section 5)."""
+
+INPUT_ERROR_CODES = frozenset({"not_msgpack", "malformed", "bad_type", "bad_value", "bad_version", "unknown_type",
+                               "too_large", "multipart"})  # fmt: skip
+"""Every ``malformed.<code>`` counter an input message can bump (docs/protocol.md section 3)."""
 
 
 class Topic(str, Enum):
