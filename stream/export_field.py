@@ -109,7 +109,7 @@ def export_predicted_field(
     Returns:
         A :class:`FieldExport`: the paths written (field, warped CT folder, target JSON) and the prediction.
     """
-    from breathcast.io.dicom_io import InstanceReference, read_dicom_file
+    from breathcast.io.dicom_io import InstanceReference, new_series_identity, read_dicom_file
     from breathcast.io.registration_export import export_field
 
     prediction = predictor.predict(window)
@@ -122,13 +122,18 @@ def export_predicted_field(
             resize, grid = predictor.field_resizer(canonical_shape)
             u = field_from_lps_mm(resize(u), grid)
     u, grid = frame.field_to_stored(u, grid)
-    path = export_field(u, grid, request.out, plan=plan_series)
+    warped = None  # the warped CT's UIDs, allocated first so that the REG and the CT reference each other
+    if request.warped_ct is not None and plan_series is not None:
+        warped = new_series_identity(plan_series, predictor.plan.volume.shape[0])
+    path = export_field(u, grid, request.out, plan=plan_series, registered=warped)
     written = [path]
     registration = None
     if path.name.lower().endswith(".dcm"):
         registration = InstanceReference.of(read_dicom_file(path, stop_before_pixels=True))
     if request.warped_ct is not None:
-        written.append(write_warped_ct(predictor, prediction.displacement, request.warped_ct, plan_series, registration))
+        written.append(
+            write_warped_ct(predictor, prediction.displacement, request.warped_ct, plan_series, registration, warped)
+        )
     if len(prediction.target_lps_mm):
         written.append(_write_targets(predictor, prediction, request, plan_series))
     return FieldExport(written, prediction)
@@ -156,7 +161,9 @@ def _write_targets(predictor: Predictor, prediction: Prediction, request: FieldR
     return atomic_write(request.target_path(), lambda tmp: tmp.write_text(text))
 
 
-def write_warped_ct(predictor: Predictor, u_model: np.ndarray, folder: Path, plan_series=None, registration=None) -> Path:
+def write_warped_ct(
+    predictor: Predictor, u_model: np.ndarray, folder: Path, plan_series=None, registration=None, identity=None
+) -> Path:
     """Warp the planning CT at its own resolution by the model-grid field and write it as a new DICOM series.
 
     The warp runs in the canonical frame (where the field lives; sample points outside the CT take the value of
@@ -171,6 +178,7 @@ def write_warped_ct(predictor: Predictor, u_model: np.ndarray, folder: Path, pla
             Frame of Reference, and slice k references plan slice k (SourceImageSequence).
         registration: the REG the field was written as (:class:`~breathcast.io.dicom_io.InstanceReference`):
             referenced by every slice (SourceInstanceSequence).
+        identity: the series' UIDs when allocated beforehand (the REG lists them); None: new ones.
 
     Returns:
         ``folder``.
@@ -190,5 +198,6 @@ def write_warped_ct(predictor: Predictor, u_model: np.ndarray, folder: Path, pla
         description="breathcast predicted CT",
         source_images=plan_series,
         source_instances=(registration,) if registration is not None else (),
+        identity=identity,
     )
     return Path(folder)

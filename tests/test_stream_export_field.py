@@ -41,8 +41,12 @@ def test_dicom_registration_of_a_state_and_the_warped_ct(tiny_package, dicom_pla
     assert warped_series.identity.frame_of_reference_uid == series.identity.frame_of_reference_uid
     assert warped_series.identity.series_instance_uid != series.identity.series_instance_uid
     assert warped_series.volume.shape == series.volume.shape
-    reg = pydicom.dcmread(out)
-    assert reg.ReferencedSeriesSequence[0].SeriesInstanceUID == series.identity.series_instance_uid
+    reg = pydicom.dcmread(out)  # the REG lists the plan (source) and the warped CT (its registered images)
+    assert [r.ReferencedSOPInstanceUID for r in reg.ReferencedImageSequence] == list(warped_series.identity.sop_instance_uids)
+    source = reg.DeformableRegistrationSequence[0].ReferencedImageSequence
+    assert [r.ReferencedSOPInstanceUID for r in source] == list(series.identity.sop_instance_uids)
+    assert [item.SeriesInstanceUID for item in reg.ReferencedSeriesSequence] == [
+        series.identity.series_instance_uid, warped_series.identity.series_instance_uid]  # fmt: skip
     for k in (0, D - 1):  # each warped slice names its plan slice and the REG that warped it
         ct = pydicom.dcmread(warped_series.files[k])
         assert ct.SourceImageSequence[0].ReferencedSOPInstanceUID == series.identity.sop_instance_uids[k]

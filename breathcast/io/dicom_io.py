@@ -56,6 +56,7 @@ __all__ = [
     "new_dataset",
     "set_equipment",
     "new_uid",
+    "new_series_identity",
     "ds_value",
 ]
 
@@ -432,9 +433,12 @@ def _file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
     return meta
 
 
-def new_dataset(sop_class_uid: str) -> Dataset:
-    """An empty dataset with file meta, SOP Common and creation date/time filled in (Explicit VR LE)."""
-    uid = new_uid()
+def new_dataset(sop_class_uid: str, uid: str | None = None) -> Dataset:
+    """An empty dataset with file meta, SOP Common and creation date/time filled in (Explicit VR LE).
+
+    ``uid``: its SOP Instance UID (allocated beforehand); None: a new one.
+    """
+    uid = uid or new_uid()
     ds = Dataset()
     ds.file_meta = _file_meta(sop_class_uid, uid)
     ds.SpecificCharacterSet = "ISO_IR 192"
@@ -452,6 +456,20 @@ def set_equipment(ds: Dataset) -> None:
     ds.ManufacturerModelName = "breathcast"
     ds.DeviceSerialNumber = "0"
     ds.SoftwareVersions = f"breathcast {breathcast.__version__}"
+
+
+def new_series_identity(reference: SeriesIdentity | None, slices: int, frame: str = "") -> SeriesIdentity:
+    """UIDs for a series not yet written (series, and one SOP Instance per slice), in ``reference``'s study.
+
+    Lets another object (a REG) reference the images before :func:`write_ct_series` writes them with it.
+
+    Args:
+        reference: the series the new one derives from (its patient, study and Frame of Reference), or None.
+        slices: the number of slices.
+        frame: the Frame of Reference when there is no reference ("" : a new one).
+    """
+    identity = _new_identity(reference, frame)
+    return replace(identity, sop_instance_uids=tuple(new_uid() for _ in range(int(slices))))
 
 
 def _new_identity(reference: SeriesIdentity | None, frame: str) -> SeriesIdentity:
@@ -517,6 +535,7 @@ def write_ct_series(
     orientation: str | None = None,
     source_images: SeriesIdentity | None = None,
     source_instances: Sequence[InstanceReference] = (),
+    identity: SeriesIdentity | None = None,
 ) -> SeriesIdentity:
     """Write a CT volume in HU as a new DICOM series (one CT Image Storage file per slice).
 
@@ -537,6 +556,7 @@ def write_ct_series(
         source_instances: other objects the images were made from (the REG that warped them): listed in
             every slice's SourceInstanceSequence. Both are listed, by series, in ReferencedSeriesSequence
             (Common Instance Reference, PS3.3 C.12.2).
+        identity: UIDs allocated beforehand with :func:`new_series_identity` (one per slice); None: new ones.
 
     Returns:
         The :class:`SeriesIdentity` of the written series (SOP Instance UIDs in slice order).
@@ -560,15 +580,17 @@ def write_ct_series(
             f"volume's Frame of Reference {frame} is not the reference series' {reference.frame_of_reference_uid}"
         )
     pixels = _hu_to_int16(volume.array)
-    identity = _new_identity(reference, frame)
+    if identity is None:
+        identity = new_series_identity(reference, grid.shape[0], frame)
+    elif len(identity.sop_instance_uids) != grid.shape[0]:
+        raise BreathcastError(f"series identity has {len(identity.sop_instance_uids)} SOP Instance UIDs; the volume {grid.shape[0]} slices")
     if orientation is not None:
         identity = replace(identity, patient_position=orientation)
     referenced_series = _referenced_series(source_images, source_instances)
-    sop_uids = []
     folder = Path(folder)
     with atomic_output_dir(folder) as tmp:
         for k in range(grid.shape[0]):
-            ds = new_dataset(CTImageStorage)
+            ds = new_dataset(CTImageStorage, identity.sop_instance_uids[k])
             identity.apply_patient_and_study(ds)
             _set_ct_series(ds, identity, description, series_number)
             set_equipment(ds)
@@ -609,10 +631,7 @@ def write_ct_series(
             if referenced_series:
                 ds.ReferencedSeriesSequence = referenced_series
             _save(ds, tmp / f"CT{k + 1:05d}.dcm", folder)
-            sop_uids.append(str(ds.SOPInstanceUID))
-    return replace(
-        identity, sop_instance_uids=tuple(sop_uids), series_number=series_number, series_description=description[:64]
-    )
+    return replace(identity, series_number=series_number, series_description=description[:64])
 
 
 def _source_image(source: SeriesIdentity, k: int) -> DicomSequence:

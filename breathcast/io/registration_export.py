@@ -133,6 +133,7 @@ def build_deformable_registration(
     description: str = "breathcast predicted displacement field",
     content_label: str = "BREATHCAST",
     series_number: int = 903,
+    registered: SeriesIdentity | None = None,
 ) -> Dataset:
     """Build (and validate) a DICOM Deformable Spatial Registration object for a predicted field.
 
@@ -144,6 +145,9 @@ def build_deformable_registration(
         description: ContentDescription and SeriesDescription.
         content_label: ContentLabel (CS: upper case, digits, space, underscore; 16 characters).
         series_number: SeriesNumber.
+        registered: the images of the registered grid's state, when there are some (the warped planning CT,
+            :func:`~breathcast.io.dicom_io.new_series_identity` before it is written): listed in the
+            top-level ReferencedImageSequence (the images in this object's Frame of Reference it registers).
 
     Returns:
         The dataset, with file meta (Explicit VR Little Endian); write it with
@@ -190,11 +194,15 @@ def build_deformable_registration(
     item.PostDeformationMatrixRegistrationSequence = _matrix_item()
     item.DeformableRegistrationGridSequence = DicomSequence([_grid_item(lps, grid)])
     ds.DeformableRegistrationSequence = DicomSequence([item])
-    # Common Instance Reference module (PS3.3 C.12.2): the plan's series, in this same study.
-    series = Dataset()
-    series.SeriesInstanceUID = plan.series_instance_uid
-    series.ReferencedInstanceSequence = instance_references(plan)
-    ds.ReferencedSeriesSequence = DicomSequence([series])
+    if registered is not None:
+        ds.ReferencedImageSequence = instance_references(registered)
+    # Common Instance Reference module (PS3.3 C.12.2): every series referenced above, all in this same study.
+    ds.ReferencedSeriesSequence = DicomSequence()
+    for identity in (plan, registered) if registered is not None else (plan,):
+        series = Dataset()
+        series.SeriesInstanceUID = identity.series_instance_uid
+        series.ReferencedInstanceSequence = instance_references(identity)
+        ds.ReferencedSeriesSequence.append(series)
     problems = validate_deformable_registration(ds)
     if problems:
         raise BreathcastError(f"built Deformable Spatial Registration is invalid: {'; '.join(problems)}")
@@ -303,7 +311,7 @@ def _grid_problems(grid: Dataset) -> list[str]:
 
 
 def write_deformable_registration(
-    u_voxels: np.ndarray, grid: Grid, plan: SeriesIdentity, path: Path | str, **options: str | int
+    u_voxels: np.ndarray, grid: Grid, plan: SeriesIdentity, path: Path | str, **options: str | int | SeriesIdentity
 ) -> Path:
     """Build, validate and atomically write a Deformable Spatial Registration file; returns ``path``.
 
@@ -434,17 +442,24 @@ def read_field_mha(path: Path | str) -> tuple[np.ndarray, Grid]:
     return field_from_lps_mm(np.ascontiguousarray(lps, dtype=np.float32), grid), grid
 
 
-def export_field(u_voxels: np.ndarray, grid: Grid, path: Path | str, plan: SeriesIdentity | None = None) -> Path:
+def export_field(
+    u_voxels: np.ndarray,
+    grid: Grid,
+    path: Path | str,
+    plan: SeriesIdentity | None = None,
+    registered: SeriesIdentity | None = None,
+) -> Path:
     """Export a (3, Z, Y, X) voxel field by file suffix: ``.dcm`` DICOM REG (needs ``plan``), ``.nii``/``.nii.gz``, ``.mha``.
 
-    Every format stores mm along patient LPS, pull-back. Written atomically; returns ``path``.
+    Every format stores mm along patient LPS, pull-back. Written atomically; returns ``path``. ``registered``:
+    the REG's registered images (see :func:`build_deformable_registration`); ignored by the other formats.
     """
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".dcm"):
         if plan is None:
             raise BreathcastError(f"{path}: a DICOM registration must reference the planning CT; give its series")
-        return write_deformable_registration(u_voxels, grid, plan, path)
+        return write_deformable_registration(u_voxels, grid, plan, path, registered=registered)
     if name.endswith(".mha"):
         return write_field_mha(u_voxels, grid, path)
     if name.endswith((".nii", ".nii.gz")):
