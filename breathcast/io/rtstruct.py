@@ -306,11 +306,7 @@ def _ds_list(points: np.ndarray) -> list[str]:
 
 
 def write_rtstruct(
-    masks: dict[str, np.ndarray],
-    grid: Grid,
-    ct: SeriesIdentity,
-    path: Path | str,
-    label: str = "breathcast",
+    masks: dict[str, np.ndarray], grid: Grid, ct: SeriesIdentity, path: Path | str, label: str = "breathcast"
 ) -> Path:
     """Write boolean masks on a CT grid as an RT Structure Set referencing that CT series.
 
@@ -333,11 +329,7 @@ def write_rtstruct(
 
 
 def write_rtstruct_contours(
-    contours: dict[str, list[np.ndarray]],
-    grid: Grid,
-    ct: SeriesIdentity,
-    path: Path | str,
-    label: str = "breathcast",
+    contours: dict[str, list[np.ndarray]], grid: Grid, ct: SeriesIdentity, path: Path | str, label: str = "breathcast"
 ) -> Path:
     """Write closed planar contours as an RT Structure Set referencing the CT series they were drawn on.
 
