@@ -188,3 +188,23 @@ def test_export_field_cli_prints_and_writes_the_target(anatomy, tiny_package, tm
     predictor = load_predictor(tiny_package, _plan_of(series), PredictorConfig(path="direct", mode="snapshot"))
     expected = predictor.predict(state_window(predictor, 0.9, 0.3)).target_lps_mm[0]
     assert_allclose(target["predicted_lps_mm"], expected, atol=1e-6)
+
+
+def test_nifti_plan_gets_its_field_in_its_own_layout(anatomy, exports, tiny_package, tmp_path):  # noqa: F811
+    """A left-handed (LAS) NIfTI plan: the MHA field is on its own grid, and physically the HFS DICOM plan's."""
+    from breathcast.stream.config import PlanSpec
+    from breathcast.stream.plans import build_plan
+
+    stored = reorient(anatomy, np.diag([1.0, -1.0, 1.0]))
+    write_volume(Volume(stored.array.astype(np.int16), stored.grid), tmp_path / "ct.nii.gz")
+    np.save(tmp_path / "amplitude.npy", PLAN_AMPLITUDE)  # slice axis not reversed in LAS
+    spec = PlanSpec(source="nifti", path=str(tmp_path / "ct.nii.gz"), amplitude=str(tmp_path / "amplitude.npy"),
+                    target_lps_mm=(TARGET_LPS_MM,))  # fmt: skip
+    predictor = load_predictor(tiny_package, build_plan(spec), PredictorConfig(path="direct", mode="snapshot"))
+    request = FieldRequest(tmp_path / "u.mha", shape=stored.shape)
+    export_predicted_field(predictor, state_window(predictor, 0.9, 0.3), request)
+    u, grid = read_exported_field(tmp_path / "u.mha")
+    assert_allclose(grid.direction_matrix, stored.grid.direction_matrix)
+    field, _ = _physical(u, grid)
+    reference, _ = _physical(*read_exported_field(exports["HFS"][0] / "u.mha"))
+    assert np.abs(field - reference).max() <= 0.1
