@@ -315,10 +315,32 @@ def test_writer_refuses_nan(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_writer_refuses_unknown_orientations_and_mismatched_uids(tmp_path):
+    """An unknown PatientPosition, or allocated UIDs for another slice count, are refused before writing."""
+    volume = Volume(np.zeros((2, 4, 4), np.float32), Grid((2, 4, 4), (1.0, 1.0, 2.0)))
+    with pytest.raises(BreathcastError, match="unknown patient position 'XYZ'; one of HFS, HFP, FFS"):
+        write_ct_series(volume, tmp_path / "out", orientation="XYZ")
+    with pytest.raises(BreathcastError, match="series identity has 3 SOP Instance UIDs; the volume 2 slices"):
+        write_ct_series(volume, tmp_path / "out", identity=dicom_io.new_series_identity(None, 3))
+    assert not (tmp_path / "out").exists()
+
+
+def test_allocated_uids_are_the_written_ones(tmp_path):
+    """UIDs allocated with new_series_identity (so a REG can reference the images first) are those written."""
+    volume = Volume(np.zeros((3, 4, 4), np.float32), Grid((3, 4, 4), (1.0, 1.0, 2.0)))
+    identity = dicom_io.new_series_identity(None, 3)
+    written = write_ct_series(volume, tmp_path / "out", identity=identity)
+    back = read_ct_series(tmp_path / "out").identity
+    assert back.sop_instance_uids == written.sop_instance_uids == identity.sop_instance_uids
+    assert back.series_instance_uid == identity.series_instance_uid
+
+
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian package dicom3tools) not installed")
-def test_written_ct_slice_passes_dciodvfy(tmp_path):
-    """A written CT slice has no errors under dicom3tools' IOD verifier."""
-    write_ct_series(Volume(np.zeros((2, 4, 4), np.float32), Grid((2, 4, 4), (1.0, 1.0, 2.0))), tmp_path / "out")
+@pytest.mark.parametrize("orientation", [None, "FFS", "HFDR"])
+def test_written_ct_slice_passes_dciodvfy(tmp_path, orientation):
+    """A written CT slice (head-first, feet-first, decubitus) has no errors under dicom3tools' IOD verifier."""
+    volume = Volume(np.zeros((2, 4, 5), np.float32), Grid((2, 4, 5), (1.0, 1.0, 2.0)))
+    write_ct_series(volume, tmp_path / "out", orientation=orientation)
     result = subprocess.run(["dciodvfy", str(tmp_path / "out" / "CT00001.dcm")], capture_output=True, text=True)
     report = result.stdout + result.stderr
     assert "CTImage" in report
