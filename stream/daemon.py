@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -92,9 +93,10 @@ REASON_PRIORITY: tuple[HoldReason, ...] = (
 
 _LATENCY_KEEP = 2000
 _LINGER_MS = 300
-_JOIN_S = 0.8  # wait() joins the threads this long in all, then gives up on them (they are daemon threads)
+_JOIN_S = 0.5  # wait() joins the threads this long in all, then gives up on them (they are daemon threads)
 _TRACKER_WAIT_S = 0.2  # then this long for zero-copy fields in flight: ends within 2 s of stop() in all
-_INTERNAL_ERROR_REPLY = b"\x83\xa1v\x01\xa2ok\xc2\xa5error\x82\xa4code\xaeinternal_error\xa7message\xb2reply not encodable"
+_INTERNAL_ERROR_REPLY = pack({"v": PROTOCOL_VERSION, "ok": False,
+                              "error": {"code": "internal_error", "message": "the reply could not be encoded"}})
 
 
 def _percentiles(values: deque) -> dict[str, float | None]:
@@ -172,6 +174,7 @@ class Daemon:
         self.field_ctx: zmq.Context | None = None
         self._auths: list = []
         self._framed: tuple | None = None  # (predictor, newest sample) of the last frame computed
+        self.threads_not_stopped: list[str] = []  # set by wait(): threads that did not end in time (a bug)
 
     # -- counters ----------------------------------------------------------------------------------------
 
@@ -269,12 +272,14 @@ class Daemon:
         self.control = self._socket(zmq.REP, cfg.endpoints.control, {zmq.MAXMSGSIZE: 4 * MAX_CONTROL_BYTES})
 
     def stop(self) -> None:
-        """Ask the threads to end (returns at once; :meth:`wait` joins)."""
+        """Ask the threads to end (returns within 0.2 s whatever they hold; :meth:`wait` joins)."""
         self._stop.set()
-        with self._new_window:
-            self._new_window.notify_all()
-        with self._field_ready:
-            self._field_ready.notify_all()
+        for condition in (self._new_window, self._field_ready):  # they wake every 0.1 s anyway: never wait on a stuck lock
+            if condition.acquire(timeout=0.1):
+                try:
+                    condition.notify_all()
+                finally:
+                    condition.release()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until stopped, then clean up within 2 s whatever a thread is doing; True when it has.
@@ -311,7 +316,7 @@ class Daemon:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        stuck = [t.name for t in self._threads if t.is_alive()]
+        stuck = self.threads_not_stopped = [t.name for t in self._threads if t.is_alive()]
         if stuck:  # a thread that did not end owns its sockets: leave them and the contexts to process exit
             log.error("threads %s did not stop within %.1f s; exiting without them", stuck, _JOIN_S)
         elif self._pub_lock.acquire(timeout=0.2):
@@ -975,5 +980,14 @@ def _jsonable(obj: Any) -> Any:
 
 
 def serve(config: ServeConfig) -> int:
-    """Run the daemon in the foreground until SIGINT / SIGTERM or a ``shutdown`` command; returns 0."""
-    return Daemon(config).start().serve_forever()
+    """Run the daemon in the foreground until SIGINT / SIGTERM or a ``shutdown`` command; returns 0.
+
+    If a thread did not end in time (a bug: it is logged, and the session log is closed), the process ends at once
+    with exit code 3 rather than wait at interpreter exit for sockets that thread still owns.
+    """
+    daemon = Daemon(config).start()
+    code = daemon.serve_forever()
+    if daemon.threads_not_stopped:
+        logging.shutdown()
+        os._exit(3)
+    return code
