@@ -40,7 +40,7 @@ import numpy as np
 from scipy.signal import savgol_filter
 
 from breathcast.canonical import to_canonical
-from breathcast.errors import BreathcastError
+from breathcast.errors import BreathcastError, PlanRejected
 from breathcast.geometry import Grid, Volume, hu_to_unit, resample_volume
 from breathcast.resize import FieldResizer, axis_weights, evaluate_polynomial, voxel_to_lps_matrix
 from breathcast.state_model import DISTILLED_TERMS, StateModel, Terms, design_matrix, fit_state_model
@@ -382,9 +382,12 @@ class Predictor:
         elif manifest.kind not in _NETWORKS:
             kinds = " or an ".join(f"{k} package" for k in _NETWORKS)  # "a cvae package or an ldm package"
             raise PackageError(f"{package.path}: the {config.path.value} path needs a {kinds}, got {manifest.kind!r}")
-        canonical_plan, self.frame = to_canonical(plan.volume)
+        try:  # the model sees the plan in the canonical frame; an oblique plan is one it does not know
+            canonical_plan, self.frame = to_canonical(plan.volume)
+        except BreathcastError as error:
+            raise PlanRejected(f"plan rejected: {error}") from None
         if self.frame.axes[0] != 0:
-            raise BreathcastError("the planning CT's slices are not axial; its per-slice trace cannot be placed along z")
+            raise PlanRejected("plan rejected: the planning CT's slices are not axial; its per-slice trace cannot be placed along z")
         plan_amplitude = plan.amplitude[::-1] if self.frame.flips[0] else plan.amplitude
         model_volume = canonical_plan if canonical_plan.shape == shape else resample_volume(canonical_plan, shape)
         self.grid: Grid = model_volume.grid

@@ -14,7 +14,7 @@ from stream_fixtures import tiny_package  # noqa: F401 - fixture
 from breathcast.canonical import PATIENT_POSITIONS, canonical_frame, position_direction, reorient, to_canonical
 from breathcast.cli import main
 from breathcast.engine.predictor import Plan, PredictorConfig, load_predictor
-from breathcast.errors import BreathcastError
+from breathcast.errors import PlanRejected
 from breathcast.geometry import Grid, Volume, field_to_lps_mm
 from breathcast.io.dataset import read_volume, write_volume
 from breathcast.io.dicom_io import read_ct_series, write_ct_series
@@ -100,11 +100,11 @@ def test_field_to_stored_keeps_every_displacement_at_its_point(anatomy):
 
 
 def test_oblique_plan_is_refused_in_one_line(tiny_package):  # noqa: F811
-    """A plan whose axes are rotated (not along LPS) is refused at load with the orientation named."""
+    """A plan whose axes are rotated (not along LPS) is rejected at load with the orientation named."""
     c, s = np.cos(0.3), np.sin(0.3)
     grid = Grid((16, 16, 16), (10.0, 10.0, 10.0), direction=((c, -s, 0.0), (s, c, 0.0), (0.0, 0.0, 1.0)))
     plan = Plan(Volume(np.zeros(grid.shape, np.float32), grid), np.zeros(16))
-    with pytest.raises(BreathcastError, match=r"^oblique geometry \(ImageOrientationPatient 0\.955336\\0\.29552") as info:
+    with pytest.raises(PlanRejected, match=r"^plan rejected: oblique geometry \(ImageOrientationPatient 0\.955336\\0\.29552") as info:
         load_predictor(tiny_package, plan)
     assert "\n" not in str(info.value)
 
@@ -112,7 +112,7 @@ def test_oblique_plan_is_refused_in_one_line(tiny_package):  # noqa: F811
 def test_sagittal_plan_is_refused(anatomy, tiny_package):  # noqa: F811
     """A plan stored in sagittal slices cannot place its per-slice trace along z: refused."""
     sagittal = reorient(anatomy, np.array([(0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (-1.0, 0.0, 0.0)]).T)
-    with pytest.raises(BreathcastError, match="slices are not axial"):
+    with pytest.raises(PlanRejected, match="slices are not axial"):
         load_predictor(tiny_package, Plan(sagittal, np.zeros(sagittal.shape[0])))
 
 
