@@ -6,8 +6,9 @@ breathing state the field predicts, in the planning CT's Frame of Reference), ``
 of the source (the planning CT) to sample; v in mm along patient LPS, VectorGridData float32 (VR OF)
 interleaved x, y, z with x fastest, i.e. a C-order ``(nz, ny, nx, 3)`` array. The object joins the planning
 CT's patient and study, its Frame of Reference is the plan's (in 4DCT every phase shares it), its
-Deformable Registration Sequence item references the plan's images (ReferencedImageSequence) and the
-Common Instance Reference module references the plan's series. Pre- and post-deformation matrices are
+Deformable Registration Sequence item references the plan's images (ReferencedImageSequence: the source), the
+top-level ReferencedImageSequence the registered images when there are some (the warped CT written with it), and
+the Common Instance Reference module every series referenced. Pre- and post-deformation matrices are
 identity. Objects are built, then validated (:func:`validate_deformable_registration`), then written
 atomically; ``dciodvfy`` (Debian ``dicom3tools``) passes them without errors (tested when installed).
 
