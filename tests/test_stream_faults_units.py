@@ -236,3 +236,22 @@ def test_keys_are_private_whatever_the_umask(tmp_path, umask_000):
     (tmp_path / "open").chmod(0o777)
     with pytest.raises(BreathcastError, match="writable by others"):
         make_keys(tmp_path / "open", "console")
+
+
+# -- the contract ------------------------------------------------------------------------------------------------------
+
+
+def test_the_protocol_document_lists_every_reason_in_priority_order_and_every_error_code():
+    """docs/protocol.md's gate table has every hold reason in REASON_PRIORITY order; its error table every code."""
+    from pathlib import Path
+
+    from breathcast.stream.daemon import REASON_PRIORITY
+    from breathcast.stream.protocol import CONTROL_ERROR_CODES
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    gate_table = doc[doc.index("| reason | when | recovers |") : doc.index("Gating window (`[gating]`)")]
+    listed = [line.split("`")[1] for line in gate_table.splitlines()[2:] if line.startswith("| `")]
+    assert listed == [r.value for r in REASON_PRIORITY]
+    assert set(listed) == {r.value for r in HoldReason} - {"ok"}
+    error_table = doc[doc.index("| code | when |") : doc.index("SIGTERM or SIGINT stop")]
+    assert {line.split("`")[1] for line in error_table.splitlines()[2:] if line.startswith("| `")} == CONTROL_ERROR_CODES
