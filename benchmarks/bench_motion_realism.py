@@ -35,6 +35,7 @@ from breathcast.sim.motion_statistics import (  # noqa: E402
     landmark_statistics,
     population_statistics,
 )
+from breathcast.sim.realct import build_realct_anatomy, load_anatomy_source  # noqa: E402
 from breathcast.sim.simulator import SimulationConfig, patient_seed, simulate_patient  # noqa: E402
 
 LANDMARKS = ROOT.parent / "shared" / "data" / "landmarks"
@@ -78,14 +79,30 @@ def cartoon_patients(n_patients: int, grid_size: int, seed: int) -> list[Synthet
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# LEAD: kind "realct" goes here. Write `realct_patients(n_patients, grid_size, seed) -> list[SyntheticPatient]`
-# calling the generator in breathcast.sim.realct (each patient: name, its pull-back field at amplitude 1 in
-# (x, y, z) mm LPS on the exhale anatomy's grid, its exhale lung mask, that grid), then register it below:
-#     SOURCES["realct"] = realct_patients
-# ---------------------------------------------------------------------------------------------------------------
+REAL_CTS = [ROOT.parent / "shared" / "data" / "ct" / p for p in
+            ("lungct-examples/lungct-0001-phase5.nii.gz", "lungct-examples/lungct-0103-phase5.nii.gz", "popi-phase00")]
 
-SOURCES: dict[str, SyntheticSource] = {"cartoon": cartoon_patients}
+
+def realct_patients(n_patients: int, grid_size: int, seed: int) -> list[SyntheticPatient]:
+    """Real-anatomy patients (:func:`~breathcast.sim.realct.build_realct_anatomy`) on the three real CTs in turn.
+
+    The field is the motion at amplitude 1, rate 0, on the scan grid; the lung mask is the segmentation's lungs of
+    the exhale anatomy, taken at the scan grid's voxel centres (every ``supersampling``-th fine voxel, offset by 1/2).
+    """
+    config = SimulationConfig(grid_size=grid_size, n_scans=1)
+    sources = [load_anatomy_source(p) for p in REAL_CTS if p.exists()]
+    out = []
+    for index in range(n_patients):
+        source = sources[index % len(sources)]
+        anatomy = build_realct_anatomy(source, np.random.default_rng(patient_seed(seed, index)), config)
+        f = config.supersampling
+        lungs = anatomy.segmentation.lungs[f // 2 :: f, f // 2 :: f, f // 2 :: f]
+        field = field_to_lps_mm(anatomy.motion_field.displacement(1.0, 0.0), anatomy.grid)
+        out.append((f"{source.name}-{index:02d}", field, lungs, anatomy.grid))
+    return out
+
+
+SOURCES: dict[str, SyntheticSource] = {"cartoon": cartoon_patients, "realct": realct_patients}
 """Synthetic sources by kind; ``--kind`` picks among them."""
 
 

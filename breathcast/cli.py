@@ -47,7 +47,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from breathcast.sim.simulator import simulate_dataset
 
     start = time.perf_counter()
-    folders = simulate_dataset(args.out, args.patients, _simulation_config(args), seed=args.seed, progress=not args.quiet)
+    if args.patients == 0 and not args.anatomy_ct:
+        raise BreathcastError("nothing to simulate: give --patients N (cartoon) and/or --anatomy-ct CT (real anatomy)")
+    config = _simulation_config(args)
+    folders = simulate_dataset(args.out, args.patients, config, seed=args.seed, progress=not args.quiet) if args.patients else []
+    if args.anatomy_ct:
+        from breathcast.sim.realct import load_anatomy_source, simulate_realct_dataset
+
+        sources = [load_anatomy_source(path) for path in args.anatomy_ct]
+        folders += simulate_realct_dataset(args.out, sources, args.patients_per_ct, config, seed=args.seed,
+                                           first_index=args.patients, progress=not args.quiet)
     print(f"wrote {len(folders)} patient(s) to {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -264,7 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate patients with fast helical free-breathing scans and their ground-truth "
         "motion, and write them in the dataset format of docs/data-format.md.",
     )
-    sim.add_argument("--patients", type=_int_at_least(1), required=True, metavar="N", help="number of patients")
+    sim.add_argument("--patients", type=_int_at_least(0), required=True, metavar="N", help="number of cartoon patients")
+    sim.add_argument("--anatomy-ct", type=Path, action="append", metavar="CT",
+                     help="a real thorax CT (DICOM series folder or NIfTI) to build patients on (repeatable; "
+                     "breathcast/sim/realct.py); they follow the cartoon patients")
+    sim.add_argument("--patients-per-ct", type=_int_at_least(1), default=10, metavar="M",
+                     help="real-anatomy patients per --anatomy-ct (default 10)")
     _add_simulation_options(sim)
     sim.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset folder (created if needed)")
     sim.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

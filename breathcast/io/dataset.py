@@ -324,11 +324,12 @@ def _register_patient(dataset_dir: Path, patient_id: str, kind: str) -> None:
     _write_json(index, index_path)
 
 
-def describe_dataset(dataset_dir: Path, generator: dict[str, Any]) -> None:
-    """Record how the dataset was made under ``generator`` in ``dataset.json`` (e.g. the simulator's seed)."""
+def describe_dataset(dataset_dir: Path, generator: dict[str, Any], key: str = "generator") -> None:
+    """Record how the dataset was made under ``key`` in ``dataset.json`` (e.g. the simulator's seed); a
+    dataset made by two generators (cartoon and real-anatomy patients) records each under its own key."""
     index_path = Path(dataset_dir) / "dataset.json"
     index = _read_json(index_path)
-    index["generator"] = generator
+    index[key] = generator
     _write_json(index, index_path)
 
 

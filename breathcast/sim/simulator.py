@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from breathcast.sim.anatomy import DICE_BUCKETS, LUNG_LABELS, AnatomyParams, Label, render_phantom, sample_anatomy
 from breathcast.io.dataset import describe_dataset, prepare_output_dir, write_patient
 from breathcast.errors import BreathcastError
-from breathcast.geometry import Grid, Triplet
+from breathcast.geometry import HU_MIN, Grid, Triplet
+from breathcast.model_box import lung_centred_grid
 from breathcast.sim.motion import MotionField, MotionParams, build_motion_field, sample_motion
 from breathcast.warp import compose, invert
 from breathcast.traces import (
@@ -41,6 +42,9 @@ __all__ = [
     "SimulatedScan",
     "SimulatedPatient",
     "simulate_patient",
+    "scanner_fov",
+    "Session",
+    "acquire_session",
     "pair_field",
     "patient_seed",
     "save_patient",
@@ -66,6 +70,10 @@ class SimulationConfig:
         pitch: helical pitch.
         collimation_mm: total beam collimation; table speed = pitch * collimation / rotation time.
         n_tumours: lung tumours per patient.
+        box_jitter_mm: (x, y, z) largest offset of the scan grid's centre from the lungs' centre.
+        crop_probability: chance that the scanner's field of view is smaller than the grid.
+        fov_radius_mm: (min, max) radius of that reconstruction circle.
+        fov_half_height_mm: (min, max) extent of that field of view above and below the grid's centre.
     """
 
     grid_size: int = 64
@@ -79,6 +87,10 @@ class SimulationConfig:
     pitch: float = 1.0
     collimation_mm: float = 38.4
     n_tumours: int = 1
+    box_jitter_mm: Triplet = (15.0, 15.0, 15.0)
+    crop_probability: float = 0.4
+    fov_radius_mm: tuple[float, float] = (150.0, 260.0)
+    fov_half_height_mm: tuple[float, float] = (90.0, 200.0)
 
     def __post_init__(self) -> None:
         if self.grid_size < MIN_GRID_SIZE:
@@ -87,11 +99,6 @@ class SimulationConfig:
             raise BreathcastError(f"need at least one scan per patient, got {self.n_scans}")
         if self.supersampling < 1:
             raise BreathcastError(f"supersampling must be >= 1, got {self.supersampling}")
-
-    @property
-    def grid(self) -> Grid:
-        n = self.grid_size
-        return Grid.centered((n, n, n), self.field_of_view_mm)
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,10 @@ def _sample_on_fine_grid(fine: np.ndarray, coords_coarse: np.ndarray, factor: in
 
 
 def simulate_patient(seed: int, config: SimulationConfig = SimulationConfig(), patient_id: str = "") -> SimulatedPatient:
-    """Simulate one patient: the rest anatomy and ``config.n_scans`` helical scans with ground truth.
+    """Simulate one cartoon patient: the rest anatomy and ``config.n_scans`` helical scans with ground truth.
+
+    The scan grid is the model box (``config.field_of_view_mm``) centred on the patient's lungs, moved by up
+    to ``config.box_jitter_mm`` (the error of finding the lungs in a real plan), as the engine places it.
 
     Args:
         seed: everything about the patient derives from it.
@@ -151,14 +161,87 @@ def simulate_patient(seed: int, config: SimulationConfig = SimulationConfig(), p
     rng = np.random.default_rng(seed)
     anatomy = sample_anatomy(rng, n_tumours=config.n_tumours)
     motion = sample_motion(rng)
-    grid = config.grid
+    grid = _lung_centred_box(anatomy, config, rng)
     factor = config.supersampling
     fine_grid = grid.with_shape(tuple(n * factor for n in grid.shape))
     fine_hu, fine_labels = render_phantom(anatomy, fine_grid)
     fine_hu = ndimage.gaussian_filter(fine_hu, sigma=config.blur_voxels * factor, mode="nearest")
     motion_field: MotionField = build_motion_field(anatomy, motion, grid)
+    session = acquire_session(fine_hu, fine_labels, motion_field, grid, config, rng, scanner_fov(grid, config, rng))
+    return SimulatedPatient(
+        patient_id=patient_id or f"sim{seed}",
+        seed=seed,
+        grid=grid,
+        anatomy=anatomy,
+        motion=motion,
+        trace_config=session.trace_config,
+        trace=session.trace,
+        reference_hu=session.reference_hu,
+        reference_labels=session.reference_labels,
+        scans=session.scans,
+    )
 
-    # The session: scans back to back with pauses, alternating helical direction.
+
+def _lung_centred_box(anatomy: AnatomyParams, config: SimulationConfig, rng: np.random.Generator) -> Grid:
+    """The scan grid: the model box centred on the lungs (found on a coarse rendering), jittered."""
+    coarse = Grid.centered((48, 48, 48), (480.0, 480.0, 400.0))
+    _, labels = render_phantom(anatomy, coarse)
+    lungs = np.isin(labels, (Label.LUNG_LEFT, Label.LUNG_RIGHT))
+    index = np.argwhere(lungs)
+    centre = 0.5 * (coarse.index_to_lps(index.min(axis=0)) + coarse.index_to_lps(index.max(axis=0)))
+    centre = centre + rng.uniform(-1.0, 1.0, size=3) * np.asarray(config.box_jitter_mm)
+    return lung_centred_grid(centre, (config.grid_size,) * 3, config.field_of_view_mm)
+
+
+def scanner_fov(grid: Grid, config: SimulationConfig, rng: np.random.Generator) -> np.ndarray | None:
+    """(Z, Y, X) bool, True where the scanner saw nothing: a reconstruction circle and a z range that
+    may cut the body and the lungs (drawn with probability ``config.crop_probability``), else None."""
+    if rng.uniform() >= config.crop_probability:
+        return None
+    nz, ny, nx = grid.shape
+    x = (grid.origin[0] + grid.spacing[0] * np.arange(nx))[None, None, :]
+    y = (grid.origin[1] + grid.spacing[1] * np.arange(ny))[None, :, None]
+    z = (grid.origin[2] + grid.spacing[2] * np.arange(nz))[:, None, None]
+    centre = grid.index_to_lps(np.asarray(grid.shape) / 2.0 - 0.5)
+    radius = rng.uniform(*config.fov_radius_mm)
+    low = centre[2] - rng.uniform(*config.fov_half_height_mm)
+    high = centre[2] + rng.uniform(*config.fov_half_height_mm)
+    circle = (x - centre[0] - rng.normal(0, 15.0)) ** 2 + (y - centre[1] - rng.normal(0, 15.0)) ** 2 > radius**2
+    return np.broadcast_to(circle | (z < low) | (z > high), grid.shape).copy()
+
+
+@dataclass(frozen=True)
+class Session:
+    """One simulated scanning session: the breathing trace, the rest images and the helical scans."""
+
+    trace_config: TraceConfig
+    trace: BreathingTrace
+    reference_hu: np.ndarray
+    reference_labels: np.ndarray
+    scans: list[SimulatedScan]
+
+
+def acquire_session(
+    fine_hu: np.ndarray,
+    fine_labels: np.ndarray,
+    motion_field: MotionField,
+    grid: Grid,
+    config: SimulationConfig,
+    rng: np.random.Generator,
+    outside_fov: np.ndarray | None = None,
+) -> Session:
+    """Scan a rest anatomy ``config.n_scans`` times while it breathes: fast helical sweeps, back to back.
+
+    Args:
+        fine_hu: rest anatomy (HU) on ``grid`` refined ``config.supersampling`` times per axis, blurred.
+        fine_labels: its labels, same grid.
+        motion_field: the breathing motion on ``grid`` (scan voxels).
+        grid: the scan grid.
+        config: scan protocol and noise.
+        rng: draws the session (pauses, trace, noise).
+        outside_fov: (Z, Y, X) bool, where the scanner saw nothing (air, -1000 HU, in every image); None: all seen.
+    """
+    factor = config.supersampling
     slice_z_mm = axial_slice_positions_mm(grid)
     protocols, start = [], float(rng.uniform(3.0, 6.0))
     for k in range(config.n_scans):
@@ -181,6 +264,8 @@ def simulate_patient(seed: int, config: SimulationConfig = SimulationConfig(), p
         coords = index + u
         image = _sample_on_fine_grid(fine_hu, coords, factor, order=1)
         image += noise_rng.normal(0.0, config.noise_hu, size=image.shape).astype(np.float32)
+        if outside_fov is not None:
+            image[outside_fov] = HU_MIN
         return image.astype(np.float32), _sample_on_fine_grid(fine_labels, coords, factor, order=0)
 
     reference_hu, reference_labels = acquire(np.zeros((3, *grid.shape), dtype=np.float32))
@@ -191,18 +276,7 @@ def simulate_patient(seed: int, config: SimulationConfig = SimulationConfig(), p
         u = motion_field.displacement(amplitude, rate)
         image, labels = acquire(u)
         scans.append(SimulatedScan(image, labels, u, times, amplitude, rate, helical.direction.value))
-    return SimulatedPatient(
-        patient_id=patient_id or f"sim{seed}",
-        seed=seed,
-        grid=grid,
-        anatomy=anatomy,
-        motion=motion,
-        trace_config=trace_config,
-        trace=trace,
-        reference_hu=reference_hu,
-        reference_labels=reference_labels,
-        scans=scans,
-    )
+    return Session(trace_config, trace, reference_hu, reference_labels, scans)
 
 
 def pair_field(u_moving: np.ndarray, u_fixed: np.ndarray) -> np.ndarray:

@@ -1,0 +1,139 @@
+"""The model grid is a physical box centred on the lungs, not whatever the CT's field of view is.
+
+A network trained on one fixed field of view learns a template relative to that frame (the motion peak sat
+at ~21 % of the volume's height whatever the anatomy). So every CT reaches a model the same way: in the
+canonical frame (:mod:`breathcast.canonical`), resampled into a box of fixed size in mm
+(:data:`MODEL_BOX_MM`) whose centre is the centre of the lungs' bounding box; what the scanner did not
+see is air. Training data is made in the same box (with jitter), so the model sees anatomy, not the frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from breathcast.errors import BreathcastError, PlanRejected
+from breathcast.geometry import HU_MIN, Grid, Triplet, Volume
+from breathcast.segmentation import ThoraxSegmentation, lung_bounding_box_mm, segment_thorax
+
+__all__ = [
+    "MODEL_BOX_MM",
+    "SEGMENTATION_SPACING_MM",
+    "lung_centred_grid",
+    "resample_onto",
+    "resample_to_spacing",
+    "PlanCheck",
+    "check_plan",
+    "model_box_volume",
+]
+
+MODEL_BOX_MM: Triplet = (400.0, 400.0, 320.0)
+"""(x, y, z) extent of the model box in mm: at 64³, 6.25 x 6.25 x 5 mm voxels."""
+
+SEGMENTATION_SPACING_MM = 3.0
+"""A plan is segmented on a grid of about this voxel size (the answer does not need more)."""
+
+
+def lung_centred_grid(centre_lps_mm: np.ndarray, shape: tuple[int, int, int], extent_mm: Triplet = MODEL_BOX_MM) -> Grid:
+    """The canonical grid of ``shape`` (Z, Y, X) covering ``extent_mm`` (x, y, z) centred at ``centre_lps_mm``.
+
+    Example:
+        >>> lung_centred_grid(np.array([0.0, 10.0, -20.0]), (4, 4, 4), (40.0, 40.0, 40.0)).origin
+        (-15.0, -5.0, -35.0)
+    """
+    centred = Grid.centered(tuple(shape), tuple(extent_mm))
+    origin = np.asarray(centred.origin) + np.asarray(centre_lps_mm, dtype=float)
+    return Grid(shape=centred.shape, spacing=centred.spacing, origin=tuple(origin))
+
+
+def resample_onto(volume: Volume, grid: Grid, fill: float = HU_MIN, order: int = 1) -> Volume:
+    """Sample a canonical ``volume`` at the voxel centres of the canonical ``grid``; ``fill`` outside it.
+
+    Linear (``order=1``) with a Gaussian anti-alias filter when ``grid`` is coarser (sigma = (ratio - 1) / 2
+    source voxels, the skimage convention); ``order=0`` for label maps.
+    """
+    for g, name in ((volume.grid, "volume"), (grid, "target grid")):
+        if not np.allclose(g.direction_matrix, np.eye(3)):
+            raise BreathcastError(f"resample_onto needs canonical grids; the {name} is not (see breathcast.canonical)")
+    src = volume.array
+    ratio = np.asarray(grid.spacing_zyx) / np.asarray(volume.grid.spacing_zyx)
+    if order > 0:
+        src = src.astype(np.float32)
+        if np.any(ratio > 1):
+            src = ndimage.gaussian_filter(src, sigma=np.maximum(0.0, (ratio - 1.0) / 2.0), mode="nearest")
+    # Both grids are axis-aligned: index_src = (origin_dst - origin_src) / spacing_src + index_dst * ratio.
+    offset = (np.asarray(grid.origin) - np.asarray(volume.grid.origin))[::-1] / np.asarray(volume.grid.spacing_zyx)
+    axes = [offset[a] + ratio[a] * np.arange(grid.shape[a]) for a in range(3)]
+    coords = np.meshgrid(*axes, indexing="ij", sparse=False)
+    out = ndimage.map_coordinates(src, coords, order=order, mode="constant", cval=fill, prefilter=False)
+    return Volume(out.astype(volume.array.dtype if order == 0 else np.float32), grid)
+
+
+def resample_to_spacing(volume: Volume, spacing_mm: float) -> Volume:
+    """A canonical volume on a grid of about ``spacing_mm`` voxels over the same field of view."""
+    g = volume.grid
+    shape = tuple(max(8, int(round(n * s / spacing_mm))) for n, s in zip(g.shape, g.spacing_zyx))
+    return resample_onto(volume, g.with_shape(shape), fill=HU_MIN)
+
+
+@dataclass(frozen=True)
+class PlanCheck:
+    """What a plan check found; ``warnings`` are published with every status, ``segmentation`` is kept.
+
+    Args:
+        segmentation: the plan's segmentation at :data:`SEGMENTATION_SPACING_MM`.
+        lung_centre_lps_mm: (3,) centre of the lungs' bounding box, mm LPS.
+        warnings: one line each: what about the plan lies at the edge of what the model was trained on.
+    """
+
+    segmentation: ThoraxSegmentation
+    lung_centre_lps_mm: np.ndarray
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def check_plan(volume: Volume) -> PlanCheck:
+    """Find the lungs of a canonical planning CT and check the plan is inside what the model knows.
+
+    Raises:
+        PlanRejected: no lungs; an anterior-posterior direction that contradicts the anatomy (the spine in
+            front of the lungs); an HU calibration that is not CT's (lungs or soft tissue far off their HU).
+    """
+    small = resample_to_spacing(volume, SEGMENTATION_SPACING_MM)
+    try:
+        seg = segment_thorax(small)
+    except BreathcastError as error:
+        raise PlanRejected(f"plan rejected: {error}") from error
+    hu = small.array
+    lung_hu = float(np.median(hu[seg.lungs]))
+    soft = seg.body & ~seg.lungs & (hu > -200.0) & (hu < 200.0)
+    soft_hu = float(np.median(hu[soft])) if soft.any() else float("nan")
+    if not -950.0 <= lung_hu <= -600.0 or not -80.0 <= soft_hu <= 100.0:
+        raise PlanRejected(
+            f"plan rejected: implausible HU calibration (lung median {lung_hu:.0f} HU, expected -950..-600; "
+            f"soft tissue median {soft_hu:.0f} HU, expected -80..100)"
+        )
+    if not seg.anterior_posterior_ok:
+        raise PlanRejected(
+            "plan rejected: the CT's anterior-posterior direction contradicts its anatomy "
+            f"(spine {seg.spine_offset_mm:+.0f} mm, mediastinum {seg.heart_offset_mm:+.0f} mm from the lungs' centre, "
+            "posterior +): check the orientation in the file's header"
+        )
+    warnings = []
+    lungs = seg.lungs
+    if lungs[0].any() or lungs[-1].any():
+        which = " and ".join(w for w, cut in (("base", lungs[0].any()), ("apex", lungs[-1].any())) if cut)
+        warnings.append(f"the lungs are cut at the {which} by the CT's field of view: motion there is extrapolated")
+    if lungs[:, :, 0].any() or lungs[:, :, -1].any() or lungs[:, 0, :].any() or lungs[:, -1, :].any():
+        warnings.append("the lungs touch the in-plane edge of the CT's field of view")
+    low, high = lung_bounding_box_mm(seg)
+    return PlanCheck(seg, 0.5 * (low + high), tuple(warnings))
+
+
+def model_box_volume(volume: Volume, shape: tuple[int, int, int], extent_mm: Triplet = MODEL_BOX_MM) -> tuple[Volume, PlanCheck]:
+    """A canonical planning CT in its lung-centred model box of ``shape``, and the plan check behind it."""
+    check = check_plan(volume)
+    grid = lung_centred_grid(check.lung_centre_lps_mm, shape, extent_mm)
+    grid = Grid(grid.shape, grid.spacing, grid.origin, frame_of_reference_uid=volume.grid.frame_of_reference_uid)
+    return resample_onto(volume, grid), check

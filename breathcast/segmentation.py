@@ -1,0 +1,273 @@
+"""Classical thorax segmentation of a CT (thresholds, connected components, distance transforms).
+
+It behaves the same on the simulator's cartoon and on real CT, needs no downloaded weights, and gives what
+breathing motion is built on and what a plan check needs: body, lungs (left and right), airways, bones, the
+spine, the organs under the diaphragm, the diaphragm height per (x, y) column, and the cavity that moves
+(lungs, mediastinum and upper abdomen inside the rib cage, spine excluded; the chest wall outside it slides).
+
+Every function takes a canonical :class:`~breathcast.geometry.Volume` (identity direction, see
+:mod:`breathcast.canonical`) in HU; sizes are in mm so results do not depend on the voxel size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from matplotlib.path import Path
+from scipy import ndimage
+from scipy.spatial import ConvexHull
+
+from breathcast.errors import BreathcastError
+from breathcast.geometry import Grid, Volume
+from breathcast.sim.anatomy import Label
+
+__all__ = ["ThoraxSegmentation", "segment_thorax", "signed_distance_mm", "lung_bounding_box_mm"]
+
+BODY_HU = -500.0
+AIR_HU = -400.0
+OUTSIDE_AIR_HU = -920.0
+"""Air darker than this, connected to the in-plane edge of the field of view, is outside the patient."""
+BONE_HU = 150.0
+MIN_LUNG_ML = 150.0
+WALL_MM = 12.0
+"""Thickness of the abdominal wall below the lungs: the cavity there is the body eroded by it."""
+SPINE_MARGIN_MM = 5.0
+"""The still zone around the vertebrae that the moving cavity keeps clear of."""
+DISC_MM = 8.0
+"""Intervertebral discs are darker than bone: the spine is closed along z over this distance."""
+
+
+@dataclass(frozen=True)
+class ThoraxSegmentation:
+    """A CT's segmentation on the CT's own (canonical) grid.
+
+    Args:
+        labels: (Z, Y, X) uint8 :class:`~breathcast.sim.anatomy.Label` ids: BODY, BONE, LUNG_LEFT,
+            LUNG_RIGHT, TRACHEA_BRONCHI, LIVER (everything under the diaphragm inside the cavity).
+        cavity: (Z, Y, X) bool, the region that moves with the lungs and the diaphragm.
+        spine: (Z, Y, X) bool, the vertebrae.
+        dome_z_mm: (Y, X) LPS z of the lung base (the diaphragm) per column, extrapolated where no lung is.
+        apex_z_mm: LPS z of the lung apex (the highest lung voxel).
+        grid: the grid all arrays live on.
+        spine_offset_mm: mean y (LPS, + posterior) of the midline bone minus the lungs' mean y: positive
+            when the spine lies behind the lungs, as it must in a correctly oriented CT (NaN without bone).
+        heart_offset_mm: mean y of the soft tissue between the lungs (mid-lung slices) minus the lungs' mean y:
+            negative when the heart lies in front, as it must.
+        spine_ml: volume of the vertebral column found (the largest midline bone, in front or behind), ml.
+        heart_lr_offset_mm: x of the soft tissue between the lungs minus the body's midline: positive when
+            the heart lies to the patient's left, as it does but in rare dextrocardia.
+    """
+
+    labels: np.ndarray
+    cavity: np.ndarray
+    spine: np.ndarray
+    dome_z_mm: np.ndarray
+    apex_z_mm: float
+    grid: Grid
+    spine_offset_mm: float = float("nan")
+    heart_offset_mm: float = float("nan")
+    spine_ml: float = 0.0
+    heart_lr_offset_mm: float = float("nan")
+
+    @property
+    def anterior_posterior_ok(self) -> bool:
+        """Whether the anatomy agrees with the grid's anterior-posterior direction.
+
+        The spine must lie behind the lungs when any of it is found (>= 0.5 ml);
+        otherwise the mediastinum (the heart) must lie in front of the lungs' centre.
+        """
+        if self.spine_ml >= 0.5:
+            return self.spine_offset_mm > 10.0
+        return self.heart_offset_mm < -5.0
+
+    @property
+    def lungs(self) -> np.ndarray:
+        """(Z, Y, X) bool, both lungs."""
+        return (self.labels == Label.LUNG_LEFT) | (self.labels == Label.LUNG_RIGHT)
+
+    @property
+    def body(self) -> np.ndarray:
+        """(Z, Y, X) bool, everything inside the skin."""
+        return self.labels != Label.BACKGROUND
+
+    def lung_volume_ml(self) -> float:
+        return float(self.lungs.sum() * np.prod(self.grid.spacing) / 1000.0)
+
+
+def _check_canonical(volume: Volume) -> None:
+    if not np.allclose(volume.grid.direction_matrix, np.eye(3)):
+        raise BreathcastError("segmentation needs a canonical volume: reorient it with breathcast.canonical.to_canonical")
+
+
+def _ball(radius_mm: float, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+    r = [max(1, int(round(radius_mm / s))) for s in spacing_zyx]
+    zz, yy, xx = np.ogrid[-r[0] : r[0] + 1, -r[1] : r[1] + 1, -r[2] : r[2] + 1]
+    return (zz * spacing_zyx[0]) ** 2 + (yy * spacing_zyx[1]) ** 2 + (xx * spacing_zyx[2]) ** 2 <= radius_mm**2
+
+
+def _largest_components(mask: np.ndarray, min_fraction: float) -> tuple[np.ndarray, int]:
+    """Components at least ``min_fraction`` of the largest one; returns (mask, count)."""
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return mask, 0
+    sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
+    keep = np.flatnonzero(sizes >= min_fraction * sizes.max()) + 1
+    return np.isin(lab, keep), len(keep)
+
+
+def _fill_slices(mask: np.ndarray) -> np.ndarray:
+    return np.stack([ndimage.binary_fill_holes(s) for s in mask])
+
+
+def signed_distance_mm(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+    """(Z, Y, X) float32 mm: positive inside ``mask``, negative outside, ~0 on its boundary."""
+    inside = ndimage.distance_transform_edt(mask, sampling=spacing_zyx)
+    outside = ndimage.distance_transform_edt(~mask, sampling=spacing_zyx)
+    return (inside - outside).astype(np.float32)
+
+
+def _slice_hulls(mask: np.ndarray) -> np.ndarray:
+    """The 2D convex hull of ``mask`` in every axial slice: the lungs' hull is the inside of the rib cage."""
+    out = np.zeros_like(mask)
+    ny, nx = mask.shape[1:]
+    pixels = np.stack(np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij"), axis=-1).reshape(-1, 2)
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        points = np.argwhere(mask[k])
+        if len(points) < 4 or np.linalg.matrix_rank(points - points.mean(axis=0)) < 2:
+            out[k] = mask[k]
+            continue
+        hull = ConvexHull(points)
+        inside = Path(points[hull.vertices]).contains_points(pixels, radius=0.5)
+        out[k] = inside.reshape(ny, nx) | mask[k]
+    return out
+
+
+def _behind_spine(spine: np.ndarray, margin_voxels: tuple[int, int]) -> np.ndarray:
+    """Per slice, the spine's columns (x range + margin) from its front edge (- margin) to the back."""
+    out = np.zeros_like(spine)
+    my, mx = margin_voxels
+    for k in np.flatnonzero(spine.any(axis=(1, 2))):
+        ys, xs = np.nonzero(spine[k])
+        out[k, max(0, ys.min() - my) :, max(0, xs.min() - mx) : xs.max() + mx + 1] = True
+    return out
+
+
+def _dome_height(lungs: np.ndarray, grid: Grid) -> np.ndarray:
+    """(Y, X) LPS z of the lowest lung voxel per column, smoothed, extrapolated to columns without lung."""
+    nz = lungs.shape[0]
+    has = lungs.any(axis=0)
+    lowest = np.where(has, np.argmax(lungs, axis=0), 0).astype(np.float64)
+    if not has.any():
+        return np.full(lungs.shape[1:], grid.origin[2])
+    nearest = ndimage.distance_transform_edt(~has, return_distances=False, return_indices=True)
+    filled = lowest[nearest[0], nearest[1]]
+    sy, sx = grid.spacing[1], grid.spacing[0]
+    smooth = ndimage.gaussian_filter(filled, sigma=(10.0 / sy, 10.0 / sx), mode="nearest")
+    return grid.origin[2] + grid.spacing[2] * np.clip(smooth, 0, nz - 1)
+
+
+def segment_thorax(volume: Volume) -> ThoraxSegmentation:
+    """Segment a canonical thorax CT (HU); see the module docstring for what comes out.
+
+    Raises:
+        BreathcastError: when no lungs are found (no air region of at least 150 ml inside the body).
+    """
+    _check_canonical(volume)
+    grid = volume.grid
+    hu = volume.array
+    sp = grid.spacing_zyx
+    voxel_ml = float(np.prod(sp)) / 1000.0
+
+    # Outside air: the dark regions (lung parenchyma is denser than air) that reach the in-plane edge. Not
+    # every air region at the edge: a field of view that cuts through the body leaves the lungs touching it.
+    smooth = ndimage.gaussian_filter(hu.astype(np.float32), sigma=[2.0 / v for v in sp], mode="nearest")
+    dark, n_dark = ndimage.label(smooth < OUTSIDE_AIR_HU)
+    edge = np.zeros(n_dark + 1, dtype=bool)
+    for face in (dark[:, 0, :], dark[:, -1, :], dark[:, :, 0], dark[:, :, -1]):
+        edge[np.unique(face)] = True
+    edge[0] = False
+    outside = ndimage.binary_dilation(edge[dark], structure=_ball(4.0, sp))
+    # Lungs and airways: the big air regions left (bowel gas is far smaller than a lung).
+    air = ndimage.binary_opening((hu < AIR_HU) & ~outside, structure=_ball(2.0, sp))
+    lab, n = ndimage.label(air)
+    index = np.arange(1, n + 1)
+    sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=index) * voxel_ml if n else np.zeros(1)
+    if sizes.max() < MIN_LUNG_ML:
+        raise BreathcastError(f"no lungs found: no air region of at least {MIN_LUNG_ML:.0f} ml inside the body (largest {sizes.max():.0f} ml)")
+    air_organs = np.isin(lab, index[sizes >= max(MIN_LUNG_ML, 0.2 * sizes.max())])
+
+    # Body: tissue and the air organs, opened to drop the couch and cables, the largest component, filled.
+    tissue = ndimage.binary_opening((hu > BODY_HU) | air_organs, structure=_ball(3.0, sp))
+    body, _ = _largest_components(tissue, 1.0)
+    body = _fill_slices(body) | air_organs
+
+    x_mm = grid.origin[0] + grid.spacing[0] * np.arange(hu.shape[2])
+    body_cols = np.flatnonzero(body.any(axis=(0, 1)))
+    mid_x = float(0.5 * (x_mm[body_cols[0]] + x_mm[body_cols[-1]]))
+    # Airways: the narrow midline part of the air organs, per slice (trachea and main bronchi).
+    airways = np.zeros_like(air_organs)
+    for k in range(hu.shape[0]):
+        if not air_organs[k].any():
+            continue
+        slice_lab, m = ndimage.label(air_organs[k])
+        for c, (area, cx) in enumerate(
+            zip(
+                ndimage.sum_labels(np.ones_like(slice_lab), slice_lab, np.arange(1, m + 1)) * sp[1] * sp[2],
+                ndimage.mean(np.broadcast_to(x_mm, slice_lab.shape), slice_lab, np.arange(1, m + 1)),
+            ),
+            start=1,
+        ):
+            if area < 600.0 and abs(cx - mid_x) < 25.0:
+                airways[k] |= slice_lab == c
+    lungs = air_organs & ~airways
+    lungs = ndimage.binary_closing(lungs, structure=_ball(4.0, sp)) & body  # vessels inside the lungs
+    lungs &= ~airways
+    left = lungs & (x_mm[None, None, :] >= mid_x)  # LPS: +x is the patient's left
+
+    # Bones; the spine is the bone near the midline behind the lungs' centre, closed across the discs.
+    bone = ndimage.binary_opening((hu > BONE_HU) & body & ~lungs, structure=_ball(1.5, sp))
+    y_mm = grid.origin[1] + grid.spacing[1] * np.arange(hu.shape[1])
+    lung_y = float(y_mm[np.flatnonzero(lungs.any(axis=(0, 2)))].mean())
+    midline = np.abs(x_mm - mid_x)[None, None, :] < 35.0
+    disc = max(1, int(round(DISC_MM / sp[0])))
+    column = ndimage.binary_dilation(bone & midline, structure=np.ones((2 * disc + 1, 1, 1), dtype=bool)) & bone & midline
+    column, _ = _largest_components(column, 1.0)  # the vertebral column: the biggest midline bone, front or back
+    spine_offset = float(y_mm[np.argwhere(column)[:, 1]].mean() - lung_y) if column.any() else float("nan")
+    spine = column if spine_offset > 0 else np.zeros_like(column)
+    spine = ndimage.binary_dilation(spine, structure=np.ones((2 * disc + 1, 1, 1), dtype=bool)) & body & ~lungs
+
+    # The cavity: the lungs' per-slice hull in the lungs' slices; below them the body inside its wall.
+    hull = _slice_hulls(lungs)
+    dome = _dome_height(lungs, grid)
+    z_mm = (grid.origin[2] + grid.spacing[2] * np.arange(hu.shape[0]))[:, None, None]
+    below = z_mm < dome[None]
+    lung_slices = np.flatnonzero(lungs.any(axis=(1, 2)))
+    apex = float(z_mm[lung_slices[-1], 0, 0])
+    inner_body = signed_distance_mm(body, sp) > WALL_MM
+    middle = slice(lung_slices[0] + len(lung_slices) // 4, lung_slices[-1] + 1 - len(lung_slices) // 4)
+    mediastinum = np.argwhere((hu[middle] > -200.0) & (hu[middle] < BONE_HU) & hull[middle] & ~lungs[middle])
+    heart_offset = float(y_mm[mediastinum[:, 1]].mean() - lung_y) if len(mediastinum) else float("nan")
+    heart_lr = float(x_mm[mediastinum[:, 2]].mean() - mid_x) if len(mediastinum) else float("nan")
+    footprint = hull.any(axis=0)  # the rib cage seen from above
+    lowest_lung_z = z_mm[lung_slices[0], 0, 0]
+    abdomen = below & inner_body & (footprint[None] | (z_mm < lowest_lung_z))
+    cavity = (hull | lungs | abdomen) & body
+    margin = (int(round(SPINE_MARGIN_MM / sp[1])), int(round(SPINE_MARGIN_MM / sp[2])))
+    cavity &= ~_behind_spine(spine, margin) & ~(bone & ~hull)
+
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    labels[body] = Label.BODY
+    labels[cavity & below & ~lungs] = Label.LIVER
+    labels[bone] = Label.BONE
+    labels[lungs & ~left] = Label.LUNG_RIGHT
+    labels[left] = Label.LUNG_LEFT
+    labels[airways] = Label.TRACHEA_BRONCHI
+    return ThoraxSegmentation(labels, cavity, spine, dome.astype(np.float32), apex, grid, spine_offset, heart_offset, float(column.sum() * voxel_ml), heart_lr)
+
+
+def lung_bounding_box_mm(segmentation: ThoraxSegmentation) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) LPS corners (x, y, z) in mm of the lungs' bounding box (voxel centres)."""
+    index = np.argwhere(segmentation.lungs)
+    grid = segmentation.grid
+    return grid.index_to_lps(index.min(axis=0)), grid.index_to_lps(index.max(axis=0))
