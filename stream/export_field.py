@@ -21,9 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from typing import TYPE_CHECKING
+
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Volume, field_from_lps_mm
 from breathcast.engine.predictor import Prediction, Predictor
+
+if TYPE_CHECKING:
+    from breathcast.io.dicom_io import InstanceReference, SeriesIdentity
 
 __all__ = ["FieldRequest", "FieldExport", "state_window", "trace_window", "export_predicted_field", "write_warped_ct"]
 
@@ -95,7 +100,7 @@ def trace_window(predictor: Predictor, time_s: np.ndarray, amplitude: np.ndarray
 
 
 def export_predicted_field(
-    predictor: Predictor, window: np.ndarray, request: FieldRequest, plan_series=None
+    predictor: Predictor, window: np.ndarray, request: FieldRequest, plan_series: SeriesIdentity | None = None
 ) -> FieldExport:
     """Predict on ``window`` and write what ``request`` asks.
 
@@ -110,8 +115,11 @@ def export_predicted_field(
         A :class:`FieldExport`: the paths written (field, warped CT folder, target JSON) and the prediction.
     """
     from breathcast.io.dicom_io import InstanceReference, new_series_identity, read_dicom_file
+    from breathcast.io.files import check_output_dir
     from breathcast.io.registration_export import export_field
 
+    if request.warped_ct is not None:
+        check_output_dir(request.warped_ct)  # before the REG that would reference it is written
     prediction = predictor.predict(window)
     frame = predictor.frame
     u, grid = prediction.displacement, predictor.grid
@@ -139,7 +147,9 @@ def export_predicted_field(
     return FieldExport(written, prediction)
 
 
-def _write_targets(predictor: Predictor, prediction: Prediction, request: FieldRequest, plan_series) -> Path:
+def _write_targets(
+    predictor: Predictor, prediction: Prediction, request: FieldRequest, plan_series: SeriesIdentity | None
+) -> Path:
     """The predicted target positions as JSON (mm, patient LPS), written atomically beside the field."""
     from breathcast.io.files import atomic_write
 
@@ -162,7 +172,12 @@ def _write_targets(predictor: Predictor, prediction: Prediction, request: FieldR
 
 
 def write_warped_ct(
-    predictor: Predictor, u_model: np.ndarray, folder: Path, plan_series=None, registration=None, identity=None
+    predictor: Predictor,
+    u_model: np.ndarray,
+    folder: Path,
+    plan_series: SeriesIdentity | None = None,
+    registration: InstanceReference | None = None,
+    identity: SeriesIdentity | None = None,
 ) -> Path:
     """Warp the planning CT at its own resolution by the model-grid field and write it as a new DICOM series.
 

@@ -78,6 +78,17 @@ def test_field_from_a_trace_window_on_another_grid(tiny_package, tmp_path):  # n
     assert u.shape == (3, 8, 8, 8) and np.isfinite(u).all() and np.abs(u).max() > 0
 
 
+def test_existing_warped_ct_folder_is_refused_before_anything_is_written(tiny_package, dicom_plan, tmp_path, capsys):  # noqa: F811
+    """A warped-CT folder that is taken stops the export before the REG (which would reference it) is written."""
+    (tmp_path / "warped").mkdir()
+    (tmp_path / "warped" / "x").write_text("")
+    args = ["export-field", "--package", str(tiny_package.path), "--plan-source", "dicom", "--plan-path", str(dicom_plan),
+            "--plan-amplitude", "0", "--amplitude", "0.9", "--out", str(tmp_path / "reg.dcm"), "--warped-ct", str(tmp_path / "warped")]  # fmt: skip
+    assert main(args) == 2
+    assert "warped: already exists and is not an empty folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["warped"]
+
+
 def test_bad_requests_end_with_one_line(tiny_package, tmp_path, capsys):  # noqa: F811
     base = ["export-field", "--package", str(tiny_package.path)]
     assert main([*base, "--out", str(tmp_path / "u.dcm"), "--amplitude", "1"]) == 2

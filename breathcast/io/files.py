@@ -18,7 +18,7 @@ from pathlib import Path
 
 from breathcast.errors import BreathcastError
 
-__all__ = ["atomic_output_dir", "atomic_write", "temporary_sibling"]
+__all__ = ["atomic_output_dir", "atomic_write", "check_output_dir", "temporary_sibling"]
 
 _ATTEMPTS = 100
 
@@ -79,6 +79,13 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def check_output_dir(target: Path | str) -> None:
+    """Refuse (one line naming it) an output folder that exists and is not empty; nothing is written."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise BreathcastError(f"{target}: already exists and is not an empty folder; choose a new output folder")
+
+
 class atomic_output_dir:  # noqa: N801 - used as a context manager, reads like a function
     """Write a folder whole or not at all: a hidden temporary sibling, renamed into place on success.
 
@@ -99,10 +106,7 @@ class atomic_output_dir:  # noqa: N801 - used as a context manager, reads like a
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
-        if self.target.exists() and (not self.target.is_dir() or any(self.target.iterdir())):
-            raise BreathcastError(
-                f"{self.target}: already exists and is not an empty folder; choose a new output folder"
-            )
+        check_output_dir(self.target)
         self.tmp = temporary_sibling(self.target, directory=True)
         return self.tmp
 
