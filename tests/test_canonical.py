@@ -208,3 +208,24 @@ def test_nifti_plan_gets_its_field_in_its_own_layout(anatomy, exports, tiny_pack
     field, _ = _physical(u, grid)
     reference, _ = _physical(*read_exported_field(exports["HFS"][0] / "u.mha"))
     assert np.abs(field - reference).max() <= 0.1
+
+
+@pytest.mark.parametrize("position", ["HFS", "FFP", "HFDL"])
+def test_rtstruct_target_is_the_same_point_in_every_position(anatomy, tmp_path, position):
+    """A plan's --rtstruct/--roi target (the ROI's centroid) is the same LPS point however the CT is stored."""
+    from breathcast.io.rtstruct import write_rtstruct_contours
+    from breathcast.stream.config import PlanSpec
+    from breathcast.stream.plans import build_plan
+
+    write_ct_series(anatomy, tmp_path / "ct", orientation=position)
+    series = read_ct_series(tmp_path / "ct")
+    grid = series.volume.grid
+    square = [(-30.0, -20.0), (6.0, -20.0), (6.0, 16.0), (-30.0, 16.0)]  # x, y mm, between voxel centres
+    slices = [grid.index_to_lps(np.array([k, 0.0, 0.0]))[2] for k in range(grid.shape[0])]
+    polygons = [np.array([(x, y, z) for x, y in square]) for z in slices if -6.0 < z < 30.0]
+    write_rtstruct_contours({"GTV": polygons}, grid, series.identity, tmp_path / "rs.dcm")
+    plan = build_plan(PlanSpec(source="dicom", path=str(tmp_path / "ct"), amplitude=0.0, rtstruct=str(tmp_path / "rs.dcm"), roi="GTV"))
+    # inside: voxel centres x -28..4 mm (5), y -13.5..13.5 mm (4), on the slices z = 6 and 18 mm
+    expected = np.mean([(x, y) for x in np.arange(-92.0, 100.0, 8.0) for y in np.arange(-85.5, 95.0, 9.0)
+                        if -30 <= x <= 6 and -20 <= y <= 16], axis=0)  # fmt: skip
+    assert_allclose(plan.target_lps_mm[0], (*expected, 12.0), atol=1e-6)
