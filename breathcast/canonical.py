@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scipy import ndimage
+
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Triplet, Volume, field_from_lps_mm, field_to_lps_mm
 
@@ -30,6 +32,7 @@ __all__ = [
     "position_direction",
     "reorient",
     "flip_grid",
+    "field_onto",
 ]
 
 AXIS_TOLERANCE = 1e-3
@@ -243,3 +246,39 @@ def reorient(volume: Volume, direction: np.ndarray) -> Volume:
     grid = _reorder(canonical.grid, inverse, inverse_flips)
     frame = CanonicalFrame(stored=grid, canonical=canonical.grid, axes=axes, flips=flips)
     return Volume(np.ascontiguousarray(frame.to_stored(canonical.array)), grid)
+
+
+def field_onto(u_voxels: np.ndarray, grid: Grid, target: Grid) -> np.ndarray:
+    """A field sampled at the voxel centres of another canonical grid (e.g. the model box onto the whole CT).
+
+    Trilinear in each mm LPS component; a point outside ``grid`` takes the value at its nearest face (the
+    field is continued, as the warp continues the image). Both grids must be canonical (identity direction).
+
+    Args:
+        u_voxels: (3, Z, Y, X) float32 on ``grid``, (dz, dy, dx) voxels, pull-back.
+        grid: its grid.
+        target: the grid to sample on, shape (Z', Y', X').
+
+    Returns:
+        (3, Z', Y', X') float32, (dz, dy, dx) voxels of ``target``.
+
+    Example:
+        >>> g = Grid((2, 2, 2), (1.0, 1.0, 1.0)); u = np.zeros((3, 2, 2, 2), np.float32); u[2, :, :, 1] = 1.0
+        >>> fine = Grid((1, 1, 4), (0.5, 1.0, 1.0), origin=(-0.25, 0.0, 0.0))  # x = -0.25 .. 1.25 mm
+        >>> (field_onto(u, g, fine)[2, 0, 0] * 0.5).tolist()  # mm: edge value held outside [0, 1]
+        [0.0, 0.25, 0.75, 1.0]
+    """
+    for g, name in ((grid, "field grid"), (target, "target grid")):
+        if not np.allclose(g.direction_matrix, np.eye(3)):
+            raise BreathcastError(f"field_onto needs canonical grids; the {name} is not (see breathcast.canonical)")
+    lps = field_to_lps_mm(u_voxels, grid)
+    # Axis-aligned grids: source index = offset + ratio * target index, along each array axis (z, y, x).
+    ratio = np.asarray(target.spacing_zyx) / np.asarray(grid.spacing_zyx)
+    offset = (np.asarray(target.origin) - np.asarray(grid.origin))[::-1] / np.asarray(grid.spacing_zyx)
+    sampled = np.stack(
+        [
+            ndimage.affine_transform(c, ratio, offset=offset, output_shape=target.shape, order=1, mode="nearest")
+            for c in lps
+        ]
+    )
+    return field_from_lps_mm(sampled, target)

@@ -24,7 +24,8 @@ import numpy as np
 from typing import TYPE_CHECKING
 
 from breathcast.errors import BreathcastError
-from breathcast.geometry import Volume, field_from_lps_mm
+from breathcast.canonical import field_onto
+from breathcast.geometry import Volume
 from breathcast.engine.predictor import Prediction, Predictor
 
 if TYPE_CHECKING:
@@ -123,12 +124,11 @@ def export_predicted_field(
     prediction = predictor.predict(window)
     frame = predictor.frame
     u, grid = prediction.displacement, predictor.grid
-    if request.shape is not None:
+    if request.shape is not None:  # a grid over the plan's field of view, sampled from the model grid's field
         stored_order = tuple(int(n) for n in request.shape)
-        canonical_shape = tuple(stored_order[a] for a in frame.axes)
-        if canonical_shape != grid.shape:
-            resize, grid = predictor.field_resizer(canonical_shape)
-            u = field_from_lps_mm(resize(u), grid)
+        target = frame.canonical.with_shape(tuple(stored_order[a] for a in frame.axes))
+        if target != grid:
+            u, grid = field_onto(u, grid, target), target
     u, grid = frame.field_to_stored(u, grid)
     warped = None  # the warped CT's UIDs, allocated first so that the REG and the CT reference each other
     if request.warped_ct is not None and plan_series is not None:
@@ -181,9 +181,10 @@ def write_warped_ct(
 ) -> Path:
     """Warp the planning CT at its own resolution by the model-grid field and write it as a new DICOM series.
 
-    The warp runs in the canonical frame (where the field lives; sample points outside the CT take the value of
-    the nearest edge voxel, :func:`breathcast.warp.warp_image`), and the result is stored exactly as the plan is
-    (same grid, orientation and slice order).
+    The warp runs in the canonical frame, where the field lives: the model-grid field is sampled at the CT's
+    voxel centres (:func:`breathcast.canonical.field_onto`; beyond the model grid, its nearest face's value), and
+    sample points outside the CT take the value of the nearest edge voxel (:func:`breathcast.warp.warp_image`).
+    The result is stored exactly as the plan is (same grid, orientation and slice order).
 
     Args:
         predictor: the predictor the field came from.
@@ -203,8 +204,7 @@ def write_warped_ct(
 
     frame = predictor.frame
     ct = np.ascontiguousarray(frame.to_canonical_array(predictor.plan.volume.array), dtype=np.float32)
-    resize, grid = predictor.field_resizer(ct.shape)
-    u_ct = field_from_lps_mm(resize(u_model), grid)
+    u_ct = u_model if predictor.grid == frame.canonical else field_onto(u_model, predictor.grid, frame.canonical)
     warped = frame.to_stored(warp_image(ct, u_ct))
     write_ct_series(
         Volume(np.ascontiguousarray(warped), predictor.plan.volume.grid),

@@ -15,7 +15,7 @@ from breathcast.canonical import PATIENT_POSITIONS, canonical_frame, position_di
 from breathcast.cli import main
 from breathcast.engine.predictor import Plan, PredictorConfig, load_predictor
 from breathcast.errors import PlanRejected
-from breathcast.geometry import Grid, Volume, field_to_lps_mm
+from breathcast.geometry import Grid, Volume, field_from_lps_mm, field_to_lps_mm
 from breathcast.io.dataset import read_volume, write_volume
 from breathcast.io.dicom_io import read_ct_series, write_ct_series
 from breathcast.io.registration_export import read_exported_field
@@ -97,6 +97,26 @@ def test_field_to_stored_keeps_every_displacement_at_its_point(anatomy):
     index = np.round(grid.lps_to_index(anatomy.grid.index_to_lps(point))).astype(int)
     assert_allclose(field_to_lps_mm(u_stored, grid)[:, index[0], index[1], index[2]],
                     field_to_lps_mm(u, anatomy.grid)[:, point[0], point[1], point[2]], atol=1e-5)  # fmt: skip
+
+
+def test_field_onto_another_box_is_exact_inside_and_held_outside():
+    """A field linear in position, on a box that covers part of a CT: exact where they overlap, the face value beyond."""
+    from breathcast.canonical import field_onto
+
+    box = Grid((10, 12, 14), (6.0, 5.0, 4.0), origin=(-30.0, -20.0, -10.0))
+    ct = Grid((9, 16, 20), (5.0, 4.5, 7.0), origin=(-60.0, -40.0, -25.0))
+    a, b = np.array([[0.02, 0.0, 0.01], [0.0, -0.03, 0.0], [0.01, 0.02, 0.05]]), np.array([1.0, -2.0, 3.0])
+
+    def centres(grid: Grid) -> np.ndarray:
+        return grid.index_to_lps(np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij"), axis=-1))
+
+    u_box = field_from_lps_mm(np.moveaxis(centres(box) @ a.T + b, -1, 0).astype(np.float32), box)  # u = A x + b mm
+    u = field_to_lps_mm(field_onto(u_box, box, ct), ct)
+    lps = centres(ct)
+    low, high = box.index_to_lps(np.zeros(3)), box.index_to_lps(np.asarray(box.shape) - 1.0)
+    inside = np.all((lps >= low) & (lps <= high), axis=-1)
+    assert inside.any() and not inside.all()
+    assert_allclose(u, np.moveaxis(np.clip(lps, low, high) @ a.T + b, -1, 0), atol=1e-4)  # x held at the box's faces
 
 
 def test_oblique_plan_is_refused_in_one_line(tiny_package):  # noqa: F811
