@@ -26,11 +26,17 @@ __all__ = [
     "resample_to_spacing",
     "PlanCheck",
     "check_plan",
+    "lung_centre_mm",
+    "lungs_cut_along_z",
     "model_box_volume",
+    "model_box_of_simulation",
 ]
 
 MODEL_BOX_MM: Triplet = (400.0, 400.0, 320.0)
 """(x, y, z) extent of the model box in mm: at 64³, 6.25 x 6.25 x 5 mm voxels."""
+
+TYPICAL_LUNG_HEIGHT_MM = 230.0
+"""Apex to the lowest lung base in an adult at exhale, about; used only where a CT cuts the lungs."""
 
 SEGMENTATION_SPACING_MM = 3.0
 """A plan is segmented on a grid of about this voxel size (the answer does not need more)."""
@@ -122,13 +128,38 @@ def check_plan(volume: Volume) -> PlanCheck:
         )
     warnings = []
     lungs = seg.lungs
-    if lungs[0].any() or lungs[-1].any():
-        which = " and ".join(w for w, cut in (("base", lungs[0].any()), ("apex", lungs[-1].any())) if cut)
+    cut_low, cut_high = lungs_cut_along_z(seg)
+    if cut_low or cut_high:
+        which = " and ".join(w for w, cut in (("base", cut_low), ("apex", cut_high)) if cut)
         warnings.append(f"the lungs are cut at the {which} by the CT's field of view: motion there is extrapolated")
     if lungs[:, :, 0].any() or lungs[:, :, -1].any() or lungs[:, 0, :].any() or lungs[:, -1, :].any():
         warnings.append("the lungs touch the in-plane edge of the CT's field of view")
+    return PlanCheck(seg, lung_centre_mm(seg), tuple(warnings))
+
+
+def lungs_cut_along_z(seg: ThoraxSegmentation, margin_slices: int = 2) -> tuple[bool, bool]:
+    """(at the first slices, at the last slices): whether lung lies within ``margin_slices`` of the CT's z ends
+    (the segmentation's morphology keeps it off the very last slice)."""
+    lungs = seg.lungs
+    return bool(lungs[: margin_slices + 1].any()), bool(lungs[-margin_slices - 1 :].any())
+
+
+def lung_centre_mm(seg: ThoraxSegmentation) -> np.ndarray:
+    """(3,) LPS mm: the centre of the lungs' bounding box, the box's anchor.
+
+    Where the CT's field of view cuts the lungs along z (they touch its first or last slice) and what is seen
+    is shorter than :data:`TYPICAL_LUNG_HEIGHT_MM`, the cut end is taken that far from the end that is seen,
+    so a crop that removes the lung base or apex moves the anchor less.
+    """
     low, high = lung_bounding_box_mm(seg)
-    return PlanCheck(seg, 0.5 * (low + high), tuple(warnings))
+    lungs = seg.lungs
+    cut_low, cut_high = lungs_cut_along_z(seg)
+    if cut_low != cut_high and high[2] - low[2] < TYPICAL_LUNG_HEIGHT_MM:
+        if cut_low:
+            low[2] = high[2] - TYPICAL_LUNG_HEIGHT_MM
+        else:
+            high[2] = low[2] + TYPICAL_LUNG_HEIGHT_MM
+    return 0.5 * (low + high)
 
 
 def model_box_volume(volume: Volume, shape: tuple[int, int, int], extent_mm: Triplet = MODEL_BOX_MM) -> tuple[Volume, PlanCheck]:
@@ -137,3 +168,12 @@ def model_box_volume(volume: Volume, shape: tuple[int, int, int], extent_mm: Tri
     grid = lung_centred_grid(check.lung_centre_lps_mm, shape, extent_mm)
     grid = Grid(grid.shape, grid.spacing, grid.origin, frame_of_reference_uid=volume.grid.frame_of_reference_uid)
     return resample_onto(volume, grid), check
+
+
+def model_box_of_simulation(config: dict | None) -> dict:
+    """The manifest's ``model_box`` for data made with a simulation config (a dict as in ``dataset.json``):
+    ``{"anchor": "lungs", "extent_mm": [x, y, z]}`` for the lung-centred box, ``{}`` for data on its own field
+    of view (real data, or a simulator from before the box)."""
+    if not config or "box_jitter_mm" not in config:
+        return {}
+    return {"anchor": "lungs", "extent_mm": [float(e) for e in config["field_of_view_mm"]]}

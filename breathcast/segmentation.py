@@ -28,6 +28,8 @@ BODY_HU = -500.0
 AIR_HU = -400.0
 OUTSIDE_AIR_HU = -920.0
 """Air darker than this, connected to the in-plane edge of the field of view, is outside the patient."""
+OUTSIDE_REACH_MM = 15.0
+"""How far outside air reaches into less dark air (the partial-volume shell at the skin)."""
 BONE_HU = 150.0
 MIN_LUNG_ML = 150.0
 WALL_MM = 12.0
@@ -187,9 +189,14 @@ def segment_thorax(volume: Volume) -> ThoraxSegmentation:
     for face in (dark[:, 0, :], dark[:, -1, :], dark[:, :, 0], dark[:, :, -1]):
         edge[np.unique(face)] = True
     edge[0] = False
-    outside = ndimage.binary_dilation(edge[dark], structure=_ball(4.0, sp))
+    # It then takes the air next to it (the blurred skin, up to OUTSIDE_REACH_MM), and no further, so lungs that
+    # the field of view cuts lose only that much.
+    air = hu < AIR_HU
+    step = _ball(max(sp), sp)
+    reach = max(1, int(np.ceil(OUTSIDE_REACH_MM / max(sp))))
+    outside = ndimage.binary_dilation(edge[dark], structure=step, iterations=reach, mask=air | edge[dark])
     # Lungs and airways: the big air regions left (bowel gas is far smaller than a lung).
-    air = ndimage.binary_opening((hu < AIR_HU) & ~outside, structure=_ball(2.0, sp))
+    air = ndimage.binary_opening(air & ~outside, structure=_ball(2.0, sp))
     lab, n = ndimage.label(air)
     index = np.arange(1, n + 1)
     sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=index) * voxel_ml if n else np.zeros(1)

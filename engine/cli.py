@@ -26,7 +26,8 @@ def _model_trace_and_sidecar(args: argparse.Namespace, model_file: Path, grid: i
     sidecar = model_file.with_name("manifest.json")
     if sidecar.is_file():  # what the model was trained on travels with it
         made = json.loads(sidecar.read_text())
-        training = {**made.get("training", {}), "data": made.get("data", {}), "model_file_manifest": str(sidecar)}
+        training = {**made.get("training", {}), "data": made.get("data", {}), "model_box": made.get("model_box", {}),
+                    "model_file_manifest": str(sidecar)}
         metrics = made.get("metrics", {})
     return trace, training, metrics
 

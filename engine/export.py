@@ -169,6 +169,7 @@ def export_cvae(
         model={**model.config.to_dict(), "velocity_grid": "half resolution: velocity voxels are 2 model-grid voxels"},
         units={"velocity": "voxels of the half-resolution grid, (dz, dy, dx)", "displacement": "model-grid voxels (dz, dy, dx), pull-back"},
         training=training or {},
+        model_box=dict((training or {}).get("model_box", {})),  # where the model grid lies in a plan
         metrics={**(metrics or {}), "export_parity": parity},  # filled by write_files before the manifest is written
     )
     return write_package(out, manifest, write_files, overwrite=overwrite)
@@ -323,6 +324,7 @@ def export_ldm(
         units={"velocity": "voxels of the half-resolution grid, (dz, dy, dx)", "displacement": "model-grid voxels (dz, dy, dx), pull-back",
                "latent": latent_units},  # fmt: skip
         training=training or {},
+        model_box=dict((training or {}).get("model_box", {})),  # where the model grid lies in a plan
         metrics={**(metrics or {}), "export_parity": parity},  # filled by write_files before the manifest is written
     )
     return write_package(out, manifest, write_files, overwrite=overwrite)

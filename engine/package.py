@@ -112,7 +112,9 @@ class TraceSpec:
 class Manifest:
     """What a package is. Written as ``manifest.json``; every field is also documented there by name.
 
-    ``grid`` is the model grid (Z, Y, X); the planning CT is resampled to it over its own field of view.
+    ``grid`` is the model grid (Z, Y, X). ``model_box`` says where it lies in a plan: ``{"anchor": "lungs",
+    "extent_mm": [x, y, z]}`` is a box of that size centred on the plan's lungs (:mod:`breathcast.model_box`);
+    empty (packages made before it) is the planning CT's own field of view.
     ``files`` maps each file name to its sha256. ``model_id`` names the package on the wire (kind, version and
     the first 12 hex digits of a hash over the file hashes).
     """
@@ -127,6 +129,7 @@ class Manifest:
     units: dict[str, str] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    model_box: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     model_id: str = ""
     breathcast_version: str = __version__

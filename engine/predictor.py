@@ -42,6 +42,7 @@ from scipy.signal import savgol_filter
 from breathcast.canonical import to_canonical
 from breathcast.errors import BreathcastError, PlanRejected
 from breathcast.geometry import Grid, Volume, hu_to_unit, resample_volume
+from breathcast.model_box import model_box_volume
 from breathcast.resize import FieldResizer, axis_weights, evaluate_polynomial, voxel_to_lps_matrix
 from breathcast.state_model import DISTILLED_TERMS, StateModel, Terms, design_matrix, fit_state_model
 from breathcast.traces import TraceConfig, synthetic_trace
@@ -389,10 +390,19 @@ class Predictor:
         if self.frame.axes[0] != 0:
             raise PlanRejected("plan rejected: the planning CT's slices are not axial; its per-slice trace cannot be placed along z")
         plan_amplitude = plan.amplitude[::-1] if self.frame.flips[0] else plan.amplitude
-        model_volume = canonical_plan if canonical_plan.shape == shape else resample_volume(canonical_plan, shape)
-        self.grid: Grid = model_volume.grid
         self.slices = shape[0]
-        self.b_m = _resample_slices(plan_amplitude, self.slices).astype(np.float32)
+        self.plan_warnings: tuple[str, ...] = ()
+        box = manifest.model_box
+        if box.get("anchor") == "lungs":  # a box of fixed size in mm centred on the plan's lungs
+            model_volume, check = model_box_volume(canonical_plan, shape, tuple(box["extent_mm"]))
+            self.plan_warnings = check.warnings
+            plan_z = canonical_plan.grid.origin[2] + canonical_plan.grid.spacing[2] * np.arange(canonical_plan.shape[0])
+            box_z = model_volume.grid.origin[2] + model_volume.grid.spacing[2] * np.arange(self.slices)
+            self.b_m = np.interp(box_z, plan_z, plan_amplitude).astype(np.float32)  # held beyond the plan's slices
+        else:  # packages from before the box: the plan's own field of view
+            model_volume = canonical_plan if canonical_plan.shape == shape else resample_volume(canonical_plan, shape)
+            self.b_m = _resample_slices(plan_amplitude, self.slices).astype(np.float32)
+        self.grid: Grid = model_volume.grid
         self._to_lps = voxel_to_lps_matrix(self.grid)
         self._target_index = self.grid.lps_to_index(plan.target_lps_mm) if len(plan.target_lps_mm) else np.zeros((0, 3))
         self.distillation_error_mm: dict[str, float] = {}

@@ -34,6 +34,7 @@ from breathcast.checksums import sha256_file
 from breathcast.errors import BreathcastError
 from breathcast.geometry import HU_MAX, HU_MIN
 from breathcast.metrics import lung_region_mask
+from breathcast.model_box import model_box_of_simulation
 from breathcast.sim.simulator import SimulationConfig
 from breathcast.training.cvae import CVAE, CVAEConfig, save_cvae
 from breathcast.training.data import PatientData, Split, load_patients, sample_pairs, split_patients
@@ -138,7 +139,8 @@ def load_training_data(
         train = load_patients(dataset, split.train, grid, with_truth=False)
         val = load_patients(dataset, split.val, grid, with_truth=False)
         summary = {"source": str(Path(data).resolve()), "kind": dataset.kind, "patients": len(dataset.patients),
-                   "generator": dataset.metadata.get("generator")}
+                   "generator": dataset.metadata.get("generator"),
+                   "generator_real_anatomy": dataset.metadata.get("generator_real_anatomy")}
     else:
         sim = SimulationConfig(grid_size=grid)
         ids = [f"patient_{i:03d}" for i in range(simulate_patients)]
@@ -216,6 +218,7 @@ def _write_manifest(config: TrainConfig, summary: dict, metrics: dict, out: Path
         "training": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
                      "seconds": seconds},
         "data": summary,
+        "model_box": model_box_of_simulation((summary.get("generator") or {}).get("config") or summary.get("simulation")),
         "metrics": metrics,
         "files": {"model.pt": sha256_file(out / "model.pt")},
     }

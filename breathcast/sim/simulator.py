@@ -87,7 +87,7 @@ class SimulationConfig:
     pitch: float = 1.0
     collimation_mm: float = 38.4
     n_tumours: int = 1
-    box_jitter_mm: Triplet = (15.0, 15.0, 15.0)
+    box_jitter_mm: Triplet = (15.0, 15.0, 25.0)
     crop_probability: float = 0.4
     fov_radius_mm: tuple[float, float] = (150.0, 260.0)
     fov_half_height_mm: tuple[float, float] = (90.0, 200.0)
