@@ -21,5 +21,5 @@ def shared_data_file(relative: str) -> Path:
 
 @pytest.fixture(scope="session")
 def small_patient() -> SimulatedPatient:
-    """A 48³ patient with 6 noiseless scans: quick, and its ground truth is exact up to interpolation."""
-    return simulate_patient(7, SimulationConfig(grid_size=48, n_scans=6, noise_hu=0.0))
+    """A 48³ patient with 6 noiseless scans, the whole body in view: quick, its ground truth exact up to interpolation."""
+    return simulate_patient(13, SimulationConfig(grid_size=48, n_scans=6, noise_hu=0.0, crop_probability=0.0))

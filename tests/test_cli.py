@@ -36,7 +36,7 @@ def test_demo_without_the_model(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--patients", "0"], "--patients: must be at least 1, got 0"),
+        (["--patients", "-1"], "--patients: must be at least 0, got -1"),
         (["--patients", "1", "--grid", "8"], "--grid: must be at least 16, got 8"),
         (["--patients", "1", "--grid", "x"], "--grid: expected an integer"),
     ],
@@ -67,3 +67,9 @@ def test_help_reads_well():
     result = subprocess.run([sys.executable, "-m", "breathcast.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert "simulate" in result.stdout and "demo" in result.stdout
+
+
+def test_simulate_with_nothing_to_simulate_is_one_line(tmp_path, capsys):
+    """No cartoon patients and no --anatomy-ct: exit code 2, and the message says what to give."""
+    assert main(["simulate", "--patients", "0", "--out", str(tmp_path)]) == 2
+    assert "--anatomy-ct" in capsys.readouterr().err
