@@ -1,0 +1,311 @@
+"""Real anatomy: a motion model measured on real CT and real landmarks (real-anatomy issue).
+
+Run ``python benchmarks/bench_real.py`` (after ``breathcast export`` of the model: see README "The shipped model").
+Needs ``../shared/data`` (POPI, the two 4D-Lung CTs, POPI landmarks). Writes ``benchmarks/results/real.json``,
+``benchmarks/results/real.png`` (POPI coronal and sagittal with the predicted superior-inferior motion, and the
+landmarks) and the README table. Every number is measured through the engine's predictor, as the daemon serves it:
+canonical frame, lung-centred model box, direct path.
+
+- **POPI landmarks**: the plan is popi-phase00 (end-inhale, amplitude 1 on every slice); the field for amplitude 0
+  (end-exhale) moves its 40 landmarks (pull-back: solve p + u(p) = q) and they are compared with the real
+  phase-50 landmarks. Bar: mean TRE <= 2.5 mm (goal 1.5); no deformation 5.6 mm.
+- **Anatomical plausibility** on the three real CTs, plan -> the other end of the breath (4D-Lung phase 5 is
+  taken as exhale: amplitude 0 -> 1; POPI is inhale: 1 -> 0): mean |u| of the vertebrae and outside the body
+  (<= 1 mm), of the chest wall 5-25 mm outside the lungs (<= 3 mm), of the lowest fifth of the lungs (>= 8 mm),
+  and folded voxels (0).
+- **Field-of-view invariance**: POPI cropped 60 mm from below, 60 mm from above, and moved in space; the
+  predicted motion of the same landmarks changes by <= 1 mm.
+- **Simulated test patients** (``--test-data``, held out): masked-MSE reduction (>= 60 %) and tumour error from
+  the fields (<= 1.5 mm), by kind: cartoon, real-anatomy on the training CTs, real-anatomy on POPI (unseen CT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from common import RESULTS, ROOT, markdown_table, update_readme_table, write_results
+
+from breathcast.canonical import to_canonical
+from breathcast.engine.package import read_package
+from breathcast.engine.predictor import Plan, Predictor, PredictorConfig, load_predictor
+from breathcast.errors import PlanRejected
+from breathcast.geometry import Grid, Volume, field_to_lps_mm
+from breathcast.io.dataset import read_volume
+from breathcast.io.dicom_io import read_ct_series
+from breathcast.io.landmarks import read_popi
+from breathcast.model_box import check_plan
+from breathcast.segmentation import signed_distance_mm
+from breathcast.warp import count_folds
+
+DATA = ROOT.parent / "shared" / "data"
+POPI = DATA / "ct" / "popi-phase00"
+LUNGCT = [DATA / "ct" / "lungct-examples" / f"lungct-{n}-phase5.nii.gz" for n in ("0001", "0103")]
+DEFAULT_PACKAGE = ROOT / "breathcast" / "models" / "cvae64-engine"
+CROP_MM = 60.0
+SHIFT_MM = np.array([25.0, -20.0, 30.0])
+
+
+def read_ct(path: Path) -> Volume:
+    """A real CT in the canonical frame."""
+    volume = read_ct_series(path).volume if path.is_dir() else read_volume(path)
+    return to_canonical(volume)[0]
+
+
+def predictor_for(package, volume: Volume, plan_amplitude: float, targets: np.ndarray) -> Predictor:
+    """The direct-path predictor of ``package`` on a plan at one amplitude on every slice."""
+    plan = Plan(volume, np.full(volume.shape[0], plan_amplitude), target_lps_mm=targets, name="bench")
+    return load_predictor(package, plan, PredictorConfig(path="direct"))
+
+
+def field_at(predictor: Predictor, amplitude: float) -> np.ndarray:
+    """(3, D, D, D) model-grid voxels: every slice at ``amplitude``, rate 0."""
+    return predictor.network_displacements(np.full((1, predictor.slices), amplitude, np.float32))[0]
+
+
+def crop_z(volume: Volume, below_mm: float, above_mm: float) -> Volume:
+    """The volume without ``below_mm`` of its inferior and ``above_mm`` of its superior slices."""
+    g = volume.grid
+    z = g.origin[2] + g.spacing[2] * np.arange(g.shape[0])
+    keep = np.flatnonzero((z >= z[0] + below_mm) & (z <= z[-1] - above_mm))
+    grid = Grid((len(keep),) + g.shape[1:], g.spacing, (g.origin[0], g.origin[1], float(z[keep[0]])),
+                frame_of_reference_uid=g.frame_of_reference_uid)
+    return Volume(np.ascontiguousarray(volume.array[keep]), grid)
+
+
+def shifted(volume: Volume, shift_mm: np.ndarray) -> Volume:
+    g = volume.grid
+    return Volume(volume.array, Grid(g.shape, g.spacing, tuple(np.asarray(g.origin) + shift_mm), frame_of_reference_uid=g.frame_of_reference_uid))
+
+
+def popi_landmarks(package) -> dict:
+    """TRE of POPI's 40 landmarks, phase 00 (plan) -> phase 50, and the field-of-view invariance."""
+    pairs = read_popi(DATA / "landmarks" / "popi")
+    inhale, exhale = pairs.inhale_mm, pairs.exhale_mm
+    full = read_ct(POPI)
+    predictor = predictor_for(package, full, 1.0, inhale)
+    u = field_at(predictor, 0.0)
+    now, moved = predictor.target_positions(u)
+    tre = np.linalg.norm(now - exhale, axis=1)
+    none = np.linalg.norm(inhale - exhale, axis=1)
+    result = {
+        "landmarks": len(tre), "tre_mean_mm": float(tre.mean()), "tre_p95_mm": float(np.percentile(tre, 95)),
+        "tre_max_mm": float(tre.max()), "no_deformation_mean_mm": float(none.mean()),
+        "predicted_mean_motion_mm": float(np.linalg.norm(moved, axis=1).mean()),
+        "real_mean_motion_mm": float(none.mean()),
+        "plan_warnings": list(predictor.plan_warnings), "model_grid": repr(predictor.grid),
+    }
+    variants = {
+        f"cropped {CROP_MM:.0f} mm below": (crop_z(full, CROP_MM, 0.0), np.zeros(3)),
+        f"cropped {CROP_MM:.0f} mm above": (crop_z(full, 0.0, CROP_MM), np.zeros(3)),
+        "moved (25, -20, 30) mm": (shifted(full, SHIFT_MM), SHIFT_MM),
+    }
+    invariance = {}
+    for name, (volume, shift) in variants.items():
+        z0, z1 = volume.grid.origin[2], volume.grid.origin[2] + volume.grid.spacing[2] * (volume.shape[0] - 1)
+        inside = (inhale[:, 2] + shift[2] >= z0) & (inhale[:, 2] + shift[2] <= z1)
+        p = predictor_for(package, volume, 1.0, inhale[inside] + shift)
+        _, d = p.target_positions(field_at(p, 0.0))
+        change = np.linalg.norm(d - moved[inside], axis=1)
+        invariance[name] = {"landmarks": int(inside.sum()), "mean_change_mm": float(change.mean()),
+                            "max_change_mm": float(change.max()),
+                            "tre_mean_mm": float(np.linalg.norm(inhale[inside] + shift + d - exhale[inside] - shift, axis=1).mean())}
+    result["field_of_view"] = invariance
+    result["figure"] = (full, predictor, u, inhale, exhale, now)
+    return result
+
+
+@dataclass(frozen=True)
+class Regions:
+    vertebrae: np.ndarray
+    outside: np.ndarray
+    chest_wall: np.ndarray
+    lung_base: np.ndarray
+
+
+def regions(seg) -> Regions:
+    """The plausibility regions on the segmentation's grid (see the module docstring)."""
+    lungs = seg.lungs
+    sp = seg.grid.spacing_zyx
+    distance = -signed_distance_mm(lungs, sp)  # mm outside the lungs
+    slices = np.flatnonzero(lungs.any(axis=(1, 2)))
+    in_lung_range = np.zeros(lungs.shape, bool)
+    in_lung_range[slices[0] : slices[-1] + 1] = True
+    chest_wall = seg.body & ~seg.cavity & (distance >= 5.0) & (distance <= 25.0) & in_lung_range
+    z = np.arange(lungs.shape[0])[:, None, None]
+    base = lungs & (z <= slices[0] + 0.2 * (slices[-1] - slices[0]))
+    return Regions(seg.spine, ~ndimage.binary_dilation(seg.body, iterations=2), chest_wall, base)
+
+
+def mean_motion_on(seg_grid: Grid, u_mm: np.ndarray, model_grid: Grid, mask: np.ndarray) -> float:
+    """Mean |u| (mm) over ``mask`` voxels of the segmentation grid, the field sampled there (trilinear)."""
+    index = np.argwhere(mask)
+    if len(index) == 0:
+        return float("nan")
+    points = model_grid.lps_to_index(seg_grid.index_to_lps(index)).T
+    samples = np.stack([ndimage.map_coordinates(u_mm[c], points, order=1, mode="nearest") for c in range(3)])
+    return float(np.linalg.norm(samples, axis=0).mean())
+
+
+def plausibility(package, name: str, volume: Volume, plan_amplitude: float, note: str = "") -> dict:
+    predictor = predictor_for(package, volume, plan_amplitude, np.zeros((0, 3)))
+    target = 1.0 - plan_amplitude
+    u = field_at(predictor, target)
+    u_mm = field_to_lps_mm(u, predictor.grid)
+    seg = check_plan(volume).segmentation
+    r = regions(seg)
+    row = {"ct": name, "plan -> amplitude": f"{plan_amplitude:g} -> {target:g}"}
+    for key, mask in (("vertebrae", r.vertebrae), ("outside body", r.outside), ("chest wall 5-25 mm", r.chest_wall),
+                      ("lung base", r.lung_base)):
+        row[key] = mean_motion_on(seg.grid, u_mm, predictor.grid, mask)
+    row["folded voxels"] = int(count_folds(u))
+    row["note"] = note
+    return row
+
+
+def simulated(model_path: Path, test_data: Path) -> list[dict]:
+    """Masked MSE reduction and tumour error from the fields on held-out simulated patients, by kind."""
+    from breathcast.io.dataset import open_dataset, read_patient
+    from breathcast.training.cvae import load_cvae
+    from breathcast.training.data import load_patients
+    from breathcast.training.evaluate import CVAEPredictor, NoDeformation, evaluate
+
+    dataset = open_dataset(test_data)
+    kinds: dict[str, list[str]] = {}
+    for pid in dataset.patients:
+        meta = read_patient(dataset, pid, with_fields=False).metadata.get("simulator", {})
+        source = (meta.get("anatomy") or {}).get("source")
+        kind = "cartoon" if source is None else ("real anatomy, POPI (unseen CT)" if "popi" in source else "real anatomy, training CTs")
+        kinds.setdefault(kind, []).append(pid)
+    model = load_cvae(model_path)
+    rows = []
+    for kind, ids in kinds.items():
+        patients = load_patients(dataset, ids, model.config.grid, with_truth=True)
+        result = evaluate([NoDeformation(), CVAEPredictor(model)], patients, pairs_per_patient=10, seed=0, progress=False)
+        s = result.summary["cVAE"]
+        rows.append({"patients": kind, "n": len(ids), "masked MSE reduction (%)": s.masked_mse_reduction_percent,
+                     "tumour error, fields (mm)": s.tumour_motion_error_mm,
+                     "no deformation tumour motion (mm)": result.summary["No Deformation"].tumour_motion_error_mm,
+                     "field error, lungs (mm)": s.epe_mm, "folded voxels": s.folded_voxels_total})
+    return rows
+
+
+def draw(path: Path, figure) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    volume, predictor, u, inhale, exhale, now = figure
+    g = predictor.grid
+    u_mm = field_to_lps_mm(u, g)
+    model_ct = volume  # show the CT at its own resolution, the field's SI component sampled on it
+    from breathcast.model_box import resample_onto
+
+    ct_on_box = resample_onto(model_ct, g)
+    y = int(round(g.lps_to_index(inhale.mean(axis=0))[1]))
+    x = int(round(g.lps_to_index(np.array([inhale[:, 0].mean(), 0, 0]))[2]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6))
+    sx, sy, sz = g.spacing
+    ext_cor = [g.origin[0], g.origin[0] + sx * g.shape[2], g.origin[2], g.origin[2] + sz * g.shape[0]]
+    ext_sag = [g.origin[1], g.origin[1] + sy * g.shape[1], g.origin[2], g.origin[2] + sz * g.shape[0]]
+    for ax, img, field, ext, cols, title in (
+        (axes[0], ct_on_box.array[:, y, :], u_mm[2][:, y, :], ext_cor, 0, "coronal"),
+        (axes[1], ct_on_box.array[:, :, x], u_mm[2][:, :, x], ext_sag, 1, "sagittal"),
+    ):
+        ax.imshow(img, cmap="gray", vmin=-1000, vmax=400, origin="lower", extent=ext)
+        im = ax.imshow(np.ma.masked_inside(field, -0.5, 0.5), cmap="RdBu_r", vmin=-12, vmax=12, alpha=0.45, origin="lower", extent=ext)
+        ax.scatter(inhale[:, cols], inhale[:, 2], s=10, c="y", label="phase 00 (plan)")
+        ax.scatter(exhale[:, cols], exhale[:, 2], s=10, c="c", label="phase 50 (real)")
+        ax.scatter(now[:, cols], now[:, 2], s=10, c="m", marker="x", label="predicted")
+        ax.set_title(f"POPI, {title}")
+        ax.set_xlabel("x (mm LPS)" if cols == 0 else "y (mm LPS)")
+        ax.set_ylabel("z (mm LPS)")
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("predicted pull-back u_z (mm), end-inhale plan -> end-exhale, and the 40 landmarks")
+    fig.colorbar(im, ax=axes, shrink=0.7, label="u_z (mm)")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--package", type=Path, default=DEFAULT_PACKAGE, help="engine package (default: the shipped one)")
+    parser.add_argument("--model", type=Path, default=None, help="the package's model.pt, for the simulated test patients")
+    parser.add_argument("--test-data", type=Path, default=None, help="held-out simulated patients (a dataset folder)")
+    parser.add_argument("--name", default="real", help="results name (benchmarks/results/NAME.json, README block)")
+    parser.add_argument("--no-readme", action="store_true")
+    args = parser.parse_args()
+    if not POPI.exists():
+        raise SystemExit(f"real data not found: {POPI} (see ../shared/data/README.md)")
+    package = read_package(args.package)
+
+    popi = popi_landmarks(package)
+    figure = popi.pop("figure")
+    print(f"POPI TRE mean {popi['tre_mean_mm']:.2f} mm (no deformation {popi['no_deformation_mean_mm']:.2f})")
+    rows = [plausibility(package, "popi-phase00", read_ct(POPI), 1.0, "end-inhale plan")]
+    for path in LUNGCT:
+        volume = read_ct(path)
+        note = ""
+        try:
+            check_plan(volume)
+        except PlanRejected as error:  # lungct-0001: its header's anterior-posterior axis contradicts the anatomy
+            volume = volume.with_array(np.ascontiguousarray(volume.array[:, ::-1, :]))
+            note = f"refused as stored ({str(error)[:60]}...); measured flipped front-back"
+        rows.append(plausibility(package, path.name.split(".")[0], volume, 0.0, note))
+    for row in rows:
+        print(row)
+    sim_rows = simulated(args.model, args.test_data) if args.model and args.test_data else []
+    for row in sim_rows:
+        print(row)
+
+    bars = {
+        "POPI mean TRE <= 2.5 mm (goal 1.5)": (popi["tre_mean_mm"], popi["tre_mean_mm"] <= 2.5),
+        "vertebrae mean |u| <= 1 mm (every CT)": (max(r["vertebrae"] for r in rows), all(r["vertebrae"] <= 1.0 for r in rows)),
+        "outside the body mean |u| <= 1 mm": (max(r["outside body"] for r in rows), all(r["outside body"] <= 1.0 for r in rows)),
+        "chest wall 5-25 mm outside the lungs <= 3 mm": (max(r["chest wall 5-25 mm"] for r in rows), all(r["chest wall 5-25 mm"] <= 3.0 for r in rows)),
+        "lung base >= 8 mm": (min(r["lung base"] for r in rows), all(r["lung base"] >= 8.0 for r in rows)),
+        "folded voxels 0": (sum(r["folded voxels"] for r in rows), all(r["folded voxels"] == 0 for r in rows)),
+        "field of view: landmark motion changes <= 1 mm (mean)": (max(v["mean_change_mm"] for v in popi["field_of_view"].values()),
+                                                                  all(v["mean_change_mm"] <= 1.0 for v in popi["field_of_view"].values())),
+    }
+    for row in sim_rows:
+        bars[f"{row['patients']}: masked MSE reduction >= 60 %"] = (row["masked MSE reduction (%)"], row["masked MSE reduction (%)"] >= 60.0)
+        bars[f"{row['patients']}: tumour error (fields) <= 1.5 mm"] = (row["tumour error, fields (mm)"], row["tumour error, fields (mm)"] <= 1.5)
+    manifest = package.manifest
+    results = {"package": str(args.package), "model_id": package.model_id, "model_box": manifest.model_box,
+               "trained_on": manifest.training.get("data", {}).get("source"), "popi": popi, "plausibility": rows,
+               "simulated": sim_rows, "bars": {k: {"value": v, "met": bool(m)} for k, (v, m) in bars.items()}}
+    write_results(args.name, results)
+    draw(RESULTS / f"{args.name}.png", figure)
+
+    table = markdown_table([{"measure": k, "value": f"{v:.2f}", "": "met" if m else "**missed**"} for k, (v, m) in bars.items()],
+                           ["measure", "value", ""])
+    table += "\n\n" + markdown_table(
+        [{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items() if k != "note"} for r in rows],
+        ["ct", "plan -> amplitude", "vertebrae", "outside body", "chest wall 5-25 mm", "lung base", "folded voxels"])
+    table += "\n\nMean |u| in mm. " + " ".join(f"{r['ct']}: {r['note']}." for r in rows if r["note"])
+    fov = popi["field_of_view"]
+    table += "\n\n" + markdown_table(
+        [{"POPI variant": k, "landmarks": v["landmarks"], "mean change (mm)": f"{v['mean_change_mm']:.2f}",
+          "max change (mm)": f"{v['max_change_mm']:.2f}", "TRE (mm)": f"{v['tre_mean_mm']:.2f}"} for k, v in fov.items()],
+        ["POPI variant", "landmarks", "mean change (mm)", "max change (mm)", "TRE (mm)"])
+    if sim_rows:
+        table += "\n\n" + markdown_table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()} for r in sim_rows],
+                                         list(sim_rows[0]))
+    table += (f"\n\nPOPI: {popi['landmarks']} landmarks, TRE mean {popi['tre_mean_mm']:.2f} mm, p95 {popi['tre_p95_mm']:.2f}, "
+              f"max {popi['tre_max_mm']:.2f} (no deformation {popi['no_deformation_mean_mm']:.2f}); predicted landmark motion "
+              f"{popi['predicted_mean_motion_mm']:.2f} mm against {popi['real_mean_motion_mm']:.2f} real. Package {package.model_id}.")
+    print(table)
+    if not args.no_readme:
+        update_readme_table(args.name, table)
+    print(json.dumps({k: v["met"] for k, v in results["bars"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
