@@ -54,8 +54,9 @@ def lung_centred_grid(centre_lps_mm: np.ndarray, shape: tuple[int, int, int], ex
     return Grid(shape=centred.shape, spacing=centred.spacing, origin=tuple(origin))
 
 
-def resample_onto(volume: Volume, grid: Grid, fill: float = HU_MIN, order: int = 1) -> Volume:
-    """Sample a canonical ``volume`` at the voxel centres of the canonical ``grid``; ``fill`` outside it.
+def resample_onto(volume: Volume, grid: Grid, fill: float | None = HU_MIN, order: int = 1) -> Volume:
+    """Sample a canonical ``volume`` at the voxel centres of the canonical ``grid``; ``fill`` outside it
+    (None: the nearest edge voxel's value).
 
     Linear (``order=1``) with a Gaussian anti-alias filter when ``grid`` is coarser (sigma = (ratio - 1) / 2
     source voxels, the skimage convention); ``order=0`` for label maps.
@@ -73,7 +74,8 @@ def resample_onto(volume: Volume, grid: Grid, fill: float = HU_MIN, order: int =
     offset = (np.asarray(grid.origin) - np.asarray(volume.grid.origin))[::-1] / np.asarray(volume.grid.spacing_zyx)
     axes = [offset[a] + ratio[a] * np.arange(grid.shape[a]) for a in range(3)]
     coords = np.meshgrid(*axes, indexing="ij", sparse=False)
-    out = ndimage.map_coordinates(src, coords, order=order, mode="constant", cval=fill, prefilter=False)
+    mode = "nearest" if fill is None else "constant"
+    out = ndimage.map_coordinates(src, coords, order=order, mode=mode, cval=0.0 if fill is None else fill, prefilter=False)
     return Volume(out.astype(volume.array.dtype if order == 0 else np.float32), grid)
 
 
@@ -81,7 +83,7 @@ def resample_to_spacing(volume: Volume, spacing_mm: float) -> Volume:
     """A canonical volume on a grid of about ``spacing_mm`` voxels over the same field of view."""
     g = volume.grid
     shape = tuple(max(8, int(round(n * s / spacing_mm))) for n, s in zip(g.shape, g.spacing_zyx))
-    return resample_onto(volume, g.with_shape(shape), fill=HU_MIN)
+    return resample_onto(volume, g.with_shape(shape), fill=None)
 
 
 @dataclass(frozen=True)
@@ -113,12 +115,12 @@ def check_plan(volume: Volume) -> PlanCheck:
         raise PlanRejected(f"plan rejected: {error}") from error
     hu = small.array
     lung_hu = float(np.median(hu[seg.lungs]))
-    soft = seg.body & ~seg.lungs & (hu > -200.0) & (hu < 200.0)
+    soft = seg.body & ~seg.lungs & (hu > -300.0) & (hu < 600.0)  # fat, muscle, organs; not air, not dense bone
     soft_hu = float(np.median(hu[soft])) if soft.any() else float("nan")
-    if not -950.0 <= lung_hu <= -600.0 or not -80.0 <= soft_hu <= 100.0:
+    if not -950.0 <= lung_hu <= -600.0 or not -80.0 <= soft_hu <= 150.0:
         raise PlanRejected(
             f"plan rejected: implausible HU calibration (lung median {lung_hu:.0f} HU, expected -950..-600; "
-            f"soft tissue median {soft_hu:.0f} HU, expected -80..100)"
+            f"soft tissue median {soft_hu:.0f} HU, expected -80..150)"
         )
     if not seg.anterior_posterior_ok:
         raise PlanRejected(

@@ -230,6 +230,8 @@ def segment_thorax(volume: Volume) -> ThoraxSegmentation:
     lungs = air_organs & ~airways
     lungs = ndimage.binary_closing(lungs, structure=_ball(4.0, sp)) & body  # vessels inside the lungs
     lungs &= ~airways
+    if not lungs.any():
+        raise BreathcastError("no lungs found: the air regions inside the body are airways or too thin to be lungs")
     left = lungs & (x_mm[None, None, :] >= mid_x)  # LPS: +x is the patient's left
 
     # Bones; the spine is the bone near the midline behind the lungs' centre, closed across the discs.
