@@ -155,13 +155,14 @@ class Subscriber(_Client):
     Args:
         endpoints: one endpoint or several.
         topics: topic names to receive (default: all).
-        conflate_topics: :meth:`latest` keeps only the newest message per topic.
+        rcvhwm: messages queued before new ones are dropped; default 2 when ``topics`` names ``field`` (a viewer
+            wants the newest field, not a backlog: docs/protocol.md section 1), else 1000.
     """
 
     def __init__(self, endpoints: str | list[str] = DEFAULT_ENDPOINTS.publish, topics: tuple[str, ...] = (),
-                 curve: CurveKeys | None = None, context: zmq.Context | None = None, rcvhwm: int = 1000) -> None:  # fmt: skip
+                 curve: CurveKeys | None = None, context: zmq.Context | None = None, rcvhwm: int | None = None) -> None:  # fmt: skip
         super().__init__(zmq.SUB, endpoints if isinstance(endpoints, str) else endpoints[0], curve, context)
-        self.socket.rcvhwm = rcvhwm
+        self.socket.rcvhwm = rcvhwm if rcvhwm is not None else (2 if "field" in topics else 1000)
         for topic in topics or ("",):
             self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
         for endpoint in [endpoints] if isinstance(endpoints, str) else endpoints:

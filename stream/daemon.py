@@ -36,6 +36,7 @@ import os
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,9 @@ _INTERNAL_ERROR_REPLY = pack({"v": PROTOCOL_VERSION, "ok": False,
                               "error": {"code": "internal_error", "message": "the reply could not be encoded"}})
 
 
-def _percentiles(values: deque) -> dict[str, float | None]:
+def _percentiles(values: Iterable[float]) -> dict[str, float | None]:
+    """``p50``, ``p99``, ``max`` and ``n`` of some latencies (None when there are none)."""
+    values = list(values)
     if not values:
         return {"p50": None, "p99": None, "max": None, "n": 0}
     a = np.fromiter(values, float)

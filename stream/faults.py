@@ -165,7 +165,7 @@ class Fuzzer:
         elif cmd == "load_plan":  # always with a value no plan has: a valid load is not fuzzed
             bad = rng.choice(({"source": rng.choice(("ct", "", 1, None))}, {"grid": rng.choice(("64", -1.5, None, []))},
                               {"zzz": 1}, {b"yyy": 2}, {"target_lps_mm": [[1, 2]]}))  # fmt: skip
-            plan = rng.choice((bad, {"seed": h(), **bad}, h()))
+            plan = rng.choice((bad, {"seed": h(), **bad}, rng.choice([v for v in HOSTILE_VALUES if not isinstance(v, dict)])))
             return {"plan": plan}
         else:
             choices = {}

@@ -99,6 +99,40 @@ def running_daemon(config, plan, package, timeout_s: float = 60.0):
         assert daemon.wait(15.0), "daemon did not stop"
 
 
+ALWAYS_INSIDE = {"kind": "amplitude", "amplitude_range": [-10.0, 10.0]}
+"""A gating window every breath is inside: BEAM_ON whenever the daemon is healthy."""
+
+
+@contextmanager
+def daemon_clients(daemon):
+    """A sender, a gate/target subscriber and a control client on a freshly reset daemon (gating always inside,
+    no hysteresis, no forecast)."""
+    from breathcast.stream.client import ControlClient, SampleSender, Subscriber
+
+    ep = daemon.config.endpoints
+    with SampleSender(ep.input) as tx, Subscriber(ep.publish, topics=("gate", "target")) as rx, ControlClient(ep.control) as ctl:
+        ctl.request("reset")
+        ctl.request("set_gating", **ALWAYS_INSIDE, hysteresis=0.0)
+        ctl.request("set_forecast", horizon_s=0.0)
+        time.sleep(0.2)  # subscription up
+        rx.latest()
+        yield tx, rx, ctl
+
+
+def wait_gate(rx, reason: str, timeout_s: float = 5.0, first: bool = True):
+    """The first ``gate`` message whose reason is ``reason`` (``first=False``: one of its reasons), or None."""
+    if first:
+        return wait_for(rx, lambda m: m.topic == "gate" and m.header["reason"] == reason, timeout_s)
+    return wait_for(rx, lambda m: m.topic == "gate" and reason in [m.header["reason"], *m.header["reasons"]], timeout_s)
+
+
+def healthy(tx, rx, start_seq: int = 0, t0: float = 0.0) -> tuple[int, float]:
+    """Send 3 s of breathing at 50 Hz as one batch and wait for BEAM_ON; returns the next seq and source time."""
+    seq = send_trace(tx, start_seq, t0, 150)
+    assert wait_gate(rx, "ok") is not None, "no BEAM_ON after a full clean window"
+    return seq, t0 + 150 / 50
+
+
 def breathing(t: np.ndarray) -> np.ndarray:
     """A 4 s cosine breath, 0 (exhale) to 1 (inhale)."""
     return 0.5 - 0.5 * np.cos(2 * np.pi * np.asarray(t) / 4.0)

@@ -17,7 +17,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stream_fixtures import (  # noqa: F401  (fixtures)
+    ALWAYS_INSIDE,
     breathing,
+    daemon_clients,
+    healthy,
     loopback_endpoints,
     make_config,
     running_daemon,
@@ -25,14 +28,12 @@ from stream_fixtures import (  # noqa: F401  (fixtures)
     tiny_package,
     tiny_plan,
     wait_for,
+    wait_gate,
 )
 
 from breathcast.errors import BreathcastError
 from breathcast.stream.client import ControlClient, ControlError, CurveKeys, SampleSender, Subscriber, make_keys
 from breathcast.stream.recording import read_session_log
-
-ALWAYS_INSIDE = {"kind": "amplitude", "amplitude_range": [-10.0, 10.0]}
-
 
 @pytest.fixture(scope="module")
 def daemon(tiny_package, tiny_plan, tmp_path_factory):  # noqa: F811
@@ -45,24 +46,8 @@ def daemon(tiny_package, tiny_plan, tmp_path_factory):  # noqa: F811
 @pytest.fixture
 def io(daemon):
     """A sender, a gate/target subscriber and a control client on a freshly reset daemon."""
-    ep = daemon.config.endpoints
-    with SampleSender(ep.input) as tx, Subscriber(ep.publish, topics=("gate", "target")) as rx, ControlClient(ep.control) as ctl:
-        ctl.request("reset")
-        ctl.request("set_gating", **ALWAYS_INSIDE)
-        time.sleep(0.2)  # subscription up
-        rx.latest()
-        yield tx, rx, ctl
-
-
-def _gate(rx, reason: str, timeout_s: float = 5.0):
-    return wait_for(rx, lambda m: m.topic == "gate" and m.header["reason"] == reason, timeout_s)
-
-
-def _healthy(tx, rx, start_seq: int = 0, t0: float = 0.0) -> tuple[int, float]:
-    """Send 3 s of breathing at 50 Hz; wait for BEAM_ON."""
-    seq = send_trace(tx, start_seq, t0, 150)
-    assert _gate(rx, "ok") is not None, "no BEAM_ON after a full clean window"
-    return seq, t0 + 150 / 50
+    with daemon_clients(daemon) as clients:
+        yield clients
 
 
 def test_field_decoded_from_the_protocol_document_alone(daemon, tiny_plan):  # noqa: F811
@@ -121,7 +106,7 @@ def test_field_decoded_from_the_protocol_document_alone(daemon, tiny_plan):  # n
 def test_healthy_input_gives_beam_on_and_status_counts(io):
     """A full clean window inside the gating window gives BEAM_ON; status counts samples and frames."""
     tx, rx, ctl = io
-    _healthy(tx, rx)
+    healthy(tx, rx)
     status = ctl.status()
     assert status["state"] == "running" and status["counters"]["samples_accepted"] >= 150
     assert status["counters"]["frames_computed"] >= 1 and status["latency_ms"]["target_ms"]["n"] >= 1
@@ -131,7 +116,7 @@ def test_window_not_full_holds(io):
     """Less than a scan's worth of samples holds with window_not_full."""
     tx, rx, _ = io
     send_trace(tx, 0, 0.0, 40)
-    assert _gate(rx, "window_not_full") is not None
+    assert wait_gate(rx, "window_not_full") is not None
 
 
 @pytest.mark.parametrize(
@@ -148,23 +133,23 @@ def test_window_not_full_holds(io):
 def test_each_fault_holds_with_its_reason_then_recovers(io, bad, reason):
     """A bad sample after a healthy window gives HOLD with its reason, and clean input brings BEAM_ON back."""
     tx, rx, ctl = io
-    seq, t = _healthy(tx, rx)
+    seq, t = healthy(tx, rx)
     tx.send_batch([bad])
-    assert _gate(rx, reason) is not None, f"no HOLD {reason}"
+    assert wait_gate(rx, reason) is not None, f"no HOLD {reason}"
     t_next = max(t, bad["t_source"]) + 0.02
     send_trace(tx, 151, t_next, 150)  # 3 s more: the fault leaves the window
     time.sleep(0.6)  # reorder_hold_s
     send_trace(tx, 301, t_next + 3.0, 5)
-    assert _gate(rx, "ok") is not None, f"did not recover from {reason}"
+    assert wait_gate(rx, "ok") is not None, f"did not recover from {reason}"
     assert ctl.status()["counters"][f"hold.{reason}"] >= 1
 
 
 def test_stale_input_holds_without_frames(io):
     """When samples stop, the gate goes HOLD stale_input by itself within the stale time."""
     tx, rx, _ = io
-    _healthy(tx, rx)
+    healthy(tx, rx)
     started = time.monotonic()
-    message = _gate(rx, "stale_input", 3.0)
+    message = wait_gate(rx, "stale_input", 3.0)
     assert message is not None and message.header["frame"] is None
     assert time.monotonic() - started < 1.0
 
@@ -183,21 +168,21 @@ def test_model_errors_hold_and_the_daemon_keeps_running(daemon, io, error, reaso
     predictor.predict = broken
     try:
         send_trace(tx, 0, 0.0, 150)
-        assert _gate(rx, reason) is not None
+        assert wait_gate(rx, reason) is not None
     finally:
         predictor.predict = original
     send_trace(tx, 150, 3.0, 5)
-    assert _gate(rx, "ok") is not None
+    assert wait_gate(rx, "ok") is not None
     assert ctl.status()["counters"]["model_errors"] >= 1
 
 
 def test_gating_window_and_forecast_commands(io):
     """set_gating moves the gate to HOLD outside_gating_window; set_forecast changes the horizon in headers."""
     tx, rx, ctl = io
-    seq, t = _healthy(tx, rx)
+    seq, t = healthy(tx, rx)
     ctl.request("set_gating", kind="amplitude", amplitude_range=[5.0, 6.0])
     send_trace(tx, seq, t, 3)
-    assert _gate(rx, "outside_gating_window") is not None
+    assert wait_gate(rx, "outside_gating_window") is not None
     assert ctl.request("set_forecast", horizon_s=0.2)["horizon_s"] == 0.2
     send_trace(tx, seq + 3, t + 0.06, 200)
     target = wait_for(rx, lambda m: m.topic == "target")
@@ -217,7 +202,7 @@ def test_control_errors_and_mode_switch(io):
         reply = ctl.request_raw(raw)
         assert reply["ok"] is False and reply["error"]["code"] == code
     assert ctl.request("set_mode", mode="window")["loading"] is False
-    seq, t = _healthy(tx, rx)
+    seq, t = healthy(tx, rx)
     send_trace(tx, seq, t, 3)
     target = wait_for(rx, lambda m: m.topic == "target")
     assert target is not None and target.header["mode"] == "window"

@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 import zmq
 from stream_fixtures import (  # noqa: F401  (fixtures)
+    ALWAYS_INSIDE,
     breathing,
+    daemon_clients,
+    healthy,
     loopback_endpoints,
     make_config,
     running_daemon,
@@ -26,6 +29,7 @@ from stream_fixtures import (  # noqa: F401  (fixtures)
     tiny_package,
     tiny_plan,
     wait_for,
+    wait_gate,
 )
 
 from breathcast.errors import PlanRejected
@@ -34,7 +38,6 @@ from breathcast.stream.config import PlausibilityConfig
 from breathcast.stream.faults import Fuzzer, GateWatcher, reply_violations, run_fuzz
 from breathcast.stream.recording import MAGIC, read_session_log
 
-ALWAYS_INSIDE = {"kind": "amplitude", "amplitude_range": [-10.0, 10.0]}
 RATE_HZ = 50.0
 
 
@@ -49,25 +52,12 @@ def daemon(tiny_package, tiny_plan, tmp_path_factory):  # noqa: F811
 @pytest.fixture
 def io(daemon):
     """A sender, a gate/target subscriber and a control client on a freshly reset daemon."""
-    ep = daemon.config.endpoints
-    with SampleSender(ep.input) as tx, Subscriber(ep.publish, topics=("gate", "target")) as rx, ControlClient(ep.control) as ctl:
-        ctl.request("reset")
-        ctl.request("set_gating", **ALWAYS_INSIDE, hysteresis=0.0)
-        ctl.request("set_forecast", horizon_s=0.0)
-        time.sleep(0.2)  # subscription up
-        rx.latest()
-        yield tx, rx, ctl
+    with daemon_clients(daemon) as clients:
+        yield clients
 
 
 def _gate(rx, reason: str, timeout_s: float = 5.0):
-    return wait_for(rx, lambda m: m.topic == "gate" and reason in m.header["reasons"] + [m.header["reason"]], timeout_s)
-
-
-def _healthy(tx, rx, seq: int = 0, t0: float = 0.0) -> tuple[int, float]:
-    """3 s of breathing at 50 Hz as a batch; wait for BEAM_ON; returns the next seq and source time."""
-    seq = send_trace(tx, seq, t0, 150)
-    assert _gate(rx, "ok") is not None, "no BEAM_ON after a full clean window"
-    return seq, t0 + 150 / RATE_HZ
+    return wait_gate(rx, reason, timeout_s, first=False)
 
 
 def _batch(tx, seq: int, ts, amplitudes) -> int:
@@ -147,7 +137,7 @@ def test_absurd_timestamps_are_rejected_and_the_daemon_stays_responsive(io):
     """t = 6e14 s is bad_value; a 1e6 s jump 20 ms later is time_jump (HOLD); control answers at once throughout."""
     tx, rx, ctl = io
     ctl.request("set_forecast", horizon_s=0.2)  # the forecaster's grid loop runs on every sample
-    seq, t = _healthy(tx, rx)
+    seq, t = healthy(tx, rx)
     before = ctl.status()["counters"]
     tx.send_batch([{"seq": seq, "t_source": 6e14, "amplitude": 0.5}, {"seq": seq + 1, "t_source": 6e14 + 0.02, "amplitude": 0.5}])
     tx.send(seq, t + 1e6, 0.5)
@@ -167,7 +157,7 @@ def test_a_glitch_holds_implausible_sample_until_the_window_is_clean(daemon, io)
     a target displacement beyond the limit; BEAM_ON again once the glitch has left the window."""
     tx, rx, ctl = io
     with GateWatcher(daemon.config.endpoints.publish, daemon.config.plausibility) as watcher:
-        seq, t = _healthy(tx, rx)
+        seq, t = healthy(tx, rx)
         t_glitch = t
         tx.send(seq, t_glitch, 50.0)
         assert _gate(rx, "implausible_sample") is not None
@@ -186,7 +176,7 @@ def test_a_glitch_holds_implausible_sample_until_the_window_is_clean(daemon, io)
 def test_a_flat_lined_sensor_holds_stuck_sensor(io):
     """2.5 s of one constant amplitude holds stuck_sensor (the default stuck_after_s is 2 s)."""
     tx, rx, _ = io
-    seq, t = _healthy(tx, rx)
+    seq, t = healthy(tx, rx)
     ts = t + np.arange(125) / RATE_HZ
     _batch(tx, seq, ts, np.full(125, float(breathing(t))))
     assert _gate(rx, "stuck_sensor") is not None
@@ -195,7 +185,7 @@ def test_a_flat_lined_sensor_holds_stuck_sensor(io):
 def test_a_new_source_name_holds_source_restart(io):
     """A sample from another source name restarts the window with reason source_restart (not window_not_full)."""
     tx, rx, _ = io
-    seq, t = _healthy(tx, rx)
+    seq, t = healthy(tx, rx)
     tx.send(0, 0.0, 0.3, source="belt-2")
     message = _gate(rx, "source_restart")
     assert message is not None and message.header["reason"] == "source_restart"
@@ -205,7 +195,7 @@ def test_rejected_samples_are_not_fresh_input(io):
     """A restarted source below restart_after (seq back at 0) gets HOLD and then stale_input; no target frame of the
     old window is published meanwhile."""
     tx, rx, _ = io
-    seq, t = _healthy(tx, rx)
+    seq, t = healthy(tx, rx)
     time.sleep(0.1)
     rx.latest()
     for k in range(5):  # out of order: rejected, the window is not fresh
@@ -262,7 +252,7 @@ def test_a_stalled_field_subscriber_starves_no_one_and_delays_no_gate(daemon, io
             stalled.append(s)
         with Subscriber(ep.field, topics=("field",), rcvhwm=2) as viewer:
             time.sleep(0.3)
-            seq, t = _healthy(tx, rx)
+            seq, t = healthy(tx, rx)
             fields, gate_ms = 0, []  # fields: received in the second second, when the stalled queues are full
             for k in range(100):  # 2 s live at 50 Hz
                 t += 1 / RATE_HZ
