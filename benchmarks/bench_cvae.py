@@ -30,7 +30,15 @@ DATASET_SEED = 2026  # README: the command that made the shipped model's data
 
 
 def held_out(manifest: dict, data: Path | None, grid: int, dataset_seed: int) -> list:
+    """The test patients: those of the manifest's split, or, for a model trained with no test split, every patient
+    of the held-out test set ``data`` (README "The shipped model" makes it)."""
     ids = manifest["data"]["split"]["test"]
+    if not ids:
+        if data is None:
+            raise SystemExit("the model was trained with no test split: give --data, the held-out test set (README \"The shipped model\")")
+        from breathcast.io.dataset import open_dataset
+
+        return load_patients(data, open_dataset(data).patients, grid, with_truth=True)
     if data is not None:
         return load_patients(data, ids, grid, with_truth=True)
     patients = []

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from bench_engine import held_out_ids, planning_case
+from bench_engine import dataset_seed, held_out_ids, planning_case
 from common import ROOT, markdown_table, update_readme_table, write_results
 
 from breathcast.sim.anatomy import LUNG_LABELS
@@ -42,7 +42,7 @@ def package_response(path: Path, points: int) -> dict[str, object]:
     package = read_package(path)
     test_id = held_out_ids(package)[0]
     grid = package.manifest.grid[0]
-    patient, scan, plan = planning_case(test_id, grid)
+    patient, scan, plan = planning_case(test_id, grid, dataset_seed(package))
     predictor = load_predictor(package, plan, PredictorConfig(path="direct"))
     amplitudes = np.linspace(*AMPLITUDE_RANGE, points).astype(np.float32)
     fields = predictor.network_displacements(np.repeat(amplitudes[:, None], grid, axis=1))
