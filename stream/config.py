@@ -73,7 +73,7 @@ class Endpoints:
     Args:
         input: PULL, breathing samples in.
         publish: PUB, topics ``target``, ``gate``, ``status``.
-        field: PUB (an XPUB), topic ``field`` (large messages, their own queue).
+        field: PUB, topic ``field`` (large messages: their own socket, queue and ZeroMQ I/O thread).
         control: REP, commands.
     """
 

@@ -17,10 +17,10 @@ Threads (docs/protocol.md has the wire side):
 The PUB socket is shared by intake, frame and field (a model error found while making a field holds the gate) under
 a lock; the field socket belongs to the field thread and to its own ZeroMQ context (its own I/O thread), so that
 sending large fields to many subscribers never queues ``gate`` and ``target`` behind them. Field arrays go out
-zero-copy from a ring of preallocated buffers; a buffer is reused only once ZeroMQ has released it (its
-``MessageTracker`` is done), else the field is dropped and counted. A field subscriber that does not read holds at
-most ``field.sndhwm`` + 1 of them (a full subscriber queue drops new fields for that subscriber only), so the ring
-has ``sndhwm + 3``.
+zero-copy from a ring of ``field.sndhwm + 3`` preallocated buffers; a buffer is reused only once ZeroMQ has
+released it (its ``MessageTracker`` is done). A field subscriber that does not read holds at most ``sndhwm`` + 1 of
+them (a full subscriber queue drops new fields for that subscriber only); when stalled subscribers hold them all, a
+field goes out in a buffer of its own (``fields_unpooled``) rather than not at all.
 
 Nothing a peer sends can stop the daemon or leave it silent: every loop is bounded, every control request gets a
 reply (``internal_error`` with the message if a handler fails), and :meth:`Daemon.wait` gives up on a thread after
@@ -425,8 +425,11 @@ class Daemon:
                 self._window = RollingWindow(predictor.trace, self.config.safety, self.config.forecast_horizon_s, self.config.forecast,
                                              plausibility=self.config.plausibility)  # fmt: skip
             self._loading = None
-            self._last_error = ""
             self._plan_rejected = None
+            points = len(plan.target_lps_mm)
+            self._last_error = "" if self._gating.kind != "target" or self._gating.target_index < points else (
+                f"gating target_index {self._gating.target_index}: the plan has {points} target point(s); the gate holds "
+                "outside_gating_window until set_gating names one")  # fmt: skip
             self._version += 1
             self._new_window.notify_all()
         info = {"event": "loaded", "plan": plan.name, "plan_hash": phash, "path": path, "mode": mode,
@@ -726,12 +729,18 @@ class Daemon:
         }
 
     def _publish_field(self, base: dict[str, Any], u: np.ndarray, newest, resizer, buffers, trackers, grid) -> None:
-        """Resize ``u`` (model-grid voxels, checked finite) into a free send buffer (mm LPS) and send it zero-copy."""
+        """Resize ``u`` (model-grid voxels, checked finite) into a free send buffer (mm LPS) and send it zero-copy.
+
+        When subscribers that do not read hold every buffer of the ring, the field goes out in a buffer of its own that
+        ZeroMQ frees once every queue has let go of it (``fields_unpooled``): a stalled subscriber costs memory
+        (at most ``field.sndhwm`` + 1 fields each), never the fields of the others.
+        """
         index = next((i for i, t in enumerate(trackers) if t is None or t.done), None)
         if index is None:
-            self.count("fields_dropped_buffers_busy")
-            return
-        out = buffers[index]
+            self.count("fields_unpooled")
+            out = np.empty_like(buffers[0])
+        else:
+            out = buffers[index]
         resizer(u, out=out)
         header = {**base, "v": PROTOCOL_VERSION, "topic": Topic.FIELD.value, "msg_seq": self._next_seq(Topic.FIELD),
                   "grid": grid_header(grid, base["grid"]["frame_of_reference_uid"]), **array_header(out),
@@ -740,11 +749,12 @@ class Daemon:
                   "t_publish": time.time()}  # fmt: skip
         try:
             tracker = self.field_pub.send_multipart([Topic.FIELD.value.encode(), pack(_jsonable(header)), out],
-                                                    flags=zmq.NOBLOCK, copy=False, track=True)  # fmt: skip
-        except zmq.Again:
+                                                    flags=zmq.NOBLOCK, copy=False, track=index is not None)  # fmt: skip
+        except zmq.Again:  # PUB drops for a full subscriber queue instead; only a socket that cannot send at all
             self.count("fields_dropped_slow_subscriber")
             return
-        trackers[index] = tracker
+        if index is not None:
+            trackers[index] = tracker
         self.count("fields_published")
         self._lat["field_ms"].append((time.time() - newest.t_receive) * 1e3)
 
