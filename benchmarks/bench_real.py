@@ -57,10 +57,10 @@ def read_ct(path: Path) -> Volume:
     return to_canonical(volume)[0]
 
 
-def predictor_for(package, volume: Volume, plan_amplitude: float, targets: np.ndarray) -> Predictor:
+def predictor_for(package, volume: Volume, plan_amplitude: float, targets: np.ndarray, sliding_mask: bool = True) -> Predictor:
     """The direct-path predictor of ``package`` on a plan at one amplitude on every slice."""
     plan = Plan(volume, np.full(volume.shape[0], plan_amplitude), target_lps_mm=targets, name="bench")
-    return load_predictor(package, plan, PredictorConfig(path="direct"))
+    return load_predictor(package, plan, PredictorConfig(path="direct", sliding_mask=sliding_mask))
 
 
 def field_at(predictor: Predictor, amplitude: float) -> np.ndarray:
@@ -116,6 +116,9 @@ def popi_landmarks(package) -> dict:
                             "max_change_mm": float(change.max()),
                             "tre_mean_mm": float(np.linalg.norm(inhale[inside] + shift + d - exhale[inside] - shift, axis=1).mean())}
     result["field_of_view"] = invariance
+    alone = predictor_for(package, full, 1.0, inhale, sliding_mask=False)
+    now_alone, _ = alone.target_positions(field_at(alone, 0.0))
+    result["tre_mean_mm_network_alone"] = float(np.linalg.norm(now_alone - exhale, axis=1).mean())
     result["figure"] = (full, predictor, u, inhale, exhale, now)
     return result
 
@@ -152,14 +155,14 @@ def mean_motion_on(seg_grid: Grid, u_mm: np.ndarray, model_grid: Grid, mask: np.
     return float(np.linalg.norm(samples, axis=0).mean())
 
 
-def plausibility(package, name: str, volume: Volume, plan_amplitude: float, note: str = "") -> dict:
-    predictor = predictor_for(package, volume, plan_amplitude, np.zeros((0, 3)))
+def plausibility(package, name: str, volume: Volume, plan_amplitude: float, note: str = "", sliding_mask: bool = True) -> dict:
+    predictor = predictor_for(package, volume, plan_amplitude, np.zeros((0, 3)), sliding_mask)
     target = 1.0 - plan_amplitude
     u = field_at(predictor, target)
     u_mm = field_to_lps_mm(u, predictor.grid)
     seg = check_plan(volume).segmentation
     r = regions(seg)
-    row = {"ct": name, "plan -> amplitude": f"{plan_amplitude:g} -> {target:g}"}
+    row = {"ct": name, "sliding mask": "yes" if sliding_mask else "no (network alone)", "plan -> amplitude": f"{plan_amplitude:g} -> {target:g}"}
     for key, mask in (("vertebrae", r.vertebrae), ("outside body", r.outside), ("chest wall 5-25 mm", r.chest_wall),
                       ("lung base", r.lung_base)):
         row[key] = mean_motion_on(seg.grid, u_mm, predictor.grid, mask)
@@ -248,17 +251,19 @@ def main() -> None:
     popi = popi_landmarks(package)
     figure = popi.pop("figure")
     print(f"POPI TRE mean {popi['tre_mean_mm']:.2f} mm (no deformation {popi['no_deformation_mean_mm']:.2f})")
-    rows = [plausibility(package, "popi-phase00", read_ct(POPI), 1.0, "end-inhale plan")]
+    cases = [("popi-phase00", read_ct(POPI), 1.0, "end-inhale plan")]
     for path in LUNGCT:
         volume = read_ct(path)
         note = ""
         try:
             check_plan(volume)
-        except PlanRejected as error:  # lungct-0001: its header's anterior-posterior axis contradicts the anatomy
+        except PlanRejected:  # lungct-0001: its header's anterior-posterior axis contradicts the anatomy
             volume = volume.with_array(np.ascontiguousarray(volume.array[:, ::-1, :]))
-            note = f"refused as stored ({str(error)[:60]}...); measured flipped front-back"
-        rows.append(plausibility(package, path.name.split(".")[0], volume, 0.0, note))
-    for row in rows:
+            note = "refused as stored (plan_rejected: its header's front-back axis contradicts the anatomy); measured flipped"
+        cases.append((path.name.split(".")[0], volume, 0.0, note))
+    rows = [plausibility(package, *case) for case in cases]
+    alone_rows = [plausibility(package, *case, sliding_mask=False) for case in cases]
+    for row in rows + alone_rows:
         print(row)
     sim_rows = simulated(args.model, args.test_data) if args.model and args.test_data else []
     for row in sim_rows:
@@ -280,6 +285,7 @@ def main() -> None:
     manifest = package.manifest
     results = {"package": str(args.package), "model_id": package.model_id, "model_box": manifest.model_box,
                "trained_on": manifest.training.get("data", {}).get("source"), "popi": popi, "plausibility": rows,
+               "plausibility_network_alone": alone_rows,
                "simulated": sim_rows, "bars": {k: {"value": v, "met": bool(m)} for k, (v, m) in bars.items()}}
     write_results(args.name, results)
     draw(RESULTS / f"{args.name}.png", figure)
@@ -287,8 +293,8 @@ def main() -> None:
     table = markdown_table([{"measure": k, "value": f"{v:.2f}", "": "met" if m else "**missed**"} for k, (v, m) in bars.items()],
                            ["measure", "value", ""])
     table += "\n\n" + markdown_table(
-        [{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items() if k != "note"} for r in rows],
-        ["ct", "plan -> amplitude", "vertebrae", "outside body", "chest wall 5-25 mm", "lung base", "folded voxels"])
+        [{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items() if k != "note"} for r in rows + alone_rows],
+        ["ct", "sliding mask", "plan -> amplitude", "vertebrae", "outside body", "chest wall 5-25 mm", "lung base", "folded voxels"])
     table += "\n\nMean |u| in mm. " + " ".join(f"{r['ct']}: {r['note']}." for r in rows if r["note"])
     fov = popi["field_of_view"]
     table += "\n\n" + markdown_table(
@@ -299,7 +305,8 @@ def main() -> None:
         table += "\n\n" + markdown_table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()} for r in sim_rows],
                                          list(sim_rows[0]))
     table += (f"\n\nPOPI: {popi['landmarks']} landmarks, TRE mean {popi['tre_mean_mm']:.2f} mm, p95 {popi['tre_p95_mm']:.2f}, "
-              f"max {popi['tre_max_mm']:.2f} (no deformation {popi['no_deformation_mean_mm']:.2f}); predicted landmark motion "
+              f"max {popi['tre_max_mm']:.2f} (no deformation {popi['no_deformation_mean_mm']:.2f}; the network without the sliding "
+              f"mask {popi['tre_mean_mm_network_alone']:.2f}); predicted landmark motion "
               f"{popi['predicted_mean_motion_mm']:.2f} mm against {popi['real_mean_motion_mm']:.2f} real. Package {package.model_id}.")
     print(table)
     if not args.no_readme:

@@ -22,7 +22,10 @@ from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume
 from breathcast.sim.anatomy import Label
 
-__all__ = ["ThoraxSegmentation", "segment_thorax", "signed_distance_mm", "lung_bounding_box_mm"]
+__all__ = ["ThoraxSegmentation", "segment_thorax", "signed_distance_mm", "sliding_weight", "lung_bounding_box_mm"]
+
+SLIDING_WIDTH_MM = 4.0
+"""Width of the shear layer at the cavity's edge, where motion falls from the lungs' to the chest wall's."""
 
 BODY_HU = -500.0
 AIR_HU = -400.0
@@ -127,6 +130,13 @@ def signed_distance_mm(mask: np.ndarray, spacing_zyx: tuple[float, float, float]
     inside = ndimage.distance_transform_edt(mask, sampling=spacing_zyx)
     outside = ndimage.distance_transform_edt(~mask, sampling=spacing_zyx)
     return (inside - outside).astype(np.float32)
+
+
+def sliding_weight(seg: ThoraxSegmentation, width_mm: float = SLIDING_WIDTH_MM) -> np.ndarray:
+    """(Z, Y, X) float32 in [0, 1] on ``seg.grid``: 1 inside the moving cavity, 0 outside, a tanh step of
+    ``width_mm`` across its edge (the lungs slide along the pleura; chest wall, ribs and spine stay)."""
+    distance = signed_distance_mm(seg.cavity, seg.grid.spacing_zyx)
+    return (0.5 * (1.0 + np.tanh(distance / width_mm))).astype(np.float32)
 
 
 def _slice_hulls(mask: np.ndarray) -> np.ndarray:

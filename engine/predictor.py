@@ -42,7 +42,8 @@ from scipy.signal import savgol_filter
 from breathcast.canonical import to_canonical
 from breathcast.errors import BreathcastError, PlanRejected
 from breathcast.geometry import Grid, Volume, hu_to_unit, resample_volume
-from breathcast.model_box import model_box_volume
+from breathcast.model_box import model_box_volume, resample_onto
+from breathcast.segmentation import sliding_weight
 from breathcast.resize import FieldResizer, axis_weights, evaluate_polynomial, voxel_to_lps_matrix
 from breathcast.state_model import DISTILLED_TERMS, StateModel, Terms, design_matrix, fit_state_model
 from breathcast.traces import TraceConfig, synthetic_trace
@@ -121,6 +122,10 @@ class PredictorConfig:
         runtime: which runtime runs the graphs and with how many threads.
         distillation: the distilled path's design.
         sampling_steps: DDIM steps of an ``ldm`` package; None takes the package's ``sampling_steps``.
+        sliding_mask: with a lung-centred package, multiply the network's displacement by the plan's sliding
+            weight (:func:`breathcast.segmentation.sliding_weight`: 1 in the cavity that moves, 0 in the chest
+            wall, ribs, spine and outside the body, a 4 mm step between). The network's velocity lives on a
+            half-resolution grid (12.5 mm voxels at 64³) that cannot hold the shear at the pleura by itself.
     """
 
     path: PredictorPath | str = PredictorPath.DIRECT
@@ -128,6 +133,7 @@ class PredictorConfig:
     runtime: RuntimeConfig = RuntimeConfig()
     distillation: DistillationConfig = DistillationConfig()
     sampling_steps: int | None = None
+    sliding_mask: bool = True
 
     def __post_init__(self) -> None:
         for name, kind in (("path", PredictorPath), ("mode", WindowMode)):
@@ -392,10 +398,14 @@ class Predictor:
         plan_amplitude = plan.amplitude[::-1] if self.frame.flips[0] else plan.amplitude
         self.slices = shape[0]
         self.plan_warnings: tuple[str, ...] = ()
+        self._motion_weight: np.ndarray | None = None  # (1, D, D, D): the sliding mask, when the config asks
         box = manifest.model_box
         if box.get("anchor") == "lungs":  # a box of fixed size in mm centred on the plan's lungs
             model_volume, check = model_box_volume(canonical_plan, shape, tuple(box["extent_mm"]))
             self.plan_warnings = check.warnings
+            if config.sliding_mask:
+                weight = Volume(sliding_weight(check.segmentation), check.segmentation.grid)
+                self._motion_weight = resample_onto(weight, model_volume.grid, fill=0.0).array[None]
             plan_z = canonical_plan.grid.origin[2] + canonical_plan.grid.spacing[2] * np.arange(canonical_plan.shape[0])
             box_z = model_volume.grid.origin[2] + model_volume.grid.spacing[2] * np.arange(self.slices)
             self.b_m = np.interp(box_z, plan_z, plan_amplitude).astype(np.float32)  # held beyond the plan's slices
@@ -431,8 +441,12 @@ class Predictor:
         if z is not None:
             if not isinstance(self.network, CVAENetwork):
                 raise BreathcastError("only a cvae package takes latent samples z")
-            return self.network.displacements(b_f, z)
-        return self.network.displacements(b_f)
+            u = self.network.displacements(b_f, z)
+        else:
+            u = self.network.displacements(b_f)
+        if self._motion_weight is not None:
+            u *= self._motion_weight[None]
+        return u
 
     # -- distillation -----------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from breathcast.errors import BreathcastError
 from breathcast.geometry import HU_MIN, Grid, Volume, field_from_lps_mm
 from breathcast.io.dataset import describe_dataset, prepare_output_dir
 from breathcast.model_box import lung_centred_grid, resample_onto, resample_to_spacing
-from breathcast.segmentation import ThoraxSegmentation, lung_bounding_box_mm, segment_thorax, signed_distance_mm
+from breathcast.segmentation import ThoraxSegmentation, lung_bounding_box_mm, segment_thorax, signed_distance_mm, sliding_weight
 from breathcast.sim.anatomy import Label
 from breathcast.sim.motion import MotionField, MotionParams
 from breathcast.sim.simulator import SimulatedPatient, SimulationConfig, acquire_session, patient_seed, save_patient, scanner_fov
@@ -258,7 +258,7 @@ def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, g
     above = np.clip((apex - z) / np.maximum(apex - dome, 30.0), 0.0, 1.0) ** m.apex_exponent
     below = 1.0 - 0.5 * np.clip((dome - z) / 150.0, 0.0, 1.0)
     profile = np.where(z > dome, above, below)
-    inside = _smooth_step(signed_distance_mm(seg.cavity, sp), m.sliding_width_mm)
+    inside = sliding_weight(seg, m.sliding_width_mm)
     right = _smooth_step(mid_x - x, 20.0)  # LPS: the patient's right is -x
     side = m.right_to_left * right + (1.0 - right)
     si = (m.si_amplitude_mm * profile * inside * side).astype(np.float32)

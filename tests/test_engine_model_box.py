@@ -1,0 +1,70 @@
+"""The engine with a lung-centred package: the box on the plan's lungs, the plan check, the sliding mask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from breathcast.engine.export import export_cvae
+from breathcast.engine.package import TraceSpec
+from breathcast.engine.predictor import Plan, PredictorConfig, load_predictor
+from breathcast.errors import PlanRejected
+from breathcast.geometry import Grid, Volume, field_to_lps_mm
+from breathcast.model_box import check_plan
+from breathcast.training.cvae import CVAE, CVAEConfig
+
+D = 16
+BOX = {"anchor": "lungs", "extent_mm": [400.0, 400.0, 320.0]}
+TRACE = TraceSpec(window_samples=448, sample_interval_s=2.3 / 447, slices=D)
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    torch.manual_seed(0)
+    model = CVAE(CVAEConfig(grid=D, latent_dim=4, trace_embedding_dim=4, channels=(4, 4, 4, 4)))
+    with torch.no_grad():
+        model.velocity.weight.normal_(0.0, 0.05)
+    return export_cvae(model.eval(), tmp_path_factory.mktemp("pkg") / "boxed", trace=TRACE, training={"model_box": BOX})
+
+
+@pytest.fixture(scope="module")
+def plan(small_patient) -> Plan:
+    return Plan(Volume(small_patient.reference_hu, small_patient.grid), np.linspace(0.0, 0.3, small_patient.grid.shape[0]))
+
+
+def test_the_package_records_its_box(package):
+    """An export from a lung-centred training run carries the box in its manifest."""
+    assert package.manifest.model_box == BOX
+
+
+def test_the_model_grid_is_the_box_on_the_plans_lungs(package, plan):
+    """The predictor's grid is the 400 x 400 x 320 mm box centred on the lungs; the plan's trace follows z."""
+    predictor = load_predictor(package, plan, PredictorConfig(path="direct"))
+    centre = predictor.grid.index_to_lps(np.full(3, (D - 1) / 2.0))
+    np.testing.assert_allclose(centre, check_plan(plan.volume).lung_centre_lps_mm, atol=1e-6)
+    assert predictor.grid.extent_mm == pytest.approx((400.0, 400.0, 320.0))
+    box_z = predictor.grid.origin[2] + predictor.grid.spacing[2] * np.arange(D)
+    plan_z = plan.volume.grid.origin[2] + plan.volume.grid.spacing[2] * np.arange(plan.volume.shape[0])
+    np.testing.assert_allclose(predictor.b_m, np.interp(box_z, plan_z, plan.amplitude), atol=1e-6)
+
+
+def test_the_sliding_mask_keeps_the_spine_and_the_outside_still(package, plan):
+    """With the mask, the network's motion vanishes on the vertebrae and outside the body; without, it does not."""
+    b_f = np.ones((1, D), np.float32)
+    masked = load_predictor(package, plan, PredictorConfig(path="direct"))
+    alone = load_predictor(package, plan, PredictorConfig(path="direct", sliding_mask=False))
+    u_masked = np.linalg.norm(field_to_lps_mm(masked.network_displacements(b_f)[0], masked.grid), axis=0)
+    u_alone = np.linalg.norm(field_to_lps_mm(alone.network_displacements(b_f)[0], alone.grid), axis=0)
+    weight = masked._motion_weight[0]
+    still, moving = weight < 1e-3, weight > 0.999
+    assert still.any() and moving.any()
+    assert u_masked[still].max() <= 1e-3 * u_alone[still].max() and u_alone[still].mean() > 0.1 * u_alone.mean()
+    np.testing.assert_allclose(u_masked[moving], u_alone[moving], rtol=1e-3, atol=1e-4)
+
+
+def test_a_plan_without_lungs_is_rejected_by_a_lung_centred_package(package):
+    """A plan whose lungs cannot be found is refused with the reason, never served on a guessed box."""
+    grid = Grid((24, 32, 32), (10.0, 10.0, 10.0), origin=(-155.0, -155.0, -115.0))
+    with pytest.raises(PlanRejected, match="no lungs found"):
+        load_predictor(package, Plan(Volume(np.full(grid.shape, 30.0, np.float32), grid), np.zeros(24)))
