@@ -176,7 +176,7 @@ def simulated(model_path: Path, test_data: Path) -> list[dict]:
     from breathcast.io.dataset import open_dataset, read_patient
     from breathcast.training.cvae import load_cvae
     from breathcast.training.data import load_patients
-    from breathcast.training.evaluate import CVAEPredictor, NoDeformation, evaluate
+    from breathcast.training.evaluate import CVAEPredictor, NoDeformation, TrueField, evaluate
 
     dataset = open_dataset(test_data)
     kinds: dict[str, list[str]] = {}
@@ -189,9 +189,10 @@ def simulated(model_path: Path, test_data: Path) -> list[dict]:
     rows = []
     for kind, ids in kinds.items():
         patients = load_patients(dataset, ids, model.config.grid, with_truth=True)
-        result = evaluate([NoDeformation(), CVAEPredictor(model)], patients, pairs_per_patient=10, seed=0, progress=False)
+        result = evaluate([NoDeformation(), CVAEPredictor(model), TrueField()], patients, pairs_per_patient=10, seed=0, progress=False)
         s = result.summary["cVAE"]
         rows.append({"patients": kind, "n": len(ids), "masked MSE reduction (%)": s.masked_mse_reduction_percent,
+                     "true field's reduction (%)": result.summary["True field"].masked_mse_reduction_percent,
                      "tumour error, fields (mm)": s.tumour_motion_error_mm,
                      "no deformation tumour motion (mm)": result.summary["No Deformation"].tumour_motion_error_mm,
                      "field error, lungs (mm)": s.epe_mm, "folded voxels": s.folded_voxels_total})
