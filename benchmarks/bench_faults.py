@@ -40,7 +40,7 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, update_readme_table, write_results  # noqa: E402
+from common import RESULTS, markdown_table, update_readme_table, write_results  # noqa: E402
 
 from breathcast.errors import BreathcastError, PlanRejected  # noqa: E402
 from breathcast.stream.client import ControlClient, SampleSender  # noqa: E402
@@ -103,6 +103,7 @@ class Source:
         self.name = "belt"
         self.last_t = 0.0
         self.last_sent = 0.0
+        self.last_amplitude = math.nan
         self.phase = 0.0  # the trace is read at source time - phase (a flat line shifts it: breathing resumes there)
         self.sent_at: dict[int, float] = {}
         self._next = time.perf_counter()
@@ -133,6 +134,7 @@ class Source:
         sample = {"seq": self.seq, "t_source": t, "amplitude": self.amplitude(t), "source": self.name}
         sample.update(override)
         self.last_sent = self.sent_at[sample["seq"]] = time.perf_counter()
+        self.last_amplitude = sample["amplitude"]
         self.tx.send(**sample)
         if advance:
             self.seq, self.last_t = self.seq + 1, t
@@ -252,10 +254,11 @@ class Bench:
     def outside(self) -> None:
         """The amplitude leaves a gating window just above it; BEAM_ON again from when the window is widened."""
         self.healthy()
-        a = self.source.amplitude(self.source.clock())
-        self.ctl.request("set_gating", kind="amplitude", amplitude_range=[-10.0, a + 0.2])
         self.source.tick()
-        sent = self.source.tick(amplitude=self.source.amplitude(self.source.clock()) + 0.35)  # a plausible step out
+        a = self.source.last_amplitude
+        self.ctl.request("set_gating", kind="amplitude", amplitude_range=[-10.0, a + 0.15])
+        self.source._next = max(self.source._next, self.source.last_sent + 1.0 / RATE_HZ)  # a full 40 ms after it
+        sent = self.source.tick(amplitude=a + 0.3)  # a plausible step (under 0.45 in 40 ms) out of the window
         hold = self.wait(sent, lambda h: h["state"] == "HOLD" and "outside_gating_window" in h["reasons"], 2.0, tick=False)
         widened = time.perf_counter()
         self.ctl.request("set_gating", **WIDE)
@@ -529,16 +532,50 @@ def torn_tail_phase(args, folder: Path) -> dict:
             "torn_files": len(list(folder.glob("torn.bclog.torn-*")))}  # fmt: skip
 
 
+ORDER = ("shutdown", "plan_rejected", "no_plan", "loading", "no_input", "stale_input", "stuck_sensor", "non_finite_sample",
+         "invalid_sample", "implausible_sample", "time_jump", "gap", "source_restart", "out_of_order", "duplicate",
+         "window_not_full", "model_error", "non_finite_field", "implausible_target", "internal_error", "outside_gating_window")
+"""The table's order: the daemon's REASON_PRIORITY."""
+
+
 def _row(reason: str, r: dict) -> dict:
-    hold, rec = _percentiles(r["hold_ms"]), r["recovery_s"]
+    hold, rec, expected = r["hold_ms"], r["recovery_s"], r["expected_recovery_s"]
     met = hold["n"] and hold["p99"] <= BAR_MS and not r["missed_hold"]
-    expected = r["expected_recovery_s"]
     return {"reason": f"`{reason}`", "injected": r["where"], "trials": hold["n"] + r["missed_hold"],
             "HOLD p50 (ms)": f"{hold['p50']:.1f}" if hold["n"] else "", "HOLD p99 (ms)": f"{hold['p99']:.1f}" if hold["n"] else "",
             "HOLD max (ms)": f"{hold['max']:.1f}" if hold["n"] else "", "bar p99 (ms)": f"<= {BAR_MS:.0f}",
             "": "met" if met else "**missed**",
-            "BEAM_ON again p50 / max (s)": f"{np.median(rec):.3f} / {max(rec):.3f}" if rec else "",
+            "BEAM_ON again p50 / max (s)": f"{rec['p50']:.3f} / {rec['max']:.3f}" if rec["n"] else "",
             "documented recovery (s)": "" if expected is None or math.isnan(expected) else f"{expected:.1f}"}  # fmt: skip
+
+
+def render(payload: dict) -> str:
+    """The README block from a results payload (``results/faults.json``)."""
+    reasons, fuzz, iso, torn = payload["reasons"], payload["fuzz"], payload["isolation"], payload["torn_tail"]
+    rows = [_row(r, reasons[r]) for r in ORDER if r in reasons]
+    met = sum(1 for row in rows if row[""] == "met")
+    cyc, stalled = torn["cycles"], iso["50_stalled_field_subscribers"]
+    sessions = all(c["sessions_readable"] == c["cycle"] + 1 for c in cyc)
+    lines = [
+        f"- Time to HOLD: {met} of {len(rows)} reasons met the bar (p99 <= {BAR_MS:.0f} ms; {payload['trials']} trials, "
+        f"{payload['rate_hz']:.0f} Hz live source).",
+        f"- Fuzz: {fuzz['input_messages']} hostile input messages and {fuzz['control_requests']} control requests (seed 15): "
+        f"{fuzz['control_replies']} replies, {fuzz['messages_counted']} messages counted,",
+        f"  {fuzz['violations'] + fuzz['gate_violations']} invariant violations over {fuzz['gate_messages_checked']} gate "
+        f"messages; control reply p99 {fuzz['reply_p99_ms']:.1f} ms; the daemon ran on: {fuzz['daemon_alive']}.",
+        f"- Isolation: gate p99 {iso['alone']['gate_ms']['p99']:.1f} ms alone, {stalled['gate_ms']['p99']:.1f} ms with 50 "
+        f"field subscribers that never read; a reading one got {stalled['fields_received_by_reader']} fields",
+        f"  of {stalled['samples']} frames (alone: {iso['alone']['fields_received_by_reader']} of {iso['alone']['samples']}).",
+        f"- Torn tail: {len(cyc)} cycles of SIGKILL, {min(c['cut_bytes'] for c in cyc)}-{max(c['cut_bytes'] for c in cyc)} "
+        f"bytes cut off the log, restart: {sum(c['new_samples_readable'] for c in cyc)} of "
+        f"{sum(c['new_samples_sent'] for c in cyc)} new samples readable,",
+        f"  every session readable: {sessions}; restart {max(c['restart_s'] for c in cyc):.1f} s at most; SIGTERM exit "
+        f"{torn['sigterm_exit_s']:.2f} s (bar 2 s), exit code {torn['sigterm_exit_code']}.",
+        f"- `implausible_target`: limit {payload['implausible_target_limit_mm']:.1f} mm (1.3 x the p99 target displacement "
+        "of normal breathing),",
+        "  crossed by a deep breath to amplitude 3.5 that no sample limit refuses.",
+    ]
+    return markdown_table(rows, list(rows[0])) + "\n\n" + "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -548,42 +585,28 @@ def main() -> None:
     parser.add_argument("--fuzz-messages", type=int, default=10_000, help="fuzzed input messages (default 10,000)")
     parser.add_argument("--cycles", type=int, default=3, help="SIGKILL + torn tail + restart cycles (default 3)")
     parser.add_argument("--no-readme", action="store_true", help="do not update the README table")
+    parser.add_argument("--render", action="store_true", help="only rebuild the README block from results/faults.json")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        reasons, extra, typical = wire_phase(args, folder)
-        target = target_phase(args, folder, typical)
-        limit = target.pop("_limit_mm")
-        reasons |= target
-        reasons |= in_process_phase(args, folder)
-        torn = torn_tail_phase(args, folder)
-    order = ["shutdown", "plan_rejected", "no_plan", "loading", "no_input", "stale_input", "stuck_sensor", "non_finite_sample",
-             "invalid_sample", "implausible_sample", "time_jump", "gap", "source_restart", "out_of_order", "duplicate",
-             "window_not_full", "model_error", "non_finite_field", "implausible_target", "internal_error", "outside_gating_window"]  # fmt: skip
-    rows = [_row(r, reasons[r]) for r in order if r in reasons]
-    summary = {r: {"hold_ms": _percentiles(v["hold_ms"]), "recovery_s": _percentiles(v["recovery_s"]), "missed_hold": v["missed_hold"],
-                   "no_recovery": v["no_recovery"], "expected_recovery_s": v["expected_recovery_s"], "where": v["where"]}
-               for r, v in reasons.items()}  # fmt: skip
-    fuzz, iso = extra["fuzz"], extra["isolation"]
-    table = markdown_table(rows, list(rows[0]))
-    met = sum(1 for row in rows if row[""] == "met")
-    cyc = torn["cycles"]
-    table += (f"\n\n{met} of {len(rows)} reasons met the bar. Fuzz: {fuzz['input_messages']} hostile input messages and "
-              f"{fuzz['control_requests']} control requests, {fuzz['control_replies']} replies, "
-              f"{fuzz['violations'] + fuzz['gate_violations']} invariant violations over {fuzz['gate_messages_checked']} gate messages, "
-              f"control reply p99 {fuzz['reply_p99_ms']:.1f} ms; daemon alive: {fuzz['daemon_alive']}. "
-              f"Isolation: gate p99 {iso['alone']['gate_ms']['p99']:.1f} ms alone, "
-              f"{iso['50_stalled_field_subscribers']['gate_ms']['p99']:.1f} ms with 50 stalled field subscribers (a reading one got "
-              f"{iso['50_stalled_field_subscribers']['fields_received_by_reader']} fields of "
-              f"{iso['50_stalled_field_subscribers']['samples']} frames). Torn tail: {len(cyc)} SIGKILL + cut + restart cycles, "
-              f"new samples readable {sum(c['new_samples_readable'] for c in cyc)} of {sum(c['new_samples_sent'] for c in cyc)}, "
-              f"every session readable; SIGTERM exit {torn['sigterm_exit_s']:.2f} s. implausible_target limit {limit:.1f} mm "
-              f"(1.3 x the p99 displacement of normal breathing).\n")  # fmt: skip
-    path = write_results("faults", {"bar_ms": BAR_MS, "rate_hz": RATE_HZ, "trials": args.trials, "reasons": summary,
-                                    "fuzz": fuzz, "isolation": iso, "torn_tail": torn, "implausible_target_limit_mm": limit,
-                                    "table": table})  # fmt: skip
+    if args.render:
+        table = render(json.loads((RESULTS / "faults.json").read_text()))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            reasons, extra, typical = wire_phase(args, folder)
+            target = target_phase(args, folder, typical)
+            limit = target.pop("_limit_mm")
+            reasons |= target
+            reasons |= in_process_phase(args, folder)
+            torn = torn_tail_phase(args, folder)
+        summary = {r: {"hold_ms": _percentiles(v["hold_ms"]), "recovery_s": _percentiles(v["recovery_s"]),
+                       "missed_hold": v["missed_hold"], "no_recovery": v["no_recovery"],
+                       "expected_recovery_s": v["expected_recovery_s"], "where": v["where"]} for r, v in reasons.items()}  # fmt: skip
+        payload = {"bar_ms": BAR_MS, "rate_hz": RATE_HZ, "trials": args.trials, "reasons": summary, **extra,
+                   "torn_tail": torn, "implausible_target_limit_mm": limit}  # fmt: skip
+        table = render(payload)
+        path = write_results("faults", {**payload, "table": table})
+        print(f"wrote {path}")
     print(table)
-    print(f"wrote {path}")
     if not args.no_readme:
         try:
             update_readme_table("faults", table)

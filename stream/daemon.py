@@ -370,6 +370,8 @@ class Daemon:
             if new_plan:
                 self._predictor = None
             self._new_window.notify_all()
+        if new_plan:  # HOLD loading now, before the loader thread competes for the interpreter
+            self._publish_gate(None, [], extra={})
         thread = threading.Thread(target=self._load, args=(spec, path, mode, new_plan, plan), name="breathcast-loader", daemon=True)
         thread.start()
 
