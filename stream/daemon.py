@@ -436,8 +436,10 @@ class Daemon:
             self._new_window.notify_all()
         info = {"event": "loaded", "plan": plan.name, "plan_hash": phash, "path": path, "mode": mode,
                 "model_id": predictor.model_id, "load_s": time.perf_counter() - started,
-                "distillation_error_mm": predictor.distillation_error_mm}  # fmt: skip
+                "distillation_error_mm": predictor.distillation_error_mm, "plan_warnings": list(predictor.plan_warnings)}  # fmt: skip
         log.info("loaded %s", info)
+        for warning in predictor.plan_warnings:
+            log.warning("plan %s: %s", plan.name, warning)
         self._event(info)
 
     def _event(self, record: dict[str, Any]) -> None:
@@ -835,7 +837,8 @@ class Daemon:
             "uptime_s": time.monotonic() - self._started_mono,
             "model_id": predictor.model_id if predictor else self._package.model_id,
             "plan": {"name": self._plan.name if self._plan else "", "hash": self._plan_hash,
-                     "frame_of_reference_uid": self._plan.frame_of_reference_uid if self._plan else ""},  # fmt: skip
+                     "frame_of_reference_uid": self._plan.frame_of_reference_uid if self._plan else "",
+                     "warnings": list(predictor.plan_warnings) if predictor else []},  # fmt: skip
             "path": self._path,
             "mode": self._mode,
             "predictor": None if predictor is None else {
