@@ -119,6 +119,22 @@ def daemon_clients(daemon):
         yield tx, rx, ctl
 
 
+@pytest.fixture(scope="module")
+def daemon(tiny_package, tiny_plan, tmp_path_factory):
+    """One daemon per test module that imports it (direct path, 16³, float32 field on the model grid, gating always
+    inside)."""
+    config = make_config(tmp_path_factory.mktemp("daemon"), gating=ALWAYS_INSIDE)
+    with running_daemon(config, tiny_plan, tiny_package) as d:
+        yield d
+
+
+@pytest.fixture
+def io(daemon):
+    """A sender, a gate/target subscriber and a control client on a freshly reset daemon."""
+    with daemon_clients(daemon) as clients:
+        yield clients
+
+
 def wait_gate(rx, reason: str, timeout_s: float = 5.0, first: bool = True):
     """The first ``gate`` message whose reason is ``reason`` (``first=False``: one of its reasons), or None."""
     if first:

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from stream_fixtures import (  # noqa: F401  (fixtures)
     ALWAYS_INSIDE,
     breathing,
-    daemon_clients,
+    daemon,
     healthy,
+    io,
     loopback_endpoints,
     make_config,
     running_daemon,
@@ -34,20 +35,6 @@ from stream_fixtures import (  # noqa: F401  (fixtures)
 from breathcast.errors import BreathcastError
 from breathcast.stream.client import ControlClient, ControlError, CurveKeys, SampleSender, Subscriber, make_keys
 from breathcast.stream.recording import read_session_log
-
-@pytest.fixture(scope="module")
-def daemon(tiny_package, tiny_plan, tmp_path_factory):  # noqa: F811
-    """One daemon for the module (direct path, 16³, float32 field on the model grid)."""
-    config = make_config(tmp_path_factory.mktemp("daemon"), gating=ALWAYS_INSIDE)
-    with running_daemon(config, tiny_plan, tiny_package) as d:
-        yield d
-
-
-@pytest.fixture
-def io(daemon):
-    """A sender, a gate/target subscriber and a control client on a freshly reset daemon."""
-    with daemon_clients(daemon) as clients:
-        yield clients
 
 
 def test_field_decoded_from_the_protocol_document_alone(daemon, tiny_plan):  # noqa: F811

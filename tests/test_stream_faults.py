@@ -20,8 +20,9 @@ import zmq
 from stream_fixtures import (  # noqa: F401  (fixtures)
     ALWAYS_INSIDE,
     breathing,
-    daemon_clients,
+    daemon,
     healthy,
+    io,
     loopback_endpoints,
     make_config,
     running_daemon,
@@ -39,21 +40,6 @@ from breathcast.stream.faults import Fuzzer, GateWatcher, reply_violations, run_
 from breathcast.stream.recording import MAGIC, read_session_log
 
 RATE_HZ = 50.0
-
-
-@pytest.fixture(scope="module")
-def daemon(tiny_package, tiny_plan, tmp_path_factory):  # noqa: F811
-    """One daemon for the module (direct path, 16³ field), gating window always inside."""
-    config = make_config(tmp_path_factory.mktemp("faults"), gating=ALWAYS_INSIDE)
-    with running_daemon(config, tiny_plan, tiny_package) as d:
-        yield d
-
-
-@pytest.fixture
-def io(daemon):
-    """A sender, a gate/target subscriber and a control client on a freshly reset daemon."""
-    with daemon_clients(daemon) as clients:
-        yield clients
 
 
 def _gate(rx, reason: str, timeout_s: float = 5.0):
