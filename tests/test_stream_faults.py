@@ -348,3 +348,35 @@ def test_sigterm_ends_the_daemon_in_2_s_with_a_thread_stuck_and_the_torn_log_rep
     assert contents.records[-1]["event"] == "shutdown" and contents.records[-1]["threads_not_stopped"]
     assert stat.S_IMODE(os.stat(log).st_mode) == 0o600
     assert math.isfinite(contents.records[0]["t_wall"])
+
+
+def test_a_lung_centred_package_rejects_a_plan_without_lungs(tmp_path):
+    """No patching: a lung-centred package (as the shipped one) refuses a CT with no lungs at load; the gate holds
+    `plan_rejected` and status says why."""
+    import torch
+
+    from breathcast.engine.export import export_cvae
+    from breathcast.engine.package import TraceSpec
+    from breathcast.engine.predictor import Plan
+    from breathcast.geometry import Grid, Volume
+    from breathcast.stream.daemon import Daemon
+    from breathcast.training.cvae import CVAE, CVAEConfig
+
+    torch.manual_seed(0)
+    model = CVAE(CVAEConfig(grid=16, latent_dim=4, trace_embedding_dim=4, channels=(4, 4, 4, 4))).eval()
+    trace = TraceSpec(window_samples=448, sample_interval_s=2.3 / 447, slices=16)
+    package = export_cvae(model, tmp_path / "boxed", trace=trace,
+                          training={"model_box": {"anchor": "lungs", "extent_mm": [400.0, 400.0, 320.0]}})
+    grid = Grid((24, 32, 32), (10.0, 10.0, 10.0), origin=(-155.0, -155.0, -115.0))
+    water = Plan(Volume(np.full(grid.shape, 30.0, np.float32), grid), np.zeros(24), name="water")
+    config = make_config(tmp_path)
+    daemon = Daemon(config, plan=water, package=package).start()
+    try:
+        with ControlClient(config.endpoints.control) as ctl, Subscriber(config.endpoints.publish, topics=("gate",)) as rx:
+            message = _gate(rx, "plan_rejected", 30.0)
+            assert message is not None and message.header["state"] == "HOLD"
+            status = ctl.status()
+            assert status["state"] == "plan_rejected" and "no lungs found" in status["plan_rejected"]
+    finally:
+        daemon.stop()
+        assert daemon.wait(15.0), "daemon did not stop"
