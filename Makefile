@@ -23,9 +23,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-bench: $(STAMP)
+# The shipped model's held-out test set (README "The shipped model"); needs ../shared/data.
+TEST_SET := data/test64/dataset.json
+SHARED_CT := ../shared/data/ct
+$(TEST_SET): | $(STAMP)
+	$(VENV)/bin/breathcast simulate --patients 8 --anatomy-ct $(SHARED_CT)/popi-phase00 \
+		--anatomy-ct $(SHARED_CT)/lungct-examples/lungct-0001-phase5.nii.gz \
+		--anatomy-ct $(SHARED_CT)/lungct-examples/lungct-0103-phase5.nii.gz --patients-per-ct 3 \
+		--grid 64 --scans 25 --seed 3031 --out data/test64
+
+bench: $(STAMP) $(TEST_SET)
 	$(PY) benchmarks/bench_kernels.py
-	$(PY) benchmarks/bench_cvae.py
+	$(PY) benchmarks/bench_cvae.py --data data/test64
+	$(PY) benchmarks/bench_real.py --model breathcast/models/cvae64/model.pt --test-data data/test64
+	$(PY) benchmarks/bench_motion_realism.py --kind cartoon --kind realct --patients 20
+	$(PY) benchmarks/bench_faults.py
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_stream.py --latency-s 60 --sustained-25hz-s 600 --sustained-100hz-s 60
 	$(PY) benchmarks/bench_forecast.py
