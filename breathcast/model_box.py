@@ -149,12 +149,11 @@ def lungs_cut_along_z(seg: ThoraxSegmentation, margin_slices: int = 2) -> tuple[
 def lung_centre_mm(seg: ThoraxSegmentation) -> np.ndarray:
     """(3,) LPS mm: the centre of the lungs' bounding box, the box's anchor.
 
-    Where the CT's field of view cuts the lungs along z (they touch its first or last slice) and what is seen
+    Where the CT's field of view cuts the lungs along z (they reach its first or last slices) and what is seen
     is shorter than :data:`TYPICAL_LUNG_HEIGHT_MM`, the cut end is taken that far from the end that is seen,
     so a crop that removes the lung base or apex moves the anchor less.
     """
     low, high = lung_bounding_box_mm(seg)
-    lungs = seg.lungs
     cut_low, cut_high = lungs_cut_along_z(seg)
     if cut_low != cut_high and high[2] - low[2] < TYPICAL_LUNG_HEIGHT_MM:
         if cut_low:

@@ -32,7 +32,7 @@ from breathcast.canonical import to_canonical
 from breathcast.errors import BreathcastError
 from breathcast.geometry import HU_MIN, Grid, Volume, field_from_lps_mm
 from breathcast.io.dataset import describe_dataset, prepare_output_dir
-from breathcast.model_box import lung_centred_grid, resample_onto, resample_to_spacing
+from breathcast.model_box import lung_centred_grid, resample_to_spacing
 from breathcast.segmentation import ThoraxSegmentation, lung_bounding_box_mm, segment_thorax, signed_distance_mm, sliding_weight
 from breathcast.sim.anatomy import Label
 from breathcast.sim.motion import MotionField, MotionParams
