@@ -111,14 +111,13 @@ def _ball(radius_mm: float, spacing_zyx: tuple[float, float, float]) -> np.ndarr
     return (zz * spacing_zyx[0]) ** 2 + (yy * spacing_zyx[1]) ** 2 + (xx * spacing_zyx[2]) ** 2 <= radius_mm**2
 
 
-def _largest_components(mask: np.ndarray, min_fraction: float) -> tuple[np.ndarray, int]:
-    """Components at least ``min_fraction`` of the largest one; returns (mask, count)."""
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of ``mask`` (all of them on a tie); ``mask`` itself when empty."""
     lab, n = ndimage.label(mask)
     if n == 0:
-        return mask, 0
+        return mask
     sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
-    keep = np.flatnonzero(sizes >= min_fraction * sizes.max()) + 1
-    return np.isin(lab, keep), len(keep)
+    return np.isin(lab, np.flatnonzero(sizes >= sizes.max()) + 1)
 
 
 def _fill_slices(mask: np.ndarray) -> np.ndarray:
@@ -170,13 +169,56 @@ def _dome_height(lungs: np.ndarray, grid: Grid) -> np.ndarray:
     nz = lungs.shape[0]
     has = lungs.any(axis=0)
     lowest = np.where(has, np.argmax(lungs, axis=0), 0).astype(np.float64)
-    if not has.any():
-        return np.full(lungs.shape[1:], grid.origin[2])
     nearest = ndimage.distance_transform_edt(~has, return_distances=False, return_indices=True)
     filled = lowest[nearest[0], nearest[1]]
     sy, sx = grid.spacing[1], grid.spacing[0]
     smooth = ndimage.gaussian_filter(filled, sigma=(10.0 / sy, 10.0 / sx), mode="nearest")
     return grid.origin[2] + grid.spacing[2] * np.clip(smooth, 0, nz - 1)
+
+
+def _outside_air(hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+    """(Z, Y, X) bool: the air around the patient.
+
+    The dark regions (lung parenchyma is denser than air) that reach the in-plane edge; not every air region at
+    the edge, because a field of view that cuts through the body leaves the lungs touching it. It then takes the
+    air next to it (the blurred skin, up to OUTSIDE_REACH_MM) and no further, so lungs the field of view cuts lose
+    only that much.
+    """
+    smooth = ndimage.gaussian_filter(hu.astype(np.float32), sigma=[2.0 / v for v in spacing_zyx], mode="nearest")
+    dark, n_dark = ndimage.label(smooth < OUTSIDE_AIR_HU)
+    edge = np.zeros(n_dark + 1, dtype=bool)
+    for face in (dark[:, 0, :], dark[:, -1, :], dark[:, :, 0], dark[:, :, -1]):
+        edge[np.unique(face)] = True
+    edge[0] = False
+    seed = edge[dark]
+    reach = max(1, int(np.ceil(OUTSIDE_REACH_MM / max(spacing_zyx))))
+    step = _ball(max(spacing_zyx), spacing_zyx)
+    return ndimage.binary_dilation(seed, structure=step, iterations=reach, mask=(hu < AIR_HU) | seed)
+
+
+def _air_organs(hu: np.ndarray, outside: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+    """(Z, Y, X) bool: lungs and airways, the big air regions inside (bowel gas is far smaller than a lung)."""
+    air = ndimage.binary_opening((hu < AIR_HU) & ~outside, structure=_ball(2.0, spacing_zyx))
+    lab, n = ndimage.label(air)
+    index = np.arange(1, n + 1)
+    sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=index) * float(np.prod(spacing_zyx)) / 1000.0 if n else np.zeros(1)
+    if sizes.max() < MIN_LUNG_ML:
+        raise BreathcastError(f"no lungs found: no air region of at least {MIN_LUNG_ML:.0f} ml inside the body (largest {sizes.max():.0f} ml)")
+    return np.isin(lab, index[sizes >= max(MIN_LUNG_ML, 0.2 * sizes.max())])
+
+
+def _airways(air_organs: np.ndarray, x_mm: np.ndarray, mid_x: float, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+    """(Z, Y, X) bool: the narrow midline parts of the air organs, slice by slice (trachea and main bronchi)."""
+    airways = np.zeros_like(air_organs)
+    pixel_mm2 = spacing_zyx[1] * spacing_zyx[2]
+    for k in np.flatnonzero(air_organs.any(axis=(1, 2))):
+        lab, m = ndimage.label(air_organs[k])
+        index = np.arange(1, m + 1)
+        area = ndimage.sum_labels(np.ones_like(lab), lab, index) * pixel_mm2
+        centre_x = ndimage.mean(np.broadcast_to(x_mm, lab.shape), lab, index)
+        narrow = index[(area < 600.0) & (np.abs(centre_x - mid_x) < 25.0)]
+        airways[k] = np.isin(lab, narrow)
+    return airways
 
 
 def segment_thorax(volume: Volume) -> ThoraxSegmentation:
@@ -189,91 +231,46 @@ def segment_thorax(volume: Volume) -> ThoraxSegmentation:
     grid = volume.grid
     hu = volume.array
     sp = grid.spacing_zyx
-    voxel_ml = float(np.prod(sp)) / 1000.0
-
-    # Outside air: the dark regions (lung parenchyma is denser than air) that reach the in-plane edge. Not
-    # every air region at the edge: a field of view that cuts through the body leaves the lungs touching it.
-    smooth = ndimage.gaussian_filter(hu.astype(np.float32), sigma=[2.0 / v for v in sp], mode="nearest")
-    dark, n_dark = ndimage.label(smooth < OUTSIDE_AIR_HU)
-    edge = np.zeros(n_dark + 1, dtype=bool)
-    for face in (dark[:, 0, :], dark[:, -1, :], dark[:, :, 0], dark[:, :, -1]):
-        edge[np.unique(face)] = True
-    edge[0] = False
-    # It then takes the air next to it (the blurred skin, up to OUTSIDE_REACH_MM), and no further, so lungs that
-    # the field of view cuts lose only that much.
-    air = hu < AIR_HU
-    step = _ball(max(sp), sp)
-    reach = max(1, int(np.ceil(OUTSIDE_REACH_MM / max(sp))))
-    outside = ndimage.binary_dilation(edge[dark], structure=step, iterations=reach, mask=air | edge[dark])
-    # Lungs and airways: the big air regions left (bowel gas is far smaller than a lung).
-    air = ndimage.binary_opening(air & ~outside, structure=_ball(2.0, sp))
-    lab, n = ndimage.label(air)
-    index = np.arange(1, n + 1)
-    sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=index) * voxel_ml if n else np.zeros(1)
-    if sizes.max() < MIN_LUNG_ML:
-        raise BreathcastError(f"no lungs found: no air region of at least {MIN_LUNG_ML:.0f} ml inside the body (largest {sizes.max():.0f} ml)")
-    air_organs = np.isin(lab, index[sizes >= max(MIN_LUNG_ML, 0.2 * sizes.max())])
-
-    # Body: tissue and the air organs, opened to drop the couch and cables, the largest component, filled.
-    tissue = ndimage.binary_opening((hu > BODY_HU) | air_organs, structure=_ball(3.0, sp))
-    body, _ = _largest_components(tissue, 1.0)
-    body = _fill_slices(body) | air_organs
-
     x_mm = grid.origin[0] + grid.spacing[0] * np.arange(hu.shape[2])
+    y_mm = grid.origin[1] + grid.spacing[1] * np.arange(hu.shape[1])
+    z_mm = (grid.origin[2] + grid.spacing[2] * np.arange(hu.shape[0]))[:, None, None]
+
+    air_organs = _air_organs(hu, _outside_air(hu, sp), sp)
+    # Body: tissue and the air organs, opened to drop the couch and cables, the largest component, filled.
+    body = _largest_component(ndimage.binary_opening((hu > BODY_HU) | air_organs, structure=_ball(3.0, sp)))
+    body = _fill_slices(body) | air_organs
     body_cols = np.flatnonzero(body.any(axis=(0, 1)))
     mid_x = float(0.5 * (x_mm[body_cols[0]] + x_mm[body_cols[-1]]))
-    # Airways: the narrow midline part of the air organs, per slice (trachea and main bronchi).
-    airways = np.zeros_like(air_organs)
-    for k in range(hu.shape[0]):
-        if not air_organs[k].any():
-            continue
-        slice_lab, m = ndimage.label(air_organs[k])
-        for c, (area, cx) in enumerate(
-            zip(
-                ndimage.sum_labels(np.ones_like(slice_lab), slice_lab, np.arange(1, m + 1)) * sp[1] * sp[2],
-                ndimage.mean(np.broadcast_to(x_mm, slice_lab.shape), slice_lab, np.arange(1, m + 1)),
-            ),
-            start=1,
-        ):
-            if area < 600.0 and abs(cx - mid_x) < 25.0:
-                airways[k] |= slice_lab == c
-    lungs = air_organs & ~airways
-    lungs = ndimage.binary_closing(lungs, structure=_ball(4.0, sp)) & body  # vessels inside the lungs
-    lungs &= ~airways
+
+    airways = _airways(air_organs, x_mm, mid_x, sp)
+    lungs = ndimage.binary_closing(air_organs & ~airways, structure=_ball(4.0, sp)) & body & ~airways  # vessels in
     if not lungs.any():
         raise BreathcastError("no lungs found: the air regions inside the body are airways or too thin to be lungs")
     left = lungs & (x_mm[None, None, :] >= mid_x)  # LPS: +x is the patient's left
 
-    # Bones; the spine is the bone near the midline behind the lungs' centre, closed across the discs.
+    # Bones. The vertebral column is the biggest midline bone, in front of the lungs or behind them: where it
+    # lies tells the CT's orientation. Only one behind them is the spine, closed along z across the discs.
     bone = ndimage.binary_opening((hu > BONE_HU) & body & ~lungs, structure=_ball(1.5, sp))
-    y_mm = grid.origin[1] + grid.spacing[1] * np.arange(hu.shape[1])
     lung_y = float(y_mm[np.flatnonzero(lungs.any(axis=(0, 2)))].mean())
-    midline = np.abs(x_mm - mid_x)[None, None, :] < 35.0
-    disc = max(1, int(round(DISC_MM / sp[0])))
-    column = ndimage.binary_dilation(bone & midline, structure=np.ones((2 * disc + 1, 1, 1), dtype=bool)) & bone & midline
-    column, _ = _largest_components(column, 1.0)  # the vertebral column: the biggest midline bone, front or back
+    column = _largest_component(bone & (np.abs(x_mm - mid_x)[None, None, :] < 35.0))
     spine_offset = float(y_mm[np.argwhere(column)[:, 1]].mean() - lung_y) if column.any() else float("nan")
-    spine = column if spine_offset > 0 else np.zeros_like(column)
-    spine = ndimage.binary_dilation(spine, structure=np.ones((2 * disc + 1, 1, 1), dtype=bool)) & body & ~lungs
+    disc = np.ones((2 * max(1, int(round(DISC_MM / sp[0]))) + 1, 1, 1), dtype=bool)
+    spine = ndimage.binary_dilation(column, structure=disc) & body & ~lungs if spine_offset > 0 else np.zeros_like(column)
 
     # The cavity: the lungs' per-slice hull in the lungs' slices; below them the body inside its wall.
     hull = _slice_hulls(lungs)
     dome = _dome_height(lungs, grid)
-    z_mm = (grid.origin[2] + grid.spacing[2] * np.arange(hu.shape[0]))[:, None, None]
     below = z_mm < dome[None]
     lung_slices = np.flatnonzero(lungs.any(axis=(1, 2)))
-    apex = float(z_mm[lung_slices[-1], 0, 0])
-    inner_body = signed_distance_mm(body, sp) > WALL_MM
     middle = slice(lung_slices[0] + len(lung_slices) // 4, lung_slices[-1] + 1 - len(lung_slices) // 4)
     mediastinum = np.argwhere((hu[middle] > -200.0) & (hu[middle] < BONE_HU) & hull[middle] & ~lungs[middle])
     heart_offset = float(y_mm[mediastinum[:, 1]].mean() - lung_y) if len(mediastinum) else float("nan")
     heart_lr = float(x_mm[mediastinum[:, 2]].mean() - mid_x) if len(mediastinum) else float("nan")
     footprint = hull.any(axis=0)  # the rib cage seen from above
-    lowest_lung_z = z_mm[lung_slices[0], 0, 0]
-    abdomen = below & inner_body & (footprint[None] | (z_mm < lowest_lung_z))
-    cavity = (hull | lungs | abdomen) & body
+    inner_body = signed_distance_mm(body, sp) > WALL_MM
+    abdomen = below & inner_body & (footprint[None] | (z_mm < z_mm[lung_slices[0], 0, 0]))
     margin = (int(round(SPINE_MARGIN_MM / sp[1])), int(round(SPINE_MARGIN_MM / sp[2])))
-    cavity &= ~_behind_spine(spine, margin) & ~(bone & ~hull)
+    cavity = (hull | lungs | abdomen) & body & ~_behind_spine(spine, margin) & ~(bone & ~hull)
 
     labels = np.zeros(hu.shape, dtype=np.uint8)
     labels[body] = Label.BODY
@@ -282,7 +279,11 @@ def segment_thorax(volume: Volume) -> ThoraxSegmentation:
     labels[lungs & ~left] = Label.LUNG_RIGHT
     labels[left] = Label.LUNG_LEFT
     labels[airways] = Label.TRACHEA_BRONCHI
-    return ThoraxSegmentation(labels, cavity, spine, dome.astype(np.float32), apex, grid, spine_offset, heart_offset, float(column.sum() * voxel_ml), heart_lr)
+    return ThoraxSegmentation(
+        labels, cavity, spine, dome.astype(np.float32), float(z_mm[lung_slices[-1], 0, 0]), grid,
+        spine_offset_mm=spine_offset, heart_offset_mm=heart_offset,
+        spine_ml=float(column.sum() * np.prod(sp) / 1000.0), heart_lr_offset_mm=heart_lr,
+    )
 
 
 def lung_bounding_box_mm(segmentation: ThoraxSegmentation) -> tuple[np.ndarray, np.ndarray]:
