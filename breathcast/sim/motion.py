@@ -23,7 +23,7 @@ import numpy as np
 from breathcast.sim.anatomy import AnatomyParams
 from breathcast.geometry import Grid, field_from_lps_mm
 
-__all__ = ["MotionParams", "MotionField", "sample_motion", "build_motion_field"]
+__all__ = ["MotionParams", "MotionField", "sample_motion", "build_motion_field", "smooth_step"]
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,8 @@ class MotionField:
         return out
 
 
-def _smooth_step(distance_mm: np.ndarray, width_mm: float) -> np.ndarray:
+def smooth_step(distance_mm: np.ndarray, width_mm: float) -> np.ndarray:
+    """0 -> 1 across 0 mm: ``0.5 * (1 + tanh(distance / width))``, elementwise."""
     return 0.5 * (1.0 + np.tanh(distance_mm / width_mm))
 
 
@@ -117,18 +118,18 @@ def build_motion_field(anatomy: AnatomyParams, motion: MotionParams, grid: Grid)
     z = (oz + sz * np.arange(nz))[:, None, None]
 
     # Superior-inferior: per-side dome height, decay to the apex above it, gentle decay into the abdomen.
-    right = _smooth_step(-x, 20.0)
+    right = smooth_step(-x, 20.0)
     dome = anatomy.dome_z[0] * right + anatomy.dome_z[1] * (1.0 - right)
     above = np.clip((anatomy.apex_z - z) / (anatomy.apex_z - dome), 0.0, 1.0) ** motion.apex_exponent
     below = 1.0 - 0.5 * np.clip((dome - z) / 150.0, 0.0, 1.0)
     profile = np.where(z > dome, above, below)
     cax, cay = anatomy.cavity_half_axes
     depth = (1.0 - np.sqrt((x / cax) ** 2 + (y / cay) ** 2)) * min(cax, cay)  # ~mm inside the rib cage
-    inside = _smooth_step(depth, motion.sliding_width_mm)
-    spine = _smooth_step(30.0 - np.abs(x), 4.0) * _smooth_step(y - (anatomy.spine_y - 25.0), 4.0)
+    inside = smooth_step(depth, motion.sliding_width_mm)
+    spine = smooth_step(30.0 - np.abs(x), 4.0) * smooth_step(y - (anatomy.spine_y - 25.0), 4.0)
     hc, hr = np.asarray(anatomy.heart_center), np.asarray(anatomy.heart_radii)
     heart = np.sqrt(((x - hc[0]) / hr[0]) ** 2 + ((y - hc[1]) / hr[1]) ** 2 + ((z - hc[2]) / hr[2]) ** 2)
-    heart_damping = 1.0 - 0.35 * _smooth_step(1.0 - heart, 0.6)  # the heart follows the diaphragm in part
+    heart_damping = 1.0 - 0.35 * smooth_step(1.0 - heart, 0.6)  # the heart follows the diaphragm in part
     side = motion.right_to_left * right + (1.0 - right)
     u_si = motion.si_amplitude_mm * profile * inside * (1.0 - spine) * heart_damping * side
 

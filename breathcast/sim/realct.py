@@ -22,6 +22,7 @@ patient of it in the same dataset format, with the same scan protocol and ground
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,16 @@ from breathcast.io.dataset import describe_dataset, prepare_output_dir
 from breathcast.model_box import lung_centred_grid, resample_to_spacing
 from breathcast.segmentation import ThoraxSegmentation, lung_bounding_box_mm, segment_thorax, signed_distance_mm, sliding_weight
 from breathcast.sim.anatomy import Label
-from breathcast.sim.motion import MotionField, MotionParams
-from breathcast.sim.simulator import SimulatedPatient, SimulationConfig, acquire_session, patient_seed, save_patient, scanner_fov
+from breathcast.sim.motion import MotionField, MotionParams, smooth_step
+from breathcast.sim.simulator import (
+    SimulatedPatient,
+    SimulationConfig,
+    acquire_session,
+    patient_from_session,
+    patient_seed,
+    save_patient,
+    scanner_fov,
+)
 
 __all__ = [
     "AnatomySource",
@@ -68,6 +77,13 @@ class AnatomySource:
     name: str
     volume: Volume
     flipped_anterior_posterior: bool = False
+
+    @cached_property
+    def lung_centre_lps_mm(self) -> np.ndarray:
+        """(3,) LPS mm, the centre of the source's lungs' bounding box: the augmentation's fixed point and the
+        patients' box centre before jitter (segmented once per source)."""
+        low, high = lung_bounding_box_mm(segment_thorax(self.volume))
+        return 0.5 * (low + high)
 
 
 def _read_ct(path: Path) -> Volume:
@@ -222,10 +238,6 @@ def sample_real_motion(rng: np.random.Generator) -> RealMotionParams:
     return RealMotionParams(base, lung_ap_ratio=rng.uniform(0.35, 0.7), lung_lr_ratio=rng.uniform(0.2, 0.45))
 
 
-def _smooth_step(distance_mm: np.ndarray, width_mm: float) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(distance_mm / width_mm))
-
-
 def _block_mean(u: np.ndarray, factor: int) -> np.ndarray:
     """(C, Z*f, Y*f, X*f) -> (C, Z, Y, X): the value at the coarse voxel centres."""
     c, z, y, x = u.shape
@@ -248,7 +260,6 @@ def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, g
     y = (g.origin[1] + g.spacing[1] * np.arange(ny))[None, :, None]
     z = (g.origin[2] + g.spacing[2] * np.arange(nz))[:, None, None]
     lungs = seg.lungs
-    lung_index = np.argwhere(lungs)
     low, high = lung_bounding_box_mm(seg)
     mid_x, mid_y = 0.5 * (low[0] + high[0]), 0.5 * (low[1] + high[1])
     half_x, half_y = max(0.5 * (high[0] - low[0]), 50.0), max(0.5 * (high[1] - low[1]), 40.0)
@@ -259,7 +270,7 @@ def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, g
     below = 1.0 - 0.5 * np.clip((dome - z) / 150.0, 0.0, 1.0)
     profile = np.where(z > dome, above, below)
     inside = sliding_weight(seg, m.sliding_width_mm)
-    right = _smooth_step(mid_x - x, 20.0)  # LPS: the patient's right is -x
+    right = smooth_step(mid_x - x, 20.0)  # LPS: the patient's right is -x
     side = m.right_to_left * right + (1.0 - right)
     si = (m.si_amplitude_mm * profile * inside * side).astype(np.float32)
 
@@ -278,9 +289,9 @@ def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, g
     else:
         still = float(g.origin[1] + g.spacing[1] * body_y[-1]) - 0.25 * (g.spacing[1] * (body_y[-1] - body_y[0]))
     anterior = np.clip((still - y) / max(still - front, 1.0), 0.0, 1.0)
-    dome_mean = float(np.mean(seg.dome_z_mm[lungs.any(axis=0)])) if len(lung_index) else float(dome.mean())
+    dome_mean = float(np.mean(seg.dome_z_mm[lungs.any(axis=0)]))
     lower = 0.5 + 0.5 * np.clip((apex - z) / max(apex - dome_mean, 30.0), 0.0, 1.3)
-    near_body = _smooth_step(signed_distance_mm(body, sp) + 10.0, 5.0)  # fades out within ~20 mm outside the skin
+    near_body = smooth_step(signed_distance_mm(body, sp) + 10.0, 5.0)  # fades out within ~20 mm outside the skin
     cw_lps = np.zeros((3, nz, ny, nx), dtype=np.float32)
     cw_lps[1] = m.chest_wall_mm * anterior * lower * near_body
     cw_lps[0] = -m.lateral_mm * np.clip((x - mid_x) / (1.3 * half_x), -1.0, 1.0) * lower * near_body * (1.0 - 0.8 * (1.0 - anterior))
@@ -337,8 +348,7 @@ def build_realct_anatomy(source: AnatomySource, rng: np.random.Generator, config
     """Draw a patient on ``source``: augmentation, motion, the jittered lung-centred box, tumour, motion bases."""
     aug = sample_augmentation(rng)
     motion = sample_real_motion(rng)
-    low, high = lung_bounding_box_mm(segment_thorax(source.volume))
-    source_centre = 0.5 * (low + high)
+    source_centre = source.lung_centre_lps_mm
     # The augmentation keeps the source's lung centre in place; the box sits there, jittered.
     box_centre = source_centre + rng.uniform(-1.0, 1.0, size=3) * np.asarray(config.box_jitter_mm)
     grid = lung_centred_grid(box_centre, (config.grid_size,) * 3, config.field_of_view_mm)
@@ -368,18 +378,7 @@ def simulate_realct_patient(
     scan_config = SimulationConfig(**{**config.__dict__, "noise_hu": anatomy.record.augmentation.noise_hu})
     grid = anatomy.grid
     session = acquire_session(anatomy.fine_hu, anatomy.fine_labels, anatomy.motion_field, grid, scan_config, rng, scanner_fov(grid, config, rng))
-    return SimulatedPatient(
-        patient_id=patient_id or f"{source.name}-{seed}",
-        seed=seed,
-        grid=grid,
-        anatomy=anatomy.record,
-        motion=anatomy.motion,
-        trace_config=session.trace_config,
-        trace=session.trace,
-        reference_hu=session.reference_hu,
-        reference_labels=session.reference_labels,
-        scans=session.scans,
-    )
+    return patient_from_session(patient_id or f"{source.name}-{seed}", seed, grid, anatomy.record, anatomy.motion, session)
 
 
 def simulate_realct_dataset(

@@ -14,6 +14,7 @@ Everything is deterministic from the patient's seed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ __all__ = [
     "scanner_fov",
     "Session",
     "acquire_session",
+    "patient_from_session",
     "pair_field",
     "patient_seed",
     "save_patient",
@@ -168,18 +170,7 @@ def simulate_patient(seed: int, config: SimulationConfig = SimulationConfig(), p
     fine_hu = ndimage.gaussian_filter(fine_hu, sigma=config.blur_voxels * factor, mode="nearest")
     motion_field: MotionField = build_motion_field(anatomy, motion, grid)
     session = acquire_session(fine_hu, fine_labels, motion_field, grid, config, rng, scanner_fov(grid, config, rng))
-    return SimulatedPatient(
-        patient_id=patient_id or f"sim{seed}",
-        seed=seed,
-        grid=grid,
-        anatomy=anatomy,
-        motion=motion,
-        trace_config=session.trace_config,
-        trace=session.trace,
-        reference_hu=session.reference_hu,
-        reference_labels=session.reference_labels,
-        scans=session.scans,
-    )
+    return patient_from_session(patient_id or f"sim{seed}", seed, grid, anatomy, motion, session)
 
 
 def _lung_centred_box(anatomy: AnatomyParams, config: SimulationConfig, rng: np.random.Generator) -> Grid:
@@ -277,6 +268,22 @@ def acquire_session(
         image, labels = acquire(u)
         scans.append(SimulatedScan(image, labels, u, times, amplitude, rate, helical.direction.value))
     return Session(trace_config, trace, reference_hu, reference_labels, scans)
+
+
+def patient_from_session(patient_id: str, seed: int, grid: Grid, anatomy: Any, motion: Any, session: Session) -> SimulatedPatient:
+    """A :class:`SimulatedPatient` of a scanned session and what made it (cartoon or real-anatomy parameters)."""
+    return SimulatedPatient(
+        patient_id=patient_id,
+        seed=seed,
+        grid=grid,
+        anatomy=anatomy,
+        motion=motion,
+        trace_config=session.trace_config,
+        trace=session.trace,
+        reference_hu=session.reference_hu,
+        reference_labels=session.reference_labels,
+        scans=session.scans,
+    )
 
 
 def pair_field(u_moving: np.ndarray, u_fixed: np.ndarray) -> np.ndarray:
