@@ -39,7 +39,7 @@ from breathcast.geometry import Grid, Volume, field_to_lps_mm
 from breathcast.io.dataset import read_volume
 from breathcast.io.dicom_io import read_ct_series
 from breathcast.io.landmarks import read_popi
-from breathcast.model_box import check_plan
+from breathcast.model_box import check_plan, resample_onto
 from breathcast.segmentation import signed_distance_mm
 from breathcast.warp import count_folds
 
@@ -83,8 +83,9 @@ def shifted(volume: Volume, shift_mm: np.ndarray) -> Volume:
     return Volume(volume.array, Grid(g.shape, g.spacing, tuple(np.asarray(g.origin) + shift_mm), frame_of_reference_uid=g.frame_of_reference_uid))
 
 
-def popi_landmarks(package) -> dict:
-    """TRE of POPI's 40 landmarks, phase 00 (plan) -> phase 50, and the field-of-view invariance."""
+def popi_landmarks(package) -> tuple[dict, tuple]:
+    """TRE of POPI's 40 landmarks, phase 00 (plan) -> phase 50, and the field-of-view invariance; and what
+    :func:`draw` needs."""
     pairs = read_popi(DATA / "landmarks" / "popi")
     inhale, exhale = pairs.inhale_mm, pairs.exhale_mm
     full = read_ct(POPI)
@@ -119,8 +120,7 @@ def popi_landmarks(package) -> dict:
     alone = predictor_for(package, full, 1.0, inhale, sliding_mask=False)
     now_alone, _ = alone.target_positions(field_at(alone, 0.0))
     result["tre_mean_mm_network_alone"] = float(np.linalg.norm(now_alone - exhale, axis=1).mean())
-    result["figure"] = (full, predictor, u, inhale, exhale, now)
-    return result
+    return result, (full, predictor, u, inhale, exhale, now)
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def plausibility(package, name: str, volume: Volume, plan_amplitude: float, note
     target = 1.0 - plan_amplitude
     u = field_at(predictor, target)
     u_mm = field_to_lps_mm(u, predictor.grid)
-    seg = check_plan(volume).segmentation
+    seg = predictor.plan_check.segmentation
     r = regions(seg)
     row = {"ct": name, "sliding mask": "yes" if sliding_mask else "no (network alone)", "plan -> amplitude": f"{plan_amplitude:g} -> {target:g}"}
     for key, mask in (("vertebrae", r.vertebrae), ("outside body", r.outside), ("chest wall 5-25 mm", r.chest_wall),
@@ -208,10 +208,7 @@ def draw(path: Path, figure) -> None:
     volume, predictor, u, inhale, exhale, now = figure
     g = predictor.grid
     u_mm = field_to_lps_mm(u, g)
-    model_ct = volume  # show the CT at its own resolution, the field's SI component sampled on it
-    from breathcast.model_box import resample_onto
-
-    ct_on_box = resample_onto(model_ct, g)
+    ct_on_box = resample_onto(volume, g)
     y = int(round(g.lps_to_index(inhale.mean(axis=0))[1]))
     x = int(round(g.lps_to_index(np.array([inhale[:, 0].mean(), 0, 0]))[2]))
     fig, axes = plt.subplots(1, 2, figsize=(12, 6))
@@ -249,8 +246,7 @@ def main() -> None:
         raise SystemExit(f"real data not found: {POPI} (see ../shared/data/README.md)")
     package = read_package(args.package)
 
-    popi = popi_landmarks(package)
-    figure = popi.pop("figure")
+    popi, figure = popi_landmarks(package)
     print(f"POPI TRE mean {popi['tre_mean_mm']:.2f} mm (no deformation {popi['no_deformation_mean_mm']:.2f})")
     cases = [("popi-phase00", read_ct(POPI), 1.0, "end-inhale plan")]
     for path in LUNGCT:

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from breathcast.errors import BreathcastError
-from breathcast.geometry import Grid, Triplet, Volume, field_from_lps_mm, field_to_lps_mm
+from breathcast.geometry import HU_MIN, Grid, Triplet, Volume, field_from_lps_mm, field_to_lps_mm
 
 __all__ = [
     "AXIS_TOLERANCE",
@@ -33,6 +33,7 @@ __all__ = [
     "reorient",
     "flip_grid",
     "field_onto",
+    "resample_onto",
 ]
 
 AXIS_TOLERANCE = 1e-3
@@ -268,17 +269,33 @@ def field_onto(u_voxels: np.ndarray, grid: Grid, target: Grid) -> np.ndarray:
         >>> (field_onto(u, g, fine)[2, 0, 0] * 0.5).tolist()  # mm: edge value held outside [0, 1]
         [0.0, 0.25, 0.75, 1.0]
     """
-    for g, name in ((grid, "field grid"), (target, "target grid")):
-        if not np.allclose(g.direction_matrix, np.eye(3)):
-            raise BreathcastError(f"field_onto needs canonical grids; the {name} is not (see breathcast.canonical)")
     lps = field_to_lps_mm(u_voxels, grid)
-    # Axis-aligned grids: source index = offset + ratio * target index, along each array axis (z, y, x).
-    ratio = np.asarray(target.spacing_zyx) / np.asarray(grid.spacing_zyx)
-    offset = (np.asarray(target.origin) - np.asarray(grid.origin))[::-1] / np.asarray(grid.spacing_zyx)
-    sampled = np.stack(
-        [
-            ndimage.affine_transform(c, ratio, offset=offset, output_shape=target.shape, order=1, mode="nearest")
-            for c in lps
-        ]
-    )
+    sampled = np.stack([resample_onto(Volume(c, grid), target, fill=None, antialias=False).array for c in lps])
     return field_from_lps_mm(sampled, target)
+
+
+def resample_onto(volume: Volume, grid: Grid, fill: float | None = HU_MIN, order: int = 1, antialias: bool = True) -> Volume:
+    """Sample a canonical ``volume`` at the voxel centres of the canonical ``grid``, by position.
+
+    Args:
+        volume: the source, identity direction.
+        grid: where to sample, identity direction.
+        fill: the value outside ``volume`` (default air, -1000 HU); None: the value at its nearest face.
+        order: 1 linear, 0 nearest (label maps).
+        antialias: when ``grid`` is coarser, a Gaussian filter first (sigma = (ratio - 1) / 2 source voxels, the
+            skimage convention); linear only.
+    """
+    for g, name in ((volume.grid, "volume"), (grid, "target grid")):
+        if not np.allclose(g.direction_matrix, np.eye(3)):
+            raise BreathcastError(f"resample_onto needs canonical grids; the {name} is not (see breathcast.canonical)")
+    src = volume.array
+    ratio = np.asarray(grid.spacing_zyx) / np.asarray(volume.grid.spacing_zyx)
+    if order > 0:
+        src = src.astype(np.float32)
+        if antialias and np.any(ratio > 1):
+            src = ndimage.gaussian_filter(src, sigma=np.maximum(0.0, (ratio - 1.0) / 2.0), mode="nearest")
+    # Axis-aligned grids: source index = offset + ratio * target index, along each array axis (z, y, x).
+    offset = (np.asarray(grid.origin) - np.asarray(volume.grid.origin))[::-1] / np.asarray(volume.grid.spacing_zyx)
+    out = ndimage.affine_transform(src, ratio, offset=offset, output_shape=grid.shape, order=order,
+                                   mode="nearest" if fill is None else "constant", cval=0.0 if fill is None else fill)
+    return Volume(out.astype(volume.array.dtype if order == 0 else np.float32), grid)

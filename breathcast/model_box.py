@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from breathcast.errors import BreathcastError, PlanRejected
-from breathcast.geometry import HU_MIN, Grid, Triplet, Volume
+from breathcast.canonical import resample_onto
+from breathcast.geometry import Grid, Triplet, Volume
 from breathcast.segmentation import ThoraxSegmentation, lung_bounding_box_mm, segment_thorax
 
 __all__ = [
@@ -52,31 +52,6 @@ def lung_centred_grid(centre_lps_mm: np.ndarray, shape: tuple[int, int, int], ex
     centred = Grid.centered(tuple(shape), tuple(extent_mm))
     origin = np.asarray(centred.origin) + np.asarray(centre_lps_mm, dtype=float)
     return Grid(shape=centred.shape, spacing=centred.spacing, origin=tuple(origin))
-
-
-def resample_onto(volume: Volume, grid: Grid, fill: float | None = HU_MIN, order: int = 1) -> Volume:
-    """Sample a canonical ``volume`` at the voxel centres of the canonical ``grid``; ``fill`` outside it
-    (None: the nearest edge voxel's value).
-
-    Linear (``order=1``) with a Gaussian anti-alias filter when ``grid`` is coarser (sigma = (ratio - 1) / 2
-    source voxels, the skimage convention); ``order=0`` for label maps.
-    """
-    for g, name in ((volume.grid, "volume"), (grid, "target grid")):
-        if not np.allclose(g.direction_matrix, np.eye(3)):
-            raise BreathcastError(f"resample_onto needs canonical grids; the {name} is not (see breathcast.canonical)")
-    src = volume.array
-    ratio = np.asarray(grid.spacing_zyx) / np.asarray(volume.grid.spacing_zyx)
-    if order > 0:
-        src = src.astype(np.float32)
-        if np.any(ratio > 1):
-            src = ndimage.gaussian_filter(src, sigma=np.maximum(0.0, (ratio - 1.0) / 2.0), mode="nearest")
-    # Both grids are axis-aligned: index_src = (origin_dst - origin_src) / spacing_src + index_dst * ratio.
-    offset = (np.asarray(grid.origin) - np.asarray(volume.grid.origin))[::-1] / np.asarray(volume.grid.spacing_zyx)
-    axes = [offset[a] + ratio[a] * np.arange(grid.shape[a]) for a in range(3)]
-    coords = np.meshgrid(*axes, indexing="ij", sparse=False)
-    mode = "nearest" if fill is None else "constant"
-    out = ndimage.map_coordinates(src, coords, order=order, mode=mode, cval=0.0 if fill is None else fill, prefilter=False)
-    return Volume(out.astype(volume.array.dtype if order == 0 else np.float32), grid)
 
 
 def resample_to_spacing(volume: Volume, spacing_mm: float) -> Volume:

@@ -42,7 +42,7 @@ from scipy.signal import savgol_filter
 from breathcast.canonical import to_canonical
 from breathcast.errors import BreathcastError, PlanRejected
 from breathcast.geometry import Grid, Volume, hu_to_unit, resample_volume
-from breathcast.model_box import model_box_volume, resample_onto
+from breathcast.model_box import PlanCheck, model_box_volume, resample_onto
 from breathcast.segmentation import sliding_weight
 from breathcast.resize import FieldResizer, axis_weights, evaluate_polynomial, voxel_to_lps_matrix
 from breathcast.state_model import DISTILLED_TERMS, StateModel, Terms, design_matrix, fit_state_model
@@ -397,12 +397,12 @@ class Predictor:
             raise PlanRejected("plan rejected: the planning CT's slices are not axial; its per-slice trace cannot be placed along z")
         plan_amplitude = plan.amplitude[::-1] if self.frame.flips[0] else plan.amplitude
         self.slices = shape[0]
-        self.plan_warnings: tuple[str, ...] = ()
+        self.plan_check: PlanCheck | None = None  # what the plan check found (lung-centred packages)
         self._motion_weight: np.ndarray | None = None  # (1, D, D, D): the sliding mask, when the config asks
         box = manifest.model_box
         if box.get("anchor") == "lungs":  # a box of fixed size in mm centred on the plan's lungs
             model_volume, check = model_box_volume(canonical_plan, shape, tuple(box["extent_mm"]))
-            self.plan_warnings = check.warnings
+            self.plan_check = check
             if config.sliding_mask:
                 weight = Volume(sliding_weight(check.segmentation), check.segmentation.grid)
                 self._motion_weight = resample_onto(weight, model_volume.grid, fill=0.0).array[None]
@@ -427,6 +427,11 @@ class Predictor:
             self._coefficients = np.ascontiguousarray(np.load(package.file("coefficients.npy")), dtype=np.float32)
             self._terms = tuple(tuple(t) for t in manifest.model["terms"])
         self.load_s = time.perf_counter() - started
+
+    @property
+    def plan_warnings(self) -> tuple[str, ...]:
+        """One line each: what about the plan lies at the edge of what the model knows (empty: nothing)."""
+        return self.plan_check.warnings if self.plan_check else ()
 
     # -- the network ------------------------------------------------------------------------------------
 
