@@ -1,4 +1,4 @@
-"""The stream commands of the ``breathcast`` CLI: serve, replay, listen, control, keys, stream-demo.
+"""The stream commands of the ``breathcast`` CLI: serve, replay, listen, control, keys, stream-demo, igtl.
 
 ``breathcast/cli.py`` calls :func:`add_stream_commands` on its subparsers; each command imports its library
 lazily, so ``breathcast --help`` stays fast.
@@ -278,8 +278,23 @@ def _cmd_stream_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_igtl(args: argparse.Namespace) -> int:
+    from breathcast.stream.config import load_config
+    from breathcast.stream.igtl import IGTLBridge, IGTLConfig
+    from breathcast.stream.plans import build_plan
+
+    plan = _plan_overrides(args)
+    serve = load_config(args.config, {"plan": plan} if plan else None)  # the daemon's TOML: its plan and endpoints
+    config = IGTLConfig(publish=args.publish or serve.endpoints.publish, field=args.field or serve.endpoints.field,
+                        host=args.host, port=args.port, field_rate_hz=args.field_rate,
+                        allow_insecure_remote=args.allow_insecure_remote, curve=_curve(args))  # fmt: skip
+    bridge = IGTLBridge(config, None if args.no_ct else build_plan(serve.plan)).start()
+    print(f"OpenIGTLink on {config.host}:{bridge.port} (Target, Gate, MotionField, PlanningCT); daemon {config.publish}; Ctrl-C stops")
+    return bridge.serve_forever()
+
+
 def add_stream_commands(subparsers) -> None:
-    """Add ``serve``, ``replay``, ``listen``, ``control``, ``keys`` and ``stream-demo`` to the ``breathcast`` subparsers."""
+    """Add ``serve``, ``replay``, ``listen``, ``control``, ``keys``, ``stream-demo`` and ``igtl`` to the ``breathcast`` subparsers."""
     from breathcast.stream.config import DEFAULT_ENDPOINTS as E
 
     serve = subparsers.add_parser(
@@ -387,4 +402,22 @@ def add_stream_commands(subparsers) -> None:
     demo.add_argument("--rate", type=_positive_float, default=25.0, metavar="HZ", help="sample rate (default 25)")
     demo.add_argument("--horizon", type=_non_negative_float, default=0.0, metavar="S", help="forecast horizon, s (default 0)")
     demo.set_defaults(run=_cmd_stream_demo)
+
+    igtl = subparsers.add_parser(
+        "igtl", help="OpenIGTLink bridge for 3D Slicer: target, gate, field and planning CT of a running daemon",
+        description="Subscribe to a running daemon and serve OpenIGTLink (docs/slicer.md): TRANSFORM Target, Target2, ... "
+        "(mm RAS), STRING Gate, IMAGE MotionField (mm RAS, a grid transform 'from parent') and IMAGE PlanningCT (once per "
+        "client). --config is the daemon's TOML: the same plan and endpoints.",
+    )  # fmt: skip
+    igtl.add_argument("--config", type=Path, default=None, metavar="TOML", help="the daemon's configuration file")
+    _add_plan_options(igtl)
+    igtl.add_argument("--no-ct", action="store_true", help="do not send the planning CT")
+    igtl.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    igtl.add_argument("--port", type=int, default=18944, help="TCP port (default 18944)")
+    igtl.add_argument("--field-rate", type=_non_negative_float, default=2.0, metavar="HZ", help="MotionField images per second at most (default 2; 0 = none)")
+    igtl.add_argument("--allow-insecure-remote", action="store_true", help="listen on a non-loopback address (OpenIGTLink is unauthenticated)")
+    igtl.add_argument("--publish", default=None, metavar="ENDPOINT", help=f"daemon publish endpoint (default: --config's, else {E.publish})")
+    igtl.add_argument("--field", default=None, metavar="ENDPOINT", help=f"daemon field endpoint (default: --config's, else {E.field})")
+    _add_curve_options(igtl)
+    igtl.set_defaults(run=_cmd_igtl)
 
