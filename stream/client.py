@@ -9,6 +9,12 @@
         message = rx.recv(timeout_s=1.0)      # Message(topic, header, array) or None
     with client.ControlClient("tcp://127.0.0.1:5563") as ctl:
         ctl.request("status")["status"]["state"]
+        model = ctl.field_model()              # the distilled / 5D polynomial, once per plan (docs/protocol.md 4.5)
+    with client.Subscriber("tcp://127.0.0.1:5561", topics=("state",)) as rx:
+        h = rx.recv().header                  # then per frame only the state: make the field (or a point) here
+        u = model.field(h["slice_amplitude"], h["slice_rate"], shape=(56, 64, 64))
+    with client.Subscriber("tcp://127.0.0.1:5562", topics=("ring",)) as rx:
+        rx.recv().array                       # same host: the field from the daemon's ring file (4.6), no socket copy
 
 CURVE: pass ``curve=CurveKeys(server_public, client_secret)`` (files from ``breathcast keys``) to any of them.
 """
@@ -26,6 +32,7 @@ import zmq
 
 from breathcast.errors import BreathcastError
 from breathcast.stream.config import DEFAULT_ENDPOINTS
+from breathcast.stream.field_coefficients import FieldModel
 from breathcast.stream.protocol import (
     PROTOCOL_VERSION,
     decode_output,
@@ -35,7 +42,7 @@ from breathcast.stream.protocol import (
     unpack,
 )
 
-__all__ = ["CurveKeys", "make_keys", "Message", "SampleSender", "Subscriber", "ControlClient", "ControlError"]
+__all__ = ["CurveKeys", "make_keys", "Message", "SampleSender", "Subscriber", "ControlClient", "ControlError", "FieldModel"]
 
 
 @dataclass(frozen=True)
@@ -152,17 +159,26 @@ class Message:
 class Subscriber(_Client):
     """SUB to one or more of the daemon's publishing endpoints (``publish`` and/or ``field``).
 
+    A ``ring`` message (same host, docs/protocol.md 4.6) arrives with the field read from the daemon's ring file as
+    its ``array`` (a private copy, checked against the slot's seq before and after; ``ring_copy=False``: a read-only
+    view into the ring, valid until the slot is reused ``field.ring_slots - 1`` fields later). A field whose slot was
+    reused before it could be read arrives with ``array`` None and is counted in ``ring_torn``.
+
     Args:
         endpoints: one endpoint or several.
         topics: topic names to receive (default: all).
-        rcvhwm: messages queued before new ones are dropped; default 2 when ``topics`` names ``field`` (a viewer
-            wants the newest field, not a backlog: docs/protocol.md section 1), else 1000.
+        rcvhwm: messages queued before new ones are dropped; default 2 when ``topics`` names ``field`` or ``ring``
+            (a viewer wants the newest field, not a backlog: docs/protocol.md section 1), else 1000.
+        ring_copy: copy ring fields out of the ring (default) or hand out views.
     """
 
     def __init__(self, endpoints: str | list[str] = DEFAULT_ENDPOINTS.publish, topics: tuple[str, ...] = (),
-                 curve: CurveKeys | None = None, context: zmq.Context | None = None, rcvhwm: int | None = None) -> None:  # fmt: skip
+                 curve: CurveKeys | None = None, context: zmq.Context | None = None, rcvhwm: int | None = None,
+                 ring_copy: bool = True) -> None:  # fmt: skip
         super().__init__(zmq.SUB, endpoints if isinstance(endpoints, str) else endpoints[0], curve, context)
-        self.socket.rcvhwm = rcvhwm if rcvhwm is not None else (2 if "field" in topics else 1000)
+        self.socket.rcvhwm = rcvhwm if rcvhwm is not None else (2 if {"field", "ring"} & set(topics) else 1000)
+        self.ring_copy, self.ring_torn = ring_copy, 0
+        self._ring = None
         for topic in topics or ("",):
             self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
         for endpoint in [endpoints] if isinstance(endpoints, str) else endpoints:
@@ -174,7 +190,35 @@ class Subscriber(_Client):
             return None
         frames = self.socket.recv_multipart(copy=False)
         topic, header, array = decode_output([f.buffer for f in frames])
+        if topic == "ring" and array is None:
+            array = self._read_ring(header)
         return Message(topic, header, array)
+
+    def _read_ring(self, header: dict[str, Any]) -> np.ndarray | None:
+        from breathcast.stream.protocol import DTYPES
+        from breathcast.stream.shm_ring import RingReader, TornRead
+
+        ring = header.get("ring") or {}
+        dtype, shape = DTYPES.get(header.get("dtype")), header.get("shape")
+        if not isinstance(ring.get("path"), str) or dtype is None or not isinstance(shape, list):
+            raise BreathcastError(f"a ring message needs ring.path, dtype and shape, got {sorted(header)}")
+        if self._ring is None or self._ring.path != ring["path"]:
+            if self._ring is not None:
+                self._ring.close()
+            self._ring = RingReader(ring["path"])
+        try:
+            if self.ring_copy:
+                return self._ring.read(int(ring["slot"]), int(ring["seq"]), dtype, tuple(shape))
+            return self._ring.view(int(ring["slot"]), int(ring["seq"]), dtype, tuple(shape))
+        except TornRead:
+            self.ring_torn += 1
+            return None
+
+    def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        super().close()
 
     def latest(self, timeout_s: float = 0.0) -> dict[str, Message]:
         """Drain what is queued (waiting up to ``timeout_s`` for the first) and keep the newest per topic."""
@@ -213,11 +257,28 @@ class ControlClient(_Client):
 
     def request_raw(self, data: bytes) -> dict[str, Any]:
         """Send raw bytes, return the decoded reply map (tests use it for malformed requests)."""
+        return unpack(self._exchange(data)[0], 1 << 24)
+
+    def _exchange(self, data: bytes) -> list[bytes]:
+        """Send one request, return every frame of its reply (the ``coefficients`` reply has two)."""
         self.socket.send(data)
         if not self.socket.poll(int(self.timeout_s * 1000)):
             self._renew()
             raise BreathcastError(f"no reply from {self.endpoint} within {self.timeout_s} s; is `breathcast serve` running?")
-        return unpack(self.socket.recv(), 1 << 24)
+        return self.socket.recv_multipart()
+
+    def field_model(self) -> FieldModel:
+        """The ``coefficients`` command: the plan's polynomial (mm LPS, checked against its hash) as a
+        :class:`~breathcast.stream.field_coefficients.FieldModel`. Fetch it again when a ``state`` message names
+        another ``coefficients.hash``."""
+        frames = self._exchange(pack({"v": PROTOCOL_VERSION, "cmd": "coefficients"}))
+        reply = unpack(frames[0], 1 << 24)
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            raise ControlError(error.get("code", "unknown"), error.get("message", ""))
+        if len(frames) != 2:
+            raise BreathcastError(f"a coefficients reply has 2 frames, got {len(frames)}")
+        return FieldModel.from_wire(reply["coefficients"], frames[1])
 
     def request(self, cmd: str, check: bool = True, **args: Any) -> dict[str, Any]:
         """Send ``{"v": 1, "cmd": cmd, **args}``; returns the reply, raising :class:`ControlError` if ``check`` and not ok."""

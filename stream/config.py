@@ -258,6 +258,17 @@ class FieldConfig:
         dtype: ``float32`` or ``float16``.
         sndhwm: field messages queued per subscriber before new ones are dropped (counted).
         every: publish the field of every N-th frame (target and gate go out every frame).
+        tcp: send the field's bytes on the field socket (topic ``field``); ``false`` with ``ring`` leaves the
+            field socket to the tiny ``ring`` announcements.
+        ring: also write every field into a same-host memory-mapped ring file and announce it (topic ``ring``,
+            docs/protocol.md 4.6): no copy through sockets, no encryption, access by file permissions.
+        ring_path: the ring file; empty = ``/dev/shm/breathcast-<uid>-<field port>.ring`` (the temp folder when
+            there is no /dev/shm).
+        ring_slots: slots of the ring (a reader has ``ring_slots - 1`` field periods to read a field).
+        ring_mode: the ring file's mode, 0o600 (the daemon's user) or 0o640 (and its group).
+        coefficients_dtype: ``float32`` or ``float16``: how the distilled / 5D polynomial is held (mm LPS) to make
+            the fields and shipped by the ``coefficients`` command (docs/protocol.md 4.5).
+        threads: numba threads that make a field (0 = numba's default, one per core).
     """
 
     enabled: bool = True
@@ -265,6 +276,13 @@ class FieldConfig:
     dtype: str = "float32"
     sndhwm: int = 2
     every: int = 1
+    tcp: bool = True
+    ring: bool = False
+    ring_path: str = ""
+    ring_slots: int = 4
+    ring_mode: int = 0o600
+    coefficients_dtype: str = "float32"
+    threads: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
@@ -274,6 +292,16 @@ class FieldConfig:
             raise BreathcastError(f"field dtype must be float32 or float16, got {self.dtype!r}")
         if self.sndhwm < 1 or self.every < 1:
             raise BreathcastError("field sndhwm and every must be >= 1")
+        if self.ring_slots < 2:
+            raise BreathcastError(f"field ring_slots must be >= 2, got {self.ring_slots}")
+        if self.ring_mode not in (0o600, 0o640):
+            raise BreathcastError(f"field ring_mode must be 0o600 or 0o640 (decimal 384 or 416), got {self.ring_mode:o}")
+        if self.coefficients_dtype not in ("float32", "float16"):
+            raise BreathcastError(f"field coefficients_dtype must be float32 or float16, got {self.coefficients_dtype!r}")
+        if self.threads < 0:
+            raise BreathcastError("field threads must be >= 0 (0 = one per core)")
+        if not (self.tcp or self.ring):
+            raise BreathcastError("field needs tcp or ring (or enabled = false)")
 
 
 @dataclass(frozen=True)

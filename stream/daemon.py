@@ -53,17 +53,18 @@ from breathcast.stream.protocol import (
     HoldReason,
     ProtocolError,
     Topic,
-    array_header,
     check_version,
     grid_header,
     pack,
     parse_input,
     unpack,
 )
+from breathcast.stream.field_coefficients import FieldModel, field_model_from_predictor
 from breathcast.stream.recording import SessionLog
+from breathcast.stream.shm_ring import RingWriter
 from breathcast.stream.window import RollingWindow
 
-__all__ = ["Daemon", "serve", "REASON_PRIORITY"]
+__all__ = ["Daemon", "serve", "REASON_PRIORITY", "default_ring_path"]
 
 log = logging.getLogger("breathcast.stream")
 
@@ -144,7 +145,6 @@ class Daemon:
         self._started_mono = time.monotonic()
         self._predictor = None
         self._targets = None
-        self._u_buffer: np.ndarray | None = None
         self._field_ready = threading.Condition()
         self._field_job: tuple | None = None
         self._plan = None
@@ -171,6 +171,10 @@ class Daemon:
         self._field_grid = None
         self._buffers: list[np.ndarray] = []
         self._trackers: list[zmq.MessageTracker | None] = []
+        self._field_model: FieldModel | None = None  # the polynomial in mm LPS that makes the fields (polynomial paths)
+        self._coefficients_version = 0
+        self._ring: RingWriter | None = None
+        self._ring_error = ""
         self._threads: list[threading.Thread] = []
         self._log: SessionLog | None = None
         self.ctx: zmq.Context | None = None
@@ -333,6 +337,8 @@ class Daemon:
                 while tracker is not None and not tracker.done and time.monotonic() < deadline:
                     time.sleep(0.005)
             self._close_sockets()
+            if self._ring is not None:
+                self._ring.close()
         if self._log:
             self._log.write({"type": "event", "event": "shutdown", "t_wall": time.time(), "counters": dict(self.counters),
                              "threads_not_stopped": stuck})  # fmt: skip
@@ -391,17 +397,23 @@ class Daemon:
             fcfg = self.config.field
             resizer, grid = predictor.field_resizer(fcfg.shape or None, np.float16 if fcfg.dtype == "float16" else np.float32)
             # a stalled subscriber holds sndhwm + 1 buffers at most; the others cycle through the rest
-            buffers = [np.empty((3, *grid.shape), resizer.dtype) for _ in range(fcfg.sndhwm + 3)] if fcfg.enabled else []
+            buffers = [np.empty((3, *grid.shape), resizer.dtype) for _ in range(fcfg.sndhwm + 3)] if fcfg.enabled and fcfg.tcp else []
             phash = plan_hash(plan) if new_plan else self._plan_hash
             from breathcast.stream.targets import target_evaluator
 
             targets = target_evaluator(predictor)
+            field_model = field_model_from_predictor(predictor, fcfg.coefficients_dtype, self._coefficients_version + 1, phash)
+            if fcfg.enabled and fcfg.ring:
+                self._ensure_ring(3 * int(np.prod(grid.shape)) * resizer.dtype.itemsize)
             # Warm up (JIT compilation, runtime allocations) here, not on the first live frame.
             warm = predictor.predict(np.full(predictor.trace.window_samples, float(np.mean(plan.amplitude))))
-            if buffers:
-                resizer(warm.displacement, out=buffers[0])
+            scratch = buffers[0] if buffers else np.empty((3, *grid.shape), resizer.dtype)
+            if fcfg.enabled:
+                resizer(warm.displacement, out=scratch)
             if targets is not None:
-                targets.evaluate(np.full(predictor.trace.window_samples, float(np.mean(plan.amplitude))))
+                _, _, a, r, _ = targets.evaluate(np.full(predictor.trace.window_samples, float(np.mean(plan.amplitude))))
+                if fcfg.enabled and field_model is not None:
+                    field_model.field(a, r, grid.shape, resizer.dtype, out=scratch)
         except Exception as exc:
             message = str(exc) if isinstance(exc, BreathcastError) else f"{type(exc).__name__}: {exc}"
             rejected = isinstance(exc, PlanRejected) and new_plan
@@ -423,6 +435,9 @@ class Daemon:
             self._path, self._mode = path, mode
             self._resizer, self._field_grid = resizer, grid
             self._buffers, self._trackers = buffers, [None] * len(buffers)
+            self._field_model = field_model
+            if field_model is not None:
+                self._coefficients_version = field_model.version
             if self._window is None or new_plan or self._window.trace != predictor.trace:
                 self._window = RollingWindow(predictor.trace, self.config.safety, self.config.forecast_horizon_s, self.config.forecast,
                                              plausibility=self.config.plausibility)  # fmt: skip
@@ -441,6 +456,22 @@ class Daemon:
         for warning in predictor.plan_warnings:
             log.warning("plan %s: %s", plan.name, warning)
         self._event(info)
+
+    def _ensure_ring(self, capacity: int) -> None:
+        """Create the ring file at the first load (again only if a field no longer fits its slots)."""
+        if self._ring is not None and self._ring.capacity >= capacity:
+            return
+        fcfg = self.config.field
+        path = fcfg.ring_path or str(default_ring_path(self.config.endpoints.field))
+        old = self._ring
+        with self._state_lock:
+            self._ring = None
+        if old is not None:
+            old.close()
+        ring = RingWriter(path, fcfg.ring_slots, capacity, fcfg.ring_mode)
+        with self._state_lock:
+            self._ring = ring
+        log.info("field ring %s: %d slots of %d bytes, mode %o", path, ring.slots, capacity, ring.mode)
 
     def _event(self, record: dict[str, Any]) -> None:
         if self._log:
@@ -639,6 +670,10 @@ class Daemon:
                             "amplitude": "dimensionless", "rate": "1/s", "times": "s"}}  # fmt: skip
         self._publish(Topic.TARGET, target)
         self._lat["target_ms"].append((time.time() - newest.t_receive) * 1e3)
+        model = self._field_model
+        if fast is not None and model is not None:  # the state a client needs to make this frame's field itself
+            self._publish(Topic.STATE, {**base, "slice_amplitude": np.asarray(a, float).tolist(), "slice_rate": np.asarray(r, float).tolist(),
+                                        "coefficients": {"version": model.version, "hash": model.hash}})  # fmt: skip
         gate_reasons = list(reasons) + ([] if inside else [HoldReason.OUTSIDE_WINDOW])
         self._publish_gate(newest, gate_reasons, extra={"frame": frame, "amplitude": amplitude_now,
                                                         "target_displacement_mm": np.asarray(target_disp).tolist()})  # fmt: skip
@@ -659,6 +694,10 @@ class Daemon:
             self._field_ready.notify()
 
     def _field_loop(self) -> None:
+        if self.config.field.threads:
+            import numba
+
+            numba.set_num_threads(min(self.config.field.threads, numba.config.NUMBA_NUM_THREADS))  # this thread's kernels only
         while not self._stop.is_set():
             with self._field_ready:
                 while self._field_job is None and not self._stop.is_set():
@@ -673,21 +712,23 @@ class Daemon:
                 self.count("internal_errors")
 
     def _make_field(self, predictor, fast, prediction, a, r, base, newest, reasons, frame: int) -> None:
-        try:
-            if prediction is not None:
-                u = prediction.displacement
-            else:  # the polynomial over the whole grid, for the state the target used
-                if self._u_buffer is None or self._u_buffer.shape != (3, *predictor.grid.shape):
-                    self._u_buffer = np.empty((3, *predictor.grid.shape), np.float32)
-                u = fast.displacement(a, r, out=self._u_buffer)
-        except Exception as exc:
-            self._model_failed(newest, reasons, frame, exc)
-            return
         with self._state_lock:
             if predictor is not self._predictor:  # a new predictor came in meanwhile: its buffers, its grid
                 return
             resizer, buffers, trackers, grid = self._resizer, self._buffers, self._trackers, self._field_grid
-        self._publish_field(base, u, newest, resizer, buffers, trackers, grid)
+            model, ring = self._field_model, self._ring
+        if prediction is None and model is None:  # a polynomial path without a field model: never expected
+            raise BreathcastError("no field model for a polynomial predictor")
+
+        def make(out: np.ndarray) -> None:
+            """The field into ``out`` (mm LPS on the field grid): the polynomial and the resize in one kernel on the
+            polynomial paths (from the very coefficients the ``coefficients`` command ships), else the resize."""
+            if prediction is not None:
+                resizer(prediction.displacement, out=out)
+            else:
+                model.field(a, r, grid.shape, resizer.dtype, out=out)
+
+        self._publish_field(base, make, newest, reasons, frame, resizer, buffers, trackers, grid, ring)
 
     def _model_failed(self, newest, reasons, frame: int, exc: Exception) -> None:
         """A model error or a non-finite field: HOLD with its reason; the next good frame recovers."""
@@ -732,25 +773,52 @@ class Daemon:
             "compute_ms": compute_s * 1e3,
         }
 
-    def _publish_field(self, base: dict[str, Any], u: np.ndarray, newest, resizer, buffers, trackers, grid) -> None:
-        """Resize ``u`` (model-grid voxels, checked finite) into a free send buffer (mm LPS) and send it zero-copy.
+    def _publish_field(self, base: dict[str, Any], make, newest, reasons, frame: int, resizer, buffers, trackers, grid,
+                       ring: RingWriter | None) -> None:  # fmt: skip
+        """Make the field (``make(out)``) where it goes, and send it: into the next ring slot and a ``ring``
+        announcement first (same host: nothing else to copy), then, with ``field.tcp``, into a free send buffer sent
+        zero-copy (a copy of the ring slot when there is one).
 
-        When subscribers that do not read hold every buffer of the ring, the field goes out in a buffer of its own that
-        ZeroMQ frees once every queue has let go of it (``fields_unpooled``): a stalled subscriber costs memory
+        When subscribers that do not read hold every buffer of the pool, the TCP field goes out in a buffer of its own
+        that ZeroMQ frees once every queue has let go of it (``fields_unpooled``): a stalled subscriber costs memory
         (at most ``field.sndhwm`` + 1 fields each), never the fields of the others.
         """
-        index = next((i for i, t in enumerate(trackers) if t is None or t.done), None)
-        if index is None:
-            self.count("fields_unpooled")
-            out = np.empty_like(buffers[0])
-        else:
-            out = buffers[index]
-        resizer(u, out=out)
-        header = {**base, "v": PROTOCOL_VERSION, "topic": Topic.FIELD.value, "msg_seq": self._next_seq(Topic.FIELD),
-                  "grid": grid_header(grid, base["grid"]["frame_of_reference_uid"]), **array_header(out),
-                  "components": ["x", "y", "z"], "units": "mm",
-                  "convention": "pull-back displacement in patient LPS: the planning-CT point at p + u(p) is at p now",
-                  "t_publish": time.time()}  # fmt: skip
+        shape, dtype = (3, *grid.shape), resizer.dtype
+        field_keys = {**base, "v": PROTOCOL_VERSION, "grid": grid_header(grid, base["grid"]["frame_of_reference_uid"]),
+                      "dtype": np.dtype(dtype).newbyteorder("<").str, "shape": list(shape), "order": "C",
+                      "nbytes": int(np.prod(shape)) * dtype.itemsize, "components": ["x", "y", "z"], "units": "mm",
+                      "convention": "pull-back displacement in patient LPS: the planning-CT point at p + u(p) is at p now"}  # fmt: skip
+        made = None
+        try:
+            if ring is not None:
+                slot, made = ring.begin(dtype, shape)
+                make(made)
+                seq = self._next_seq(Topic.RING)
+                offset = ring.commit(slot, seq, frame, dtype, field_keys["nbytes"])
+                header = {**field_keys, "topic": Topic.RING.value, "msg_seq": seq,
+                          "ring": {"path": str(ring.path), "slot": slot, "offset": offset, "seq": seq}, "t_publish": time.time()}  # fmt: skip
+                try:
+                    self.field_pub.send_multipart([Topic.RING.value.encode(), pack(_jsonable(header))], flags=zmq.NOBLOCK)
+                    self.count("fields_ring")
+                    self._lat["field_ms"].append((time.time() - newest.t_receive) * 1e3)
+                except zmq.Again:
+                    self.count("fields_dropped_slow_subscriber")
+            if not buffers:
+                return
+            index = next((i for i, t in enumerate(trackers) if t is None or t.done), None)
+            if index is None:
+                self.count("fields_unpooled")
+                out = np.empty_like(buffers[0])
+            else:
+                out = buffers[index]
+            if made is not None:
+                np.copyto(out, made)
+            else:
+                make(out)
+        except Exception as exc:
+            self._model_failed(newest, reasons, frame, exc)
+            return
+        header = {**field_keys, "topic": Topic.FIELD.value, "msg_seq": self._next_seq(Topic.FIELD), "t_publish": time.time()}
         try:
             tracker = self.field_pub.send_multipart([Topic.FIELD.value.encode(), pack(_jsonable(header)), out],
                                                     flags=zmq.NOBLOCK, copy=False, track=index is not None)  # fmt: skip
@@ -760,7 +828,8 @@ class Daemon:
         if index is not None:
             trackers[index] = tracker
         self.count("fields_published")
-        self._lat["field_ms"].append((time.time() - newest.t_receive) * 1e3)
+        if made is None:
+            self._lat["field_ms"].append((time.time() - newest.t_receive) * 1e3)
 
     # -- publishing --------------------------------------------------------------------------------------
 
@@ -846,7 +915,12 @@ class Daemon:
                 "model_grid": list(predictor.grid.shape), "window_samples": predictor.trace.window_samples,
                 "sample_interval_s": predictor.trace.sample_interval_s},  # fmt: skip
             "field": {"enabled": self.config.field.enabled, "dtype": self.config.field.dtype,
-                      "shape": list(self._field_grid.shape) if self._field_grid else None},  # fmt: skip
+                      "shape": list(self._field_grid.shape) if self._field_grid else None, "tcp": self.config.field.tcp,
+                      "ring": None if self._ring is None else {"path": str(self._ring.path), "slots": self._ring.slots,
+                                                               "mode": f"{self._ring.mode:o}"},
+                      "coefficients": None if self._field_model is None else {
+                          "version": self._field_model.version, "hash": self._field_model.hash, "dtype": self._field_model.dtype,
+                          "nbytes": int(self._field_model.coefficients.nbytes)}},  # fmt: skip
             "gate": {"state": self._gate_last[0], "reason": self._gate_last[1]} if self._gate_last else None,
             "gating": _jsonable(dataclasses.asdict(self._gating)),
             "horizon_s": window.horizon_s if window else self.config.forecast_horizon_s,
@@ -866,6 +940,7 @@ class Daemon:
             return
         self.count("control_requests")
         stop_after = False
+        payload = None
         try:
             if len(frames) != 1:
                 raise ProtocolError("malformed", f"a request is one frame, got {len(frames)}")
@@ -878,6 +953,7 @@ class Daemon:
             reply = self._command(request)
             stop_after = request.get("cmd") == "shutdown"
             reply = {"v": PROTOCOL_VERSION, "ok": True, **reply}
+            payload = reply.pop("_payload", None)
         except ProtocolError as exc:
             self.count("control_errors")
             reply = _error_reply(exc.code, str(exc).split(": ", 1)[-1])
@@ -895,7 +971,11 @@ class Daemon:
             log.exception("control reply not encodable")
             self.count("internal_errors")
             data = _INTERNAL_ERROR_REPLY
-        self.control.send(data)
+            payload = None
+        if payload is not None:  # the coefficients: a second frame, raw, zero-copy
+            self.control.send_multipart([data, payload], copy=False)
+        else:
+            self.control.send(data)
         if stop_after:
             self._event({"event": "shutdown_requested"})
             self.stop()
@@ -905,6 +985,16 @@ class Daemon:
         args = {k: v for k, v in request.items() if k not in ("v", "cmd")}
         if cmd == "status":
             return {"status": self.status()}
+        if cmd == "coefficients":
+            if args:
+                raise ProtocolError("bad_argument", f"coefficients takes no arguments, got {sorted(args)}")
+            model, predictor = self._field_model, self._predictor
+            if model is None or predictor is None:
+                raise ProtocolError("unavailable", f"the {self._path} path has no polynomial to ship" if predictor is not None
+                                    else "no predictor loaded yet (status.state is not running)")  # fmt: skip
+            header = model.header()
+            header["grid"] = grid_header(model.grid, predictor.plan.frame_of_reference_uid)
+            return {"coefficients": header, "_payload": model.coefficients}
         if cmd == "shutdown":
             return {}
         if cmd == "reset":
@@ -972,8 +1062,20 @@ class Daemon:
             self._plan_spec = spec
             self._start_load(spec, self._path, self._mode, new_plan=True)
             return {"loading": True}
-        raise ProtocolError("unknown_command", f"unknown cmd {cmd!r}; known: status, load_plan, set_mode, set_gating, "
+        raise ProtocolError("unknown_command", f"unknown cmd {cmd!r}; known: status, coefficients, load_plan, set_mode, set_gating, "
                             "set_forecast, reset, shutdown")  # fmt: skip
+
+
+def default_ring_path(field_endpoint: str) -> Path:
+    """``/dev/shm/breathcast-<uid>-<field port>.ring`` (the temp folder without /dev/shm; an ipc:// endpoint's name
+    hashed instead of the port)."""
+    import hashlib
+    import tempfile
+
+    tail = field_endpoint.rsplit(":", 1)[-1]
+    tag = tail if tail.isdigit() else hashlib.sha256(field_endpoint.encode()).hexdigest()[:12]
+    folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    return folder / f"breathcast-{os.getuid()}-{tag}.ring"
 
 
 def _error_reply(code: str, message: str) -> dict[str, Any]:

@@ -78,7 +78,7 @@ cannot be resampled at a breathing source's cadence and is rejected as ``bad_val
 
 
 CONTROL_ERROR_CODES = frozenset({"not_msgpack", "too_large", "malformed", "bad_version", "unknown_command", "bad_argument",
-                                 "busy", "internal_error"})  # fmt: skip
+                                 "busy", "unavailable", "internal_error"})  # fmt: skip
 """Every ``error.code`` a control reply can carry (docs/protocol.md section 5)."""
 
 INPUT_ERROR_CODES = frozenset({"not_msgpack", "malformed", "bad_type", "bad_value", "bad_version", "unknown_type",
@@ -93,6 +93,8 @@ class Topic(str, Enum):
     TARGET = "target"
     GATE = "gate"
     STATUS = "status"
+    STATE = "state"  # the per-slice breathing state of a frame (polynomial paths: a client makes the field itself)
+    RING = "ring"  # field socket: which slot of the same-host ring file holds a field (no array frame)
 
 
 class GateState(str, Enum):
