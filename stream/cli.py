@@ -287,7 +287,8 @@ def _cmd_igtl(args: argparse.Namespace) -> int:
     serve = load_config(args.config, {"plan": plan} if plan else None)  # the daemon's TOML: its plan and endpoints
     config = IGTLConfig(publish=args.publish or serve.endpoints.publish, field=args.field or serve.endpoints.field,
                         host=args.host, port=args.port, field_rate_hz=args.field_rate,
-                        allow_insecure_remote=args.allow_insecure_remote, curve=_curve(args))  # fmt: skip
+                        header_version=args.header_version, allow_insecure_remote=args.allow_insecure_remote,
+                        curve=_curve(args))  # fmt: skip
     bridge = IGTLBridge(config, None if args.no_ct else build_plan(serve.plan)).start()
     print(f"OpenIGTLink on {config.host}:{bridge.port} (Target, Gate, MotionField, PlanningCT); daemon {config.publish}; Ctrl-C stops")
     return bridge.serve_forever()
@@ -415,6 +416,7 @@ def add_stream_commands(subparsers) -> None:
     igtl.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     igtl.add_argument("--port", type=int, default=18944, help="TCP port (default 18944)")
     igtl.add_argument("--field-rate", type=_non_negative_float, default=2.0, metavar="HZ", help="MotionField images per second at most (default 2; 0 = none)")
+    igtl.add_argument("--header-version", type=int, choices=(1, 2), default=2, help="OpenIGTLink header version (default 2, with metadata; 1 for receivers older than OpenIGTLink 3)")
     igtl.add_argument("--allow-insecure-remote", action="store_true", help="listen on a non-loopback address (OpenIGTLink is unauthenticated)")
     igtl.add_argument("--publish", default=None, metavar="ENDPOINT", help=f"daemon publish endpoint (default: --config's, else {E.publish})")
     igtl.add_argument("--field", default=None, metavar="ENDPOINT", help=f"daemon field endpoint (default: --config's, else {E.field})")

@@ -217,7 +217,7 @@ def field_message(header: dict[str, Any], u_lps_mm: np.ndarray, version: int = 2
     image = np.stack([-u[0], -u[1], u[2]], axis=-1)  # interleaved, RAS
     message = pyigtl.ImageMessage(image, ijk_to_world_matrix=ijk_to_ras(grid), world_coordinate_system="ras",
                                   timestamp=_timestamp(header), device_name="MotionField")  # fmt: skip
-    return _metadata(message, version, frame=header.get("frame"), sample_seq=header.get("sample_seq"),
+    return _metadata(message, version, frame=header.get("frame"), sample_seq=header.get("sample_seq"), t_sent=header.get("t_sent"),
                      units="mm RAS", convention="resampling (from parent): warped(p) = ct(p + u(p))")  # fmt: skip
 
 
