@@ -486,11 +486,13 @@ class IGTLBridge:
         cfg = self.config
         interval = 1.0 / cfg.field_rate_hz
         last_sent = -math.inf
-        with Subscriber(cfg.field, topics=("field",), curve=cfg.curve, rcvhwm=2) as rx:
+        # ``ring`` (docs/protocol.md 4.6): the same field read from the daemon's same-host ring file, when it has one
+        with Subscriber(cfg.field, topics=("field", "ring"), curve=cfg.curve, rcvhwm=2) as rx:
             while not self._stop.is_set():
-                newest = rx.latest(0.1).get("field")
-                if newest is None or newest.array is None:
+                arrived = [m for m in rx.latest(0.1).values() if m.array is not None]
+                if not arrived:
                     continue
+                newest = max(arrived, key=lambda m: m.header.get("frame") or 0)
                 if time.monotonic() - last_sent < interval:
                     self._count("fields_skipped_rate")
                     continue

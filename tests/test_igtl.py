@@ -254,6 +254,27 @@ def test_the_bridge_survives_the_daemon_going_away_and_coming_back(tiny_package,
         assert bridge.counters["daemon_silent"] == 2
 
 
+def test_motion_field_from_a_daemon_that_sends_fields_by_its_ring_only(tiny_package, plan, tmp_path):  # noqa: F811
+    """With ``[field] tcp = false, ring = true`` (docs/protocol.md 4.6) the bridge reads the field from the ring:
+    MotionField holds the daemon's field of that frame, in RAS."""
+    config = make_config(tmp_path, gating=ALWAYS_INSIDE, field={"tcp": False, "ring": True, "ring_path": str(tmp_path / "f.ring")})
+    with running_daemon(config, plan, tiny_package), bridge_for(config, plan) as bridge, igtl_client(bridge.port) as client, \
+            Subscriber(config.endpoints.field, topics=("ring",), rcvhwm=1000) as rx:  # fmt: skip
+        fields, images = {}, []  # the test reads the ring as it goes: a slot is reused 4 fields later
+        with breathing_source(config):
+            end = time.monotonic() + 10.0
+            while time.monotonic() < end and not any(int(m.metadata["frame"]) in fields for m in images):
+                while (m := rx.recv(0.005)) is not None:
+                    if m.array is not None:
+                        fields[m.header["frame"]] = m.array
+                images += [m for m in client.get_latest_messages() if m.device_name == "MotionField"]
+    matched = [m for m in images if int(m.metadata["frame"]) in fields]
+    assert matched, f"no MotionField from a ring-only daemon matched its ring ({len(images)} images, {len(fields)} fields)"
+    image = matched[0]
+    u = fields[int(image.metadata["frame"])]
+    np.testing.assert_allclose(np.moveaxis(np.asarray(image.image), -1, 0), u * np.array([-1.0, -1.0, 1.0])[:, None, None, None], atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
