@@ -1,7 +1,7 @@
 """``breathcast igtl``: an OpenIGTLink bridge, so that 3D Slicer (OpenIGTLinkIF) shows the prediction live.
 
 The bridge is a client of the daemon like any other (:class:`~breathcast.stream.client.Subscriber` on ``publish``
-and ``field``), so it can never slow the daemon; it serves OpenIGTLink on TCP (default ``127.0.0.1:18944``) to any
+and ``field``, topics ``field`` or ``ring``), so it can never slow the daemon; it serves OpenIGTLink on TCP (default ``127.0.0.1:18944``) to any
 number of clients (docs/slicer.md):
 
 =============== =========== ===================================================================================
@@ -274,6 +274,10 @@ def _peer_closed(sock: socket.socket) -> bool:
         return True
 
 
+_CHUNK = 1 << 20  # the send timeout applies per MiB: a large CT over a slow link is not a stalled client
+_CHECK_PEER_S = 0.5
+
+
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         bridge: IGTLBridge = self.server.bridge  # type: ignore[attr-defined]
@@ -281,13 +285,18 @@ class _Handler(socketserver.BaseRequestHandler):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(bridge.config.send_timeout_s)
         client = bridge._register(self.client_address)
+        checked = time.monotonic()
         try:
             while not bridge._stop.is_set():
                 data = client.take(0.1)
                 if data is not None:
-                    sock.sendall(data)
-                elif _peer_closed(sock):
-                    break
+                    view = memoryview(data)
+                    for start in range(0, len(view), _CHUNK):
+                        sock.sendall(view[start : start + _CHUNK])
+                if data is None or time.monotonic() - checked > _CHECK_PEER_S:
+                    checked = time.monotonic()
+                    if _peer_closed(sock):
+                        break
         except OSError as exc:  # reset, broken pipe, a client that took nothing for send_timeout_s
             log.info("OpenIGTLink client %s dropped: %s", self.client_address, exc)
             bridge._count("clients_dropped")
@@ -299,6 +308,10 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 # -- the bridge ----------------------------------------------------------------------------------------------------
@@ -353,9 +366,8 @@ class IGTLBridge:
     def start(self) -> IGTLBridge:
         """Listen, subscribe and start the threads; returns at once."""
         cfg = self.config
-        _Server.address_family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         try:
-            server = _Server((cfg.host, cfg.port), _Handler)
+            server = (_Server6 if ":" in cfg.host else _Server)((cfg.host, cfg.port), _Handler)
         except OSError as exc:
             raise BreathcastError(f"cannot listen on {cfg.host}:{cfg.port} for OpenIGTLink: {exc.strerror or exc}") from None
         server.bridge = self  # type: ignore[attr-defined]
