@@ -481,12 +481,17 @@ class IGTLBridge:
     def _on_message(self, topic: str, header: dict[str, Any]) -> None:
         version = self.config.header_version
         if topic == "target":
-            self._broadcast(target_messages(header, version))
+            messages = target_messages(header, version)
+            with self._lock:  # a new plan with fewer points: new clients must not get the old plan's last TargetN
+                for device in [d for d in self._latest if d.startswith("Target")][len(messages):]:
+                    del self._latest[device]
+            self._broadcast(messages)
             self._count("targets")
         elif topic == "gate":
             self._broadcast([gate_message(header, version)])
             self._count("gates")
         elif topic == "status":
+            self._count("statuses")
             daemon_hash = (header.get("plan") or {}).get("hash") or ""
             if self._plan_hash and daemon_hash and daemon_hash != self._plan_hash and daemon_hash not in self._mismatch_seen:
                 self._mismatch_seen.add(daemon_hash)

@@ -275,6 +275,22 @@ def test_motion_field_from_a_daemon_that_sends_fields_by_its_ring_only(tiny_pack
     np.testing.assert_allclose(np.moveaxis(np.asarray(image.image), -1, 0), u * np.array([-1.0, -1.0, 1.0])[:, None, None, None], atol=1e-6)
 
 
+def test_a_bridge_with_another_plan_than_the_daemons_says_so(daemon, plan):
+    """A bridge whose PlanningCT is not the daemon's plan (another hash in ``status``) logs and counts it once."""
+    from breathcast.engine.predictor import Plan
+
+    other = Plan(plan.volume.with_array(plan.volume.array + 1.0), plan.amplitude, plan.target_lps_mm, plan.frame_of_reference_uid, "other")
+    with bridge_for(daemon.config, other) as bridge:
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end and not bridge.counters["plan_mismatch"]:
+            time.sleep(0.05)
+        time.sleep(0.6)  # more status messages: still counted once
+    assert bridge.counters["plan_mismatch"] == 1
+    with bridge_for(daemon.config, plan) as bridge:
+        time.sleep(0.8)
+    assert bridge.counters["statuses"] >= 1 and bridge.counters["plan_mismatch"] == 0
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
