@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-__all__ = ["int_at_least", "positive_float", "non_negative_float"]
+__all__ = ["int_at_least", "positive_float", "non_negative_float", "phase_item"]
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -49,3 +49,20 @@ def non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def phase_item(text: str) -> tuple[str, float]:
+    """``SERIES=PERCENT`` (a 4DCT series and its breathing phase, "%" optional) as (series, percent).
+
+    Example:
+        >>> phase_item("Gated, 50%=50"), phase_item("phase_03=30%")
+        (('Gated, 50%', 50.0), ('phase_03', 30.0))
+    """
+    key, _, value = text.rpartition("=")
+    try:
+        percent = float(value.strip().rstrip("%"))
+    except ValueError:
+        key = ""
+    if not key:
+        raise argparse.ArgumentTypeError(f"expected SERIES=PERCENT (SeriesDescription, SeriesInstanceUID or folder name), got {text!r}")
+    return key, percent

@@ -61,6 +61,32 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate_4dct(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from breathcast.io.four_dct import write_4dct
+    from breathcast.sim.four_dct import FourDCTConfig, simulate_4dct
+    from breathcast.sim.realct import load_anatomy_source
+    from breathcast.sim.simulator import SimulationConfig
+
+    start = time.perf_counter()
+    source = load_anatomy_source(args.anatomy_ct) if args.anatomy_ct else None
+    simulation = SimulationConfig(grid_size=args.grid, noise_hu=args.noise_hu, n_tumours=args.tumours)
+    config = FourDCTConfig(n_phases=args.phases, simulation=simulation)
+    four_dct = simulate_4dct(args.seed, config, source)
+    write_4dct(four_dct.images_hu, four_dct.grid, four_dct.phase_percent, args.out, patient_id=four_dct.patient_id,
+               orientation=args.orientation)  # fmt: skip
+    if args.truth is not None:
+        np.savez_compressed(args.truth, fields_voxels=four_dct.fields, amplitude=four_dct.amplitude, rate_per_s=four_dct.rate,
+                            phase_percent=four_dct.phase_percent, labels=four_dct.labels,
+                            grid=json.dumps(dataclasses.asdict(four_dct.grid)))  # fmt: skip
+    print(f"wrote a {args.phases}-phase 4DCT to {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from breathcast.io.dataset import prepare_output_dir
     from breathcast.plots import plot_patient_overview
@@ -247,6 +273,17 @@ def _cmd_calibrate_five_d(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ingest_4dct(args: argparse.Namespace) -> int:
+    from breathcast.calibration.four_dct import ingest_4dct
+
+    phases = dict(args.phase) if args.phase else None
+    path, data = ingest_4dct(args.input, args.out, args.patient_id, args.grid, phases, args.period)
+    states = data.states
+    phases = ", ".join(f"{p:g}%: {a:.2f} {b}" for p, a, b in zip(states.phase_percent, states.amplitude, states.branch))
+    print(f"{path}: {len(states.amplitude)} phases (amplitude from lung volume: {phases})")
+    return 0
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from breathcast.calibration.ingest import ingest_patient, load_ingest_config
 
@@ -283,6 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset folder (created if needed)")
     sim.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sim.set_defaults(run=_cmd_simulate)
+
+    sim4d = sub.add_parser(
+        "simulate-4dct",
+        help="write a simulated 4DCT as DICOM (one series per phase, 'Gated, 50.0%%'), with its truth",
+        description="Simulate one patient's 4DCT (one breathing cycle in phase bins, 0%% end-inhale, 50%% end-exhale) "
+        "on a cartoon or a real CT's anatomy and write it as a scanner does: one CT series per phase in one study "
+        "and Frame of Reference. --truth saves the true fields (pull-back from end-exhale, model-grid voxels).",
+    )
+    sim4d.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to create")
+    sim4d.add_argument("--phases", type=_int_at_least(3), default=10, metavar="P", help="phase bins (default 10)")
+    sim4d.add_argument("--anatomy-ct", type=Path, default=None, metavar="CT", help="a real thorax CT as the anatomy (default: cartoon)")
+    sim4d.add_argument("--orientation", default=None, metavar="POSITION", help="store as a patient in this PatientPosition (HFS, FFS, HFP, ...)")
+    sim4d.add_argument("--truth", type=Path, default=None, metavar="NPZ", help="write the truth here")
+    sim4d.add_argument("--grid", type=_int_at_least(16), default=64, metavar="N", help="grid N³ in the lung-centred box (default 64)")
+    sim4d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sim4d.add_argument("--noise-hu", type=_non_negative_float, default=15.0, metavar="HU", help="CT noise, HU (default 15)")
+    sim4d.add_argument("--tumours", type=_int_at_least(0), default=1, metavar="T", help="lung tumours (default 1)")
+    sim4d.set_defaults(run=_cmd_simulate_4dct)
 
     demo = sub.add_parser(
         "demo",
@@ -448,6 +503,20 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--config", type=Path, required=True, metavar="MANIFEST", help="ingest manifest (.json or .toml)")
     ingest.add_argument("--out", type=Path, default=None, metavar="DIR", help="dataset folder (default: the manifest's 'out')")
     ingest.set_defaults(run=_cmd_ingest)
+    ingest_4dct = sub.add_parser(
+        "ingest-4dct",
+        help="a patient's 4DCT (one DICOM series per phase) -> a dataset patient of kind 4dct",
+        description="Read a 4DCT folder (one CT series per breathing phase, files in sub-folders included; the phase "
+        "from --phase, NominalPercentageOfRespiratoryPhase or the SeriesDescription, e.g. 'Gated, 50%'), check one "
+        "Frame of Reference, one geometry and no phase missing, resample the phases into the end-exhale phase's "
+        "lung-centred model box, measure each phase's amplitude (lung volume) and branch, and write one patient "
+        "(kind 4dct, one scan per phase) in the dataset format of docs/data-format.md; see docs/four-dct.md.",
+    )
+    from breathcast.engine.cli import add_4dct_arguments
+
+    add_4dct_arguments(ingest_4dct)
+    ingest_4dct.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset folder")
+    ingest_4dct.set_defaults(run=_cmd_ingest_4dct)
 
     from breathcast.engine.cli import add_engine_commands
     from breathcast.stream.cli import add_stream_commands

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from breathcast.argtypes import int_at_least
+from breathcast.argtypes import int_at_least, phase_item, positive_float
 
 __all__ = ["add_engine_commands"]
 
@@ -112,8 +112,36 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_4dct_arguments(parser: argparse.ArgumentParser) -> None:
+    """The 4DCT folder and how to read it (``ingest-4dct`` and ``plan-4dct``)."""
+    parser.add_argument("input", type=Path, metavar="FOLDER", help="the 4DCT: one CT series per phase")
+    parser.add_argument("--patient-id", default="patient", metavar="ID", help="patient id (default 'patient')")
+    parser.add_argument("--grid", type=int_at_least(16), default=64, metavar="N", help="model box grid N³ (default 64)")
+    parser.add_argument("--phase", action="append", type=phase_item, metavar="SERIES=PERCENT",
+                        help="the phase of a series by SeriesDescription, SeriesInstanceUID or folder name (repeat; "
+                        "series not named are ignored)")
+    parser.add_argument("--period", type=positive_float, default=4.0, metavar="S", help="breathing period for the rates, s (default 4)")
+
+
+def _cmd_plan_4dct(args: argparse.Namespace) -> int:
+    from breathcast.engine.plan_4dct import Plan4DCTConfig, plan_4dct
+    from breathcast.training.adapt import AdaptConfig
+
+    adaptation = AdaptConfig(steps=args.adapt_steps, time_limit_s=args.adapt_seconds)
+    config = Plan4DCTConfig(grid_size=args.grid, period_s=args.period, phases=dict(args.phase) if args.phase else None, adapt=not args.no_adapt,
+                            population=args.population, adaptation=adaptation)  # fmt: skip
+    report = plan_4dct(args.input, args.out, args.patient_id, config)
+    worst = max(r["five_d_vs_registered_mm"] for r in report["phases"])
+    made = "linear5d/" + (" and adapted/" if not args.no_adapt else "")
+    print(f"{args.out}: {made} packages, report.png, report.json in {report['seconds']['total']:.0f} s "
+          f"({len(report['phases'])} phases; 5D vs registered motion <= {worst:.2f} mm)")
+    return 0
+
+
 def add_engine_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``export`` and ``quantize`` on the top-level subparsers."""
+    """Register ``export``, ``quantize`` and ``plan-4dct`` on the top-level subparsers."""
+    from breathcast.training.inference import DEFAULT_MODEL
+
     positive_int = int_at_least(1)
     export = sub.add_parser(
         "export",
@@ -154,3 +182,20 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     quantize.add_argument("--seed", type=int, default=0, help="seed of the simulated plans and windows")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing package")
     quantize.set_defaults(run=_cmd_quantize)
+
+    plan = sub.add_parser(
+        "plan-4dct",
+        help="a patient's 4DCT folder -> servable per-patient packages (5D model, adapted network) and a report",
+        description="Read and check the 4DCT (as ingest-4dct), register every phase to end-exhale (sliding-aware "
+        "demons), fit the patient's 5D model (OUT/linear5d, a linear5d package), adapt the population cVAE to the "
+        "patient's phases (OUT/adapted, a cvae package), and write OUT/report.png and OUT/report.json. Serve either "
+        "with the end-exhale phase as the plan; see docs/four-dct.md.",
+    )
+    add_4dct_arguments(plan)
+    plan.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (must not exist or be empty)")
+    plan.add_argument("--no-adapt", action="store_true", help="only the 5D model")
+    plan.add_argument("--population", type=Path, default=DEFAULT_MODEL, metavar="PATH",
+                      help="the population cVAE to adapt (default: the shipped model)")
+    plan.add_argument("--adapt-steps", type=positive_int, default=150, metavar="N", help="adaptation steps (default 150)")
+    plan.add_argument("--adapt-seconds", type=float, default=150.0, metavar="S", help="stop adapting after S seconds (default 150)")
+    plan.set_defaults(run=_cmd_plan_4dct)

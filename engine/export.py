@@ -339,6 +339,7 @@ def export_linear5d(
     fitted_from: dict[str, Any],
     metrics: dict[str, Any] | None = None,
     overwrite: bool = False,
+    model_box: dict[str, Any] | None = None,
 ) -> ModelPackage:
     """Write a per-patient 5D model (Low et al.) as a ``linear5d`` package.
 
@@ -349,6 +350,9 @@ def export_linear5d(
         out: package folder to create.
         trace: the time base of the windows the package will be driven with.
         fitted_from: what the fit used (patient, scans, registration method or ground truth).
+        model_box: ``{"anchor": "lungs", "extent_mm": [x, y, z]}`` when ``grid`` is the lung-centred model box
+            of the patient's planning CT (a 4DCT's end-exhale phase): the engine then places the box on the plan
+            as for a network and refuses a plan whose box is elsewhere; None: the plan must be on ``grid``.
     """
     coefficients = np.ascontiguousarray(coefficients, dtype=np.float32)
     if coefficients.ndim != 5 or coefficients.shape[1] != 3 or coefficients.shape[0] != len(terms):
@@ -363,6 +367,7 @@ def export_linear5d(
         model={"terms": [list(t) for t in terms], "grid": dataclasses.asdict(grid)},
         units={"displacement": "model-grid voxels (dz, dy, dx), pull-back", "rate": "1/s"},
         training={"fitted_from": fitted_from},
+        model_box=dict(model_box or {}),
         metrics=metrics or {},
     )
     return write_package(out, manifest, lambda folder: np.save(folder / "coefficients.npy", coefficients), overwrite=overwrite)

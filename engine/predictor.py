@@ -368,6 +368,20 @@ class LDMNetwork:
 _NETWORKS: dict[str, type] = {"cvae": CVAENetwork, "ldm": LDMNetwork}
 
 
+def _check_fitted_box(grid: Grid, fitted: dict) -> None:
+    """Refuse a plan whose lung-centred box is not the box a per-patient 5D model was fitted in (another CT,
+    or the same patient in another Frame of Reference): its coefficients would move the wrong voxels."""
+    origin = np.asarray(fitted.get("origin", grid.origin), dtype=np.float64)
+    offset = float(np.max(np.abs(origin - np.asarray(grid.origin)) / np.asarray(grid.spacing)))
+    frame = fitted.get("frame_of_reference_uid", "")
+    if offset > 0.5 or (frame and grid.frame_of_reference_uid and frame != grid.frame_of_reference_uid):
+        raise PlanRejected(
+            f"plan rejected: this 5D model was fitted in a box at {np.round(origin, 1).tolist()} mm (Frame of Reference "
+            f"{frame or '?'}); the plan's lungs put it at {np.round(grid.origin, 1).tolist()} mm ({offset:.1f} voxels away, "
+            f"Frame of Reference {grid.frame_of_reference_uid or '?'}): serve it with the CT it was fitted on"
+        )
+
+
 class Predictor:
     """A loaded package and plan; :meth:`predict` turns a window into a :class:`Prediction`.
 
@@ -384,7 +398,7 @@ class Predictor:
         if config.path is PredictorPath.LINEAR5D:
             if manifest.kind != "linear5d":
                 raise PackageError(f"{package.path}: the linear5d path needs a linear5d package, got {manifest.kind!r}")
-            if plan.volume.shape != shape:
+            if manifest.model_box.get("anchor") != "lungs" and plan.volume.shape != shape:
                 raise PackageError(f"{package.path}: a 5D model fitted on {shape} cannot serve a plan on {plan.volume.shape}")
         elif manifest.kind not in _NETWORKS:
             kinds = " or an ".join(f"{k} package" for k in _NETWORKS)  # "a cvae package or an ldm package"
@@ -413,6 +427,8 @@ class Predictor:
             model_volume = canonical_plan if canonical_plan.shape == shape else resample_volume(canonical_plan, shape)
             self.b_m = _resample_slices(plan_amplitude, self.slices).astype(np.float32)
         self.grid: Grid = model_volume.grid
+        if config.path is PredictorPath.LINEAR5D and box.get("anchor") == "lungs":
+            _check_fitted_box(self.grid, manifest.model.get("grid") or {})
         self._to_lps = voxel_to_lps_matrix(self.grid)
         self._target_index = self.grid.lps_to_index(plan.target_lps_mm) if len(plan.target_lps_mm) else np.zeros((0, 3))
         self.distillation_error_mm: dict[str, float] = {}

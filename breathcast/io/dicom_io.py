@@ -50,6 +50,7 @@ __all__ = [
     "CTSeries",
     "read_dicom_file",
     "read_ct_series",
+    "read_ct_study",
     "write_ct_series",
     "atomic_output_dir",
     "save_dataset",
@@ -382,7 +383,17 @@ def read_ct_series(folder: Path | str, series_uid: str | None = None) -> CTSerie
         BreathcastError: one line naming the folder or file, for each refusal listed in the module docstring.
     """
     folder = Path(folder)
-    items = _choose_series(folder, _scan_folder(folder), series_uid)
+    return _read_series_items(folder, _choose_series(folder, _scan_folder(folder), series_uid))
+
+
+def read_ct_study(folder: Path | str) -> list[CTSeries]:
+    """Every CT image series in a folder (files in sub-folders included), each read as :func:`read_ct_series`
+    reads one, in SeriesInstanceUID order; the folder is scanned once (a 4DCT holds one series per phase)."""
+    folder = Path(folder)
+    return [_read_series_items(folder, items) for _, items in sorted(_scan_folder(folder).items())]
+
+
+def _read_series_items(folder: Path, items: list[tuple[Path, Dataset]]) -> CTSeries:
     _check_ct_slices(items)
     if len(items) < 2:
         raise BreathcastError(

@@ -42,8 +42,11 @@ __all__ = [
     "SimulationConfig",
     "SimulatedScan",
     "SimulatedPatient",
+    "RestAnatomy",
+    "cartoon_anatomy",
     "simulate_patient",
     "scanner_fov",
+    "image_at",
     "Session",
     "acquire_session",
     "patient_from_session",
@@ -149,6 +152,38 @@ def _sample_on_fine_grid(fine: np.ndarray, coords_coarse: np.ndarray, factor: in
     return ndimage.map_coordinates(fine, coords, order=order, mode="nearest", prefilter=False)
 
 
+@dataclass(frozen=True)
+class RestAnatomy:
+    """A patient before scanning: the scan grid and the rest anatomy on a finer grid, with its breathing motion.
+
+    Args:
+        grid: the scan grid (the lung-centred model box).
+        fine_hu: (Z*f, Y*f, X*f) float32 HU on ``grid`` refined ``supersampling`` = f times, blurred.
+        fine_labels: its uint8 labels.
+        motion_field: the breathing motion on ``grid``.
+        anatomy, motion: what made them (cartoon or real-anatomy parameters, stored with the patient).
+    """
+
+    grid: Grid
+    fine_hu: np.ndarray
+    fine_labels: np.ndarray
+    motion_field: MotionField
+    anatomy: Any
+    motion: Any
+
+
+def cartoon_anatomy(rng: np.random.Generator, config: SimulationConfig = SimulationConfig()) -> RestAnatomy:
+    """Draw a cartoon patient: anatomy, motion, the jittered lung-centred box, rendered on the fine grid."""
+    anatomy = sample_anatomy(rng, n_tumours=config.n_tumours)
+    motion = sample_motion(rng)
+    grid = _lung_centred_box(anatomy, config, rng)
+    factor = config.supersampling
+    fine_grid = grid.with_shape(tuple(n * factor for n in grid.shape))
+    fine_hu, fine_labels = render_phantom(anatomy, fine_grid)
+    fine_hu = ndimage.gaussian_filter(fine_hu, sigma=config.blur_voxels * factor, mode="nearest")
+    return RestAnatomy(grid, fine_hu, fine_labels, build_motion_field(anatomy, motion, grid), anatomy, motion)
+
+
 def simulate_patient(seed: int, config: SimulationConfig = SimulationConfig(), patient_id: str = "") -> SimulatedPatient:
     """Simulate one cartoon patient: the rest anatomy and ``config.n_scans`` helical scans with ground truth.
 
@@ -161,16 +196,10 @@ def simulate_patient(seed: int, config: SimulationConfig = SimulationConfig(), p
         patient_id: stored with the patient; defaults to ``f"sim{seed}"``.
     """
     rng = np.random.default_rng(seed)
-    anatomy = sample_anatomy(rng, n_tumours=config.n_tumours)
-    motion = sample_motion(rng)
-    grid = _lung_centred_box(anatomy, config, rng)
-    factor = config.supersampling
-    fine_grid = grid.with_shape(tuple(n * factor for n in grid.shape))
-    fine_hu, fine_labels = render_phantom(anatomy, fine_grid)
-    fine_hu = ndimage.gaussian_filter(fine_hu, sigma=config.blur_voxels * factor, mode="nearest")
-    motion_field: MotionField = build_motion_field(anatomy, motion, grid)
-    session = acquire_session(fine_hu, fine_labels, motion_field, grid, config, rng, scanner_fov(grid, config, rng))
-    return patient_from_session(patient_id or f"sim{seed}", seed, grid, anatomy, motion, session)
+    rest = cartoon_anatomy(rng, config)
+    grid = rest.grid
+    session = acquire_session(rest.fine_hu, rest.fine_labels, rest.motion_field, grid, config, rng, scanner_fov(grid, config, rng))
+    return patient_from_session(patient_id or f"sim{seed}", seed, grid, rest.anatomy, rest.motion, session)
 
 
 def _lung_centred_box(anatomy: AnatomyParams, config: SimulationConfig, rng: np.random.Generator) -> Grid:
@@ -232,7 +261,6 @@ def acquire_session(
         rng: draws the session (pauses, trace, noise).
         outside_fov: (Z, Y, X) bool, where the scanner saw nothing (air, -1000 HU, in every image); None: all seen.
     """
-    factor = config.supersampling
     slice_z_mm = axial_slice_positions_mm(grid)
     protocols, start = [], float(rng.uniform(3.0, 6.0))
     for k in range(config.n_scans):
@@ -248,16 +276,10 @@ def acquire_session(
     trace_config = sample_trace_config(rng, TraceConfig(duration_s=start + 5.0))
     trace = synthetic_trace(trace_config, seed=int(rng.integers(2**31)))
 
-    index = np.indices(grid.shape, dtype=np.float32)
     noise_rng = np.random.default_rng(int(rng.integers(2**31)))
 
     def acquire(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        coords = index + u
-        image = _sample_on_fine_grid(fine_hu, coords, factor, order=1)
-        image += noise_rng.normal(0.0, config.noise_hu, size=image.shape).astype(np.float32)
-        if outside_fov is not None:
-            image[outside_fov] = HU_MIN
-        return image.astype(np.float32), _sample_on_fine_grid(fine_labels, coords, factor, order=0)
+        return image_at(fine_hu, fine_labels, u, config, noise_rng, outside_fov)
 
     reference_hu, reference_labels = acquire(np.zeros((3, *grid.shape), dtype=np.float32))
     scans = []
@@ -268,6 +290,31 @@ def acquire_session(
         image, labels = acquire(u)
         scans.append(SimulatedScan(image, labels, u, times, amplitude, rate, helical.direction.value))
     return Session(trace_config, trace, reference_hu, reference_labels, scans)
+
+
+def image_at(
+    fine_hu: np.ndarray,
+    fine_labels: np.ndarray,
+    u: np.ndarray,
+    config: SimulationConfig,
+    noise_rng: np.random.Generator,
+    outside_fov: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The scan grid's image (HU, float32, with CT noise) and labels of the fine rest anatomy moved by ``u``.
+
+    Args:
+        fine_hu, fine_labels: the rest anatomy on the scan grid refined ``config.supersampling`` times.
+        u: (3, Z, Y, X) scan-grid voxels, pull-back from the rest anatomy.
+        config: supersampling and ``noise_hu``.
+        noise_rng: draws the noise.
+        outside_fov: (Z, Y, X) bool, where the scanner saw nothing (-1000 HU); None: all seen.
+    """
+    coords = np.indices(u.shape[1:], dtype=np.float32) + u
+    image = _sample_on_fine_grid(fine_hu, coords, config.supersampling, order=1)
+    image += noise_rng.normal(0.0, config.noise_hu, size=image.shape).astype(np.float32)
+    if outside_fov is not None:
+        image[outside_fov] = HU_MIN
+    return image.astype(np.float32), _sample_on_fine_grid(fine_labels, coords, config.supersampling, order=0)
 
 
 def patient_from_session(patient_id: str, seed: int, grid: Grid, anatomy: Any, motion: Any, session: Session) -> SimulatedPatient:
