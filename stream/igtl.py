@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import zmq
 
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid
@@ -372,11 +373,22 @@ class IGTLBridge:
             raise BreathcastError(f"cannot listen on {cfg.host}:{cfg.port} for OpenIGTLink: {exc.strerror or exc}") from None
         server.bridge = self  # type: ignore[attr-defined]
         self._server = server
-        loops = [("server", server.serve_forever), ("frames", self._frames_loop)]
+        subscribers = []
+        try:  # here, not in the threads: a bad endpoint or key file is a one-line error, not a silent thread
+            subscribers.append(Subscriber(cfg.publish, topics=("target", "gate", "status"), curve=cfg.curve))
+            if cfg.field_rate_hz > 0:
+                # ``ring`` (docs/protocol.md 4.6): the field read from the daemon's same-host ring file, when it has one
+                subscribers.append(Subscriber(cfg.field, topics=("field", "ring"), curve=cfg.curve, rcvhwm=2))
+        except (zmq.ZMQError, OSError, ValueError) as exc:
+            for rx in subscribers:
+                rx.close()
+            server.server_close()
+            raise BreathcastError(f"cannot subscribe to the daemon at {cfg.publish} / {cfg.field}: {exc}") from None
+        loops = [("server", server.serve_forever, ()), ("frames", self._frames_loop, (subscribers[0],))]
         if cfg.field_rate_hz > 0:
-            loops.append(("field", self._field_loop))
-        for name, loop in loops:
-            thread = threading.Thread(target=loop, name=f"breathcast-igtl-{name}", daemon=True)
+            loops.append(("field", self._field_loop, (subscribers[1],)))
+        for name, loop, loop_args in loops:  # each subscriber moves to its thread, which alone uses and closes it
+            thread = threading.Thread(target=loop, args=loop_args, name=f"breathcast-igtl-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
         log.info("OpenIGTLink on %s:%d; daemon %s, %s", cfg.host, self.port, cfg.publish, cfg.field)
@@ -455,11 +467,11 @@ class IGTLBridge:
 
     # -- the daemon's side -------------------------------------------------------------------------------------
 
-    def _frames_loop(self) -> None:
+    def _frames_loop(self, rx: Subscriber) -> None:
         cfg = self.config
         last_heard = time.monotonic()
         silent = False
-        with Subscriber(cfg.publish, topics=("target", "gate", "status"), curve=cfg.curve) as rx:
+        with rx:
             while not self._stop.is_set():
                 message = rx.recv(0.1)
                 now = time.monotonic()
@@ -499,12 +511,11 @@ class IGTLBridge:
                 log.warning("the daemon serves plan %s but PlanningCT is plan %s: start `breathcast igtl` with the "
                             "daemon's plan (--config)", daemon_hash, self._plan_hash)  # fmt: skip
 
-    def _field_loop(self) -> None:
+    def _field_loop(self, rx: Subscriber) -> None:
         cfg = self.config
         interval = 1.0 / cfg.field_rate_hz
         last_sent = -math.inf
-        # ``ring`` (docs/protocol.md 4.6): the same field read from the daemon's same-host ring file, when it has one
-        with Subscriber(cfg.field, topics=("field", "ring"), curve=cfg.curve, rcvhwm=2) as rx:
+        with rx:
             while not self._stop.is_set():
                 arrived = [m for m in rx.latest(0.1).values() if m.array is not None]
                 if not arrived:

@@ -330,3 +330,6 @@ def test_cli_bad_input_is_one_line(capsys):
         assert main(["igtl", "--no-ct", "--port", str(taken.getsockname()[1])]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("breathcast: error: cannot listen on 127.0.0.1:") and "\n" not in err
+    assert main(["igtl", "--no-ct", "--port", "0", "--publish", "tcp://127.0.0.1"]) == 2  # no port
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("breathcast: error: cannot subscribe to the daemon at tcp://127.0.0.1") and "\n" not in err
