@@ -251,7 +251,7 @@ def test_the_bridge_survives_the_daemon_going_away_and_coming_back(tiny_package,
                 assert wait_device(client, "Target", 10.0) is not None, f"no Target from daemon {round_ + 1}"
             silent = wait_device(client, "Gate", 5.0, lambda m: m.string == "HOLD daemon_silent")
             assert silent is not None, "no HOLD daemon_silent after the daemon stopped"
-        assert bridge.counters["daemon_silent"] == 2
+        assert bridge.counters["daemon_silent"] >= 2  # (one more if the first daemon was slow to start)
 
 
 def test_motion_field_from_a_daemon_that_sends_fields_by_its_ring_only(tiny_package, plan, tmp_path):  # noqa: F811
