@@ -246,3 +246,21 @@ def test_field_model_wire_round_trip_and_hash():
         FieldModel.from_wire(header, bytes(payload))
     with pytest.raises(BreathcastError, match="non-finite"):
         model.field(np.full(4, 1e5), r, dtype=np.float16)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"field": {"tcp": False}}, "needs tcp or ring"),
+        ({"field": {"ring": True, "ring_mode": 0o644}}, "ring_mode"),
+        ({"field": {"ring_slots": 1}}, "ring_slots"),
+        ({"field": {"coefficients_dtype": "int8"}}, "coefficients_dtype"),
+        ({"nice": -21}, "nice must be"),
+    ],
+)
+def test_field_and_scheduling_settings_are_validated(data, match):
+    """Settings that cannot work are refused at load, naming the key."""
+    from breathcast.stream.config import config_from_dict
+
+    with pytest.raises(BreathcastError, match=match):
+        config_from_dict(data)
