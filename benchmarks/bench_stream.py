@@ -16,6 +16,7 @@ each beside the physical floor measured in the same run just before the case: a 
 Cases (targets of issue 17):
 * ``direct``: the network every frame, 64³ float32 field over TCP (field p99 <= 60 ms);
 * ``distilled``: 128x128x112 float16 field over TCP (field p99 <= 10 ms);
+* ``distilled_ipc``: the same field over ``ipc://`` (a Unix socket; reported);
 * ``distilled_ring``: the same field by the ring alone, ``tcp = false`` (ring p99 <= 5 ms);
 * ``distilled_state``: the same field made client-side from ``state`` (no target; reported);
 * ``distilled_target_only``: no field, ``target`` / ``gate`` alone (target p99 <= 5 ms);
@@ -77,6 +78,7 @@ class Case:
     threads: int = 2
     field_threads: int = 0
     nice: int = 0
+    field_ipc: bool = False  # the field socket on ipc:// (a Unix socket) instead of TCP loopback
     rate_hz: float | None = None  # None: --rate
     duration: str = "latency"  # which duration flag
     targets: dict = field(default_factory=dict)  # message -> p99 target, ms
@@ -85,6 +87,7 @@ class Case:
 CASES: dict[str, Case] = {
     "direct": Case("direct", "model32", ("field",), targets={"field": 60.0}),
     "distilled": Case("distilled", "big16", ("field",), targets={"field": 10.0}),
+    "distilled_ipc": Case("distilled", "big16", ("field",), field_ipc=True),
     "distilled_ring": Case("distilled", "big16", ("ring",), tcp=False, ring=True, targets={"ring": 5.0}),
     "distilled_state": Case("distilled", "big16", ("state",), tcp=False, ring=True),
     "distilled_target_only": Case("distilled", "none", (), targets={"target": 5.0}),
@@ -94,7 +97,7 @@ CASES: dict[str, Case] = {
     "sustained_25hz": Case("distilled", "big16", ("field",), rate_hz=25.0, duration="sustained_25hz"),
     "sustained_100hz": Case("distilled", "big16", ("field",), rate_hz=100.0, duration="sustained_100hz"),
 }
-DEFAULT_CASES = ["direct", "distilled", "distilled_ring", "distilled_state", "distilled_target_only", "curve", "competing",
+DEFAULT_CASES = ["direct", "distilled", "distilled_ipc", "distilled_ring", "distilled_state", "distilled_target_only", "curve", "competing",
                  "competing_nice", "sustained_100hz"]  # fmt: skip
 
 
@@ -117,13 +120,15 @@ def _memcpy_floor(nbytes: int, repeats: int = 200) -> dict[str, float]:
 
 def _start_daemon(folder: Path, case: Case, package: str, curve: dict | None) -> tuple[subprocess.Popen, dict[str, str], Path]:
     endpoints = {k: f"tcp://127.0.0.1:{_port()}" for k in ("input", "publish", "field", "control")}
+    if case.field_ipc:
+        endpoints["field"] = f"ipc://{folder}/field-{time.monotonic_ns()}.ipc"
     log = folder / f"{case.path}-{time.monotonic_ns()}.bclog"
     toml = folder / "serve.toml"
     field_table = {"none": "enabled = false",
                    "model32": 'dtype = "float32"',
                    "big16": 'dtype = "float16"\nshape = [112, 128, 128]'}[case.field]  # fmt: skip
     if case.field != "none":
-        field_table += f"\ntcp = {str(case.tcp).lower()}\nring = {str(case.ring).lower()}\nring_path = \"{folder / 'bench.ring'}\"\nthreads = {case.field_threads}"
+        field_table += f"\ntcp = {str(case.tcp).lower()}\nring = {str(case.ring).lower()}\nthreads = {case.field_threads}"
     security = ""
     if curve:
         security = f'[security]\nserver_secret_key = "{curve["server_secret"]}"\nclient_keys_dir = "{curve["clients"]}"\n'

@@ -4,7 +4,8 @@ May import breathcast (core), breathcast.engine and breathcast.calibration. docs
 
 Modules: ``protocol`` (message encoding and checks), ``config`` (TOML + flags -> frozen dataclasses), ``window``
 (rolling 448-sample window and the input fail-safe rules), ``forecast`` (latency compensation), ``targets`` (target
-points without the whole field), ``recording`` (the session log), ``plans`` (planning CTs), ``daemon``
+points without the whole field), ``field_coefficients`` (fields without bytes: the polynomial shipped once, the field
+made from the per-frame state), ``shm_ring`` (the same-host field ring file), ``recording`` (the session log), ``plans`` (planning CTs), ``daemon``
 (``breathcast serve``), ``client`` (a Python client), ``replay`` (trace sources and pacing), ``demo`` (the streaming
 demo), ``cli`` (``serve``, ``replay``, ``listen``, ``keys``, ``stream-demo``).
 """

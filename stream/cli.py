@@ -89,6 +89,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         field["shape"] = list(args.field_shape)
     if args.field_dtype:
         field["dtype"] = args.field_dtype
+    if args.field_ring:
+        field["ring"] = True
     if field:
         o["field"] = field
     if args.stale_after is not None:
@@ -316,6 +318,7 @@ def add_stream_commands(subparsers) -> None:
     serve.add_argument("--no-field", action="store_true", help="publish target and gate only")
     serve.add_argument("--field-shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"), help="field grid (default: model grid)")
     serve.add_argument("--field-dtype", choices=("float32", "float16"), default=None, help="field dtype (default float32)")
+    serve.add_argument("--field-ring", action="store_true", help="also write fields into the same-host ring file (docs/protocol.md 4.6)")
     serve.add_argument("--stale-after", type=_positive_float, default=None, metavar="S", help="HOLD after this long without a sample (default 0.25)")
     serve.add_argument("--gate-amplitude", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="amplitude gating window")
     for name, default in (("input", E.input), ("publish", E.publish), ("field", E.field), ("control", E.control)):

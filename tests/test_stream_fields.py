@@ -100,6 +100,23 @@ def test_field_at_a_point_agrees_with_the_target(distilled_daemon):
         got = _collect(rx, {"state", "target"}, 1)
     frame = max(set(got["state"]) & set(got["target"]))
     state, target = got["state"][frame].header, got["target"][frame].header
+    # docs/protocol.md section 10, raw zmq + msgpack: the coefficients reply and the state give the model-grid field
+    ctx = zmq.Context()
+    req = ctx.socket(zmq.REQ)
+    req.connect(ep.control)
+    try:
+        req.send(msgpack.packb({"v": 1, "cmd": "coefficients"}))
+        assert req.poll(10_000)
+        reply, raw = req.recv_multipart()
+    finally:
+        req.close(0)
+        ctx.term()
+    c = msgpack.unpackb(reply)["coefficients"]
+    assert c["hash"] == state["coefficients"]["hash"] and c["nbytes"] == len(raw)
+    C = np.frombuffer(raw, dtype=c["dtype"]).reshape(c["shape"]).astype(np.float32)
+    a_, r_ = np.array(state["slice_amplitude"]), np.array(state["slice_rate"])
+    basis = np.stack([a_**i * r_**j for i, j in c["terms"]], axis=-1).astype(np.float32)
+    np.testing.assert_allclose(np.einsum("zk,kczyx->czyx", basis, C), model.field(a_, r_), atol=1e-4)
     u = model.at_lps(state["slice_amplitude"], state["slice_rate"], np.asarray(target["target_lps_mm"]))
     np.testing.assert_allclose(u[0], -np.asarray(target["target_displacement_mm"][0]), atol=0.02)
 
