@@ -277,10 +277,15 @@ def _cmd_ingest_4dct(args: argparse.Namespace) -> int:
     from breathcast.calibration.four_dct import ingest_4dct
 
     phases = dict(args.phase) if args.phase else None
-    path, data = ingest_4dct(args.input, args.out, args.patient_id, args.grid, phases, args.period)
+    recording = None
+    if args.recording is not None:
+        from breathcast.calibration.readers import read_recording
+
+        recording = read_recording(args.recording)
+    path, data = ingest_4dct(args.input, args.out, args.patient_id, args.grid, phases, args.period, recording)
     states = data.states
-    phases = ", ".join(f"{p:g}%: {a:.2f} {b}" for p, a, b in zip(states.phase_percent, states.amplitude, states.branch))
-    print(f"{path}: {len(states.amplitude)} phases (amplitude from lung volume: {phases})")
+    listed = ", ".join(f"{p:g}%: {a:.2f} {b}" for p, a, b in zip(states.phase_percent, states.amplitude, states.branch))
+    print(f"{path}: {len(states.amplitude)} phases ({states.amplitude_source}: {listed})")
     return 0
 
 

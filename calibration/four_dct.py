@@ -5,9 +5,11 @@ The steps (``breathcast ingest-4dct`` and ``breathcast plan-4dct``, docs/four-dc
 1. read the phase series (:func:`breathcast.io.four_dct.read_4dct`: one Frame of Reference, one geometry, no
    phase missing), reorient each into the canonical frame, and resample them into the lung-centred model box
    of the end-exhale phase (the box the engine places on that plan, :func:`breathcast.model_box.model_box_volume`);
-2. measure the breathing state of every phase in its images (:func:`phase_states`): the lung volume, scaled
-   so that the patient's end-exhale phase is amplitude 0 and end-inhale 1; the branch (inhale: the lungs
-   fill towards the next phase) gives the rate its sign. Recorded as measured, with the lung volumes;
+2. the breathing state of every phase: from the breathing recording made with the 4DCT when there is one
+   (:func:`states_from_recording`: the calibrated surrogate averaged over each phase bin, the daemon's amplitude
+   scale, rate on the recording's clock), else measured in the images (:func:`phase_states`: the lung volume,
+   scaled so that the patient's end-exhale phase is amplitude 0 and end-inhale 1; the branch, inhale where the
+   lungs fill towards the next phase, gives the rate its sign). Recorded with its source and the lung volumes;
 3. register every phase to the end-exhale reference (:func:`register_phase`, sliding-aware demons): the
    thoracic cavity is registered on its own (the lungs slide along the pleura) and the rest of the body on
    the whole image, blended across the cavity's edge;
@@ -31,6 +33,8 @@ from scipy import ndimage
 
 import breathcast
 from breathcast.calibration.motion_model import FiveDModel, FitSource, RegistrationConfig, fit_five_d, register_pair
+from breathcast.calibration.readers import RawRecording
+from breathcast.calibration.surrogate import CalibrationSettings, calibrate_surrogate
 from breathcast.canonical import resample_onto, to_canonical
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume, hu_to_unit
@@ -46,6 +50,7 @@ __all__ = [
     "PhaseStates",
     "lung_volume_ml",
     "phase_states",
+    "states_from_recording",
     "register_phase",
     "register_phases",
     "FourDCTInput",
@@ -71,8 +76,9 @@ class PhaseStates:
         rate: (P,) 1/s, from the amplitude around the cycle and ``period_s``; > 0 on the inhale branch.
         branch: per phase "inhale", "exhale", "end-inhale" or "end-exhale".
         lung_volume_ml: (P,) what the amplitude was measured from.
-        period_s: the breathing period the rate assumes.
+        period_s: the breathing period the rate assumes (images) or the recording's median period.
         reference: index of the end-exhale phase (the registration reference).
+        amplitude_source: what the amplitude and rate were measured from.
     """
 
     phase_percent: np.ndarray
@@ -82,10 +88,11 @@ class PhaseStates:
     lung_volume_ml: np.ndarray
     period_s: float
     reference: int
+    amplitude_source: str = "lung volume in the images: end-exhale phase 0, end-inhale phase 1; rate over the assumed period"
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "amplitude_source": "lung volume in the images, end-exhale phase 0, end-inhale phase 1",
+            "amplitude_source": self.amplitude_source,
             "phase_percent": self.phase_percent.tolist(),
             "amplitude": self.amplitude.tolist(),
             "rate_per_s": self.rate.tolist(),
@@ -125,12 +132,67 @@ def phase_states(phase_percent: np.ndarray, lung_ml: np.ndarray, period_s: float
     low, high = int(np.argmin(volume)), int(np.argmax(volume))
     step_s = period_s * np.diff(np.r_[percent, percent[0] + 100.0]) / 100.0  # phase k -> k+1, around the ring
     rate = (np.roll(amplitude, -1) - np.roll(amplitude, 1)) / (step_s + np.roll(step_s, 1))
-    branch = tuple(
-        "end-exhale" if k == low else "end-inhale" if k == high else "inhale" if rate[k] > 0 else "exhale"
-        for k in range(len(percent))
-    )
+    branch = _branches(amplitude, rate)
     rate[[low, high]] = 0.0
     return PhaseStates(percent, amplitude, rate, branch, volume, float(period_s), low)
+
+
+def _branches(amplitude: np.ndarray, rate: np.ndarray) -> tuple[str, ...]:
+    low, high = int(np.argmin(amplitude)), int(np.argmax(amplitude))
+    return tuple(
+        "end-exhale" if k == low else "end-inhale" if k == high else "inhale" if rate[k] > 0 else "exhale"
+        for k in range(len(amplitude))
+    )
+
+
+def states_from_recording(
+    recording: RawRecording,
+    phase_percent: np.ndarray,
+    lung_ml: np.ndarray,
+    settings: CalibrationSettings = CalibrationSettings(),
+) -> PhaseStates:
+    """Amplitude and rate of each phase bin from the breathing recording made with the 4DCT (e.g. RPM ``.vxp``).
+
+    The recording is calibrated as the daemon's live trace is (:func:`calibrate_surrogate`: 0 typical end-exhale,
+    1 typical end-inhale), so the per-patient models and the live window share one amplitude scale. Each bin
+    takes the mean amplitude and rate (1/s, from the recording's clock) of the samples whose phase column
+    (radians, 0 = end-inhale, as RPM writes it) lies within half a bin of the bin's phase, restricted to the
+    X-ray-on samples when the recording has that column.
+
+    Args:
+        recording: with a ``phase`` column (radians).
+        phase_percent: (P,) the bins, ascending.
+        lung_ml: (P,) the phases' lung volumes (kept in the report beside the recording's amplitude).
+        settings: the surrogate calibration's settings.
+
+    Raises:
+        BreathcastError: no phase column, or a bin with no samples (naming it).
+    """
+    where = recording.path or "recording"
+    if "phase" not in recording.columns:
+        raise BreathcastError(f"{where}: the recording has no phase column; the 4DCT's phase bins cannot be matched to it")
+    result = calibrate_surrogate(recording, settings)
+    phase = np.unwrap(np.asarray(recording.columns["phase"], dtype=np.float64))
+    percent_at = (100.0 * np.interp(result.time_s, recording.time_s, phase) / (2.0 * np.pi)) % 100.0
+    rate_at = np.gradient(result.amplitude, result.time_s)
+    used = np.ones(result.time_s.shape, dtype=bool)
+    xray = recording.columns.get("xray_on")
+    if xray is not None and np.any(xray):
+        used = np.interp(result.time_s, recording.time_s, np.asarray(xray, dtype=np.float64)) > 0.5
+    percent = np.asarray(phase_percent, dtype=np.float64)
+    half = 50.0 / len(percent)
+    amplitude, rate = np.zeros(len(percent)), np.zeros(len(percent))
+    for k, p in enumerate(percent):
+        distance = np.abs((percent_at - p + 50.0) % 100.0 - 50.0)
+        inside = used & (distance <= half)
+        if not inside.any():
+            raise BreathcastError(f"{where}: no samples in the {p:g}% phase bin; is it the recording of this 4DCT?")
+        amplitude[k], rate[k] = float(result.amplitude[inside].mean()), float(rate_at[inside].mean())
+    period = result.summary().get("period_s") or float("nan")
+    states = PhaseStates(percent, amplitude, rate, _branches(amplitude, rate), np.asarray(lung_ml, dtype=np.float64),
+                         float(period), int(np.argmin(amplitude)),
+                         f"breathing recording {where} (calibrated surrogate, mean over each phase bin)")  # fmt: skip
+    return states
 
 
 def _cavity_image(hu: np.ndarray, seg: ThoraxSegmentation) -> np.ndarray:
@@ -227,15 +289,18 @@ def read_4dct_into_box(
     phases: dict[str, float] | None = None,
     period_s: float = 4.0,
     extent_mm: tuple[float, float, float] = MODEL_BOX_MM,
+    recording: RawRecording | None = None,
 ) -> FourDCTInput:
-    """Read a 4DCT folder into the end-exhale phase's model box, with the states measured in the images.
+    """Read a 4DCT folder into the end-exhale phase's model box, with each phase's breathing state.
 
     Args:
         folder: the phase series (see :func:`breathcast.io.four_dct.read_4dct`).
         grid_size: D of the D³ model box.
         phases: optional series -> percent mapping.
-        period_s: breathing period for the rates, s.
+        period_s: breathing period for the rates from the images, s (unused with a recording).
         extent_mm: the box's (x, y, z) size.
+        recording: the breathing recording made with the 4DCT (:func:`states_from_recording`); None: the
+            states come from the images (:func:`phase_states`).
 
     Raises:
         BreathcastError: the reader's refusals, a plan check's (no lungs, odd HU, front-back contradiction),
@@ -246,12 +311,12 @@ def read_4dct_into_box(
     # The end-exhale phase is not known before the lungs are measured: measure on a 4 mm canonical copy.
     coarse = [resample_onto(v, _coarse_grid(v.grid, 4.0)) for v in canonical]
     coarse_ml = np.array([lung_volume_ml(segment_thorax(v).labels, v.grid) for v in coarse])
-    reference = int(np.argmin(coarse_ml))
-    box_ref, _ = model_box_volume(canonical[reference], (grid_size,) * 3, extent_mm)
+    percent = np.array([p.percent for p in series])
+    states = phase_states(percent, coarse_ml, period_s) if recording is None else states_from_recording(recording, percent, coarse_ml)
+    box_ref, _ = model_box_volume(canonical[states.reference], (grid_size,) * 3, extent_mm)
     grid = box_ref.grid
     images = np.stack([resample_onto(v, grid).array for v in canonical]).astype(np.float32)
     segs = [segment_thorax(Volume(image, grid)) for image in images]
-    states = phase_states(np.array([p.percent for p in series]), coarse_ml, period_s)
     return FourDCTInput(images, grid, states, segs, series)
 
 
@@ -271,6 +336,7 @@ def ingest_4dct(
     grid_size: int = 64,
     phases: dict[str, float] | None = None,
     period_s: float = 4.0,
+    recording: RawRecording | None = None,
 ) -> tuple[Path, FourDCTInput]:
     """A 4DCT folder -> one dataset patient of kind ``4dct`` (one scan per phase, in the model box).
 
@@ -280,7 +346,7 @@ def ingest_4dct(
     Returns:
         (the patient's folder, what was read).
     """
-    data = read_4dct_into_box(folder, grid_size, phases, period_s)
+    data = read_4dct_into_box(folder, grid_size, phases, period_s, recording=recording)
     states, nz = data.states, data.grid.shape[0]
     scans = []
     for k, phase in enumerate(data.phases):

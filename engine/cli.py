@@ -120,7 +120,11 @@ def add_4dct_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phase", action="append", type=phase_item, metavar="SERIES=PERCENT",
                         help="the phase of a series by SeriesDescription, SeriesInstanceUID or folder name (repeat; "
                         "series not named are ignored)")
-    parser.add_argument("--period", type=positive_float, default=4.0, metavar="S", help="breathing period for the rates, s (default 4)")
+    parser.add_argument("--period", type=positive_float, default=4.0, metavar="S",
+                        help="breathing period for the rates from the images, s (default 4)")
+    parser.add_argument("--recording", type=Path, default=None, metavar="FILE",
+                        help="the breathing recording made with the 4DCT, with a phase column (RPM .vxp): the phases' "
+                        "amplitude and rate come from it instead of the images")
 
 
 def _cmd_plan_4dct(args: argparse.Namespace) -> int:
@@ -129,7 +133,7 @@ def _cmd_plan_4dct(args: argparse.Namespace) -> int:
 
     adaptation = AdaptConfig(steps=args.adapt_steps, time_limit_s=args.adapt_seconds)
     config = Plan4DCTConfig(grid_size=args.grid, period_s=args.period, phases=dict(args.phase) if args.phase else None, adapt=not args.no_adapt,
-                            population=args.population, adaptation=adaptation)  # fmt: skip
+                            population=args.population, adaptation=adaptation, recording=args.recording)  # fmt: skip
     report = plan_4dct(args.input, args.out, args.patient_id, config)
     worst = max(r["five_d_vs_registered_mm"] for r in report["phases"])
     made = "linear5d/" + (" and adapted/" if not args.no_adapt else "")

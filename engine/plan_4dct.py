@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from breathcast.calibration.four_dct import FourDCTInput, fit_4dct_five_d, read_4dct_into_box, register_phases
+from breathcast.calibration.readers import read_recording
 from breathcast.engine.export import export_cvae, export_linear5d, scan_trace_spec
 from breathcast.errors import BreathcastError
 from breathcast.geometry import hu_to_unit
@@ -51,6 +52,8 @@ class Plan4DCTConfig:
         grid_size: D of the D³ model box (the population model's grid when adapting).
         period_s: the breathing period for the rates, s.
         phases: optional series -> phase percent mapping (see :func:`breathcast.io.four_dct.read_4dct`).
+        recording: the breathing recording made with the 4DCT (RPM ``.vxp``, with a phase column): the phases'
+            states come from it; None: from the images.
         adapt: also adapt the population network (needs ``population``).
         population: the population cVAE's ``model.pt`` (default: the shipped one).
         adaptation: its steps, learning rate and time limit.
@@ -60,6 +63,7 @@ class Plan4DCTConfig:
     grid_size: int = 64
     period_s: float = 4.0
     phases: dict[str, float] | None = None
+    recording: Path | None = None
     adapt: bool = True
     population: Path = DEFAULT_MODEL
     adaptation: AdaptConfig = AdaptConfig(time_limit_s=150.0)
@@ -161,7 +165,8 @@ def plan_4dct(folder: Path | str, out: Path | str, patient_id: str = "patient", 
             raise BreathcastError(f"{config.population}: the population model's grid is {population.config.grid}³, not {config.grid_size}³")
     with atomic_output_dir(out) as tmp:
         tick = time.perf_counter()
-        data = read_4dct_into_box(folder, config.grid_size, config.phases, config.period_s)
+        recording = read_recording(config.recording) if config.recording is not None else None
+        data = read_4dct_into_box(folder, config.grid_size, config.phases, config.period_s, recording=recording)
         tick = stage("read", tick)
         fields, pair_seconds = register_phases(data.images_hu, data.grid, data.states.reference, data.segmentations)
         tick = stage("register", tick)

@@ -100,6 +100,55 @@ def test_phase_states_refuse_a_4dct_without_breathing():
         phase_states(np.array([0.0, 50.0, 75.0]), np.full(3, 3000.0), 4.0)
 
 
+def _write_vxp(path: Path, period_s: float, duration_s: float = 60.0, rate_hz: float = 25.0) -> Path:
+    """An RPM export of Lujan breathing (peak 1, n 2: lingering at end-exhale, which tells the calibration the
+    inhale direction): amplitude in cm, phase in radians from end-inhale."""
+    t = np.arange(0.0, duration_s, 1.0 / rate_hz)
+    phase = (t / period_s) % 1.0
+    amplitude, _ = breathing_cycle(phase, period_s, n=2.0)
+    rows = [f"{0.3 + 1.2 * a:.5f},{2 * np.pi * p:.5f},{1e3 * s:.1f},1,0,,1" for a, p, s in zip(amplitude, phase, t)]
+    header = "[Header]\nCRC=1\nVersion=1.6\nData_layout=amplitude,phase,timestamp,validflag,ttlin,mark,ttlout\nSamples_per_second=25\n[Data]\n"
+    path.write_text(header + "\n".join(rows) + "\n")
+    return path
+
+
+def test_states_from_a_recording_with_phase_bins(tmp_path):
+    from breathcast.calibration.four_dct import states_from_recording
+    from breathcast.calibration.readers import read_recording
+
+    percent = np.arange(10) * 10.0
+    states = states_from_recording(read_recording(_write_vxp(tmp_path / "r.vxp", 4.0)), percent, np.ones(10))
+    fine = np.linspace(-0.05, 0.05, 101)
+    expected = np.array([breathing_cycle(p / 100.0 + fine, 4.0, n=2.0)[0].mean() for p in percent])  # the bin's mean
+    np.testing.assert_allclose(states.amplitude, expected, atol=0.03)
+    assert states.reference == 5 and states.branch[0] == "end-inhale" and states.period_s == pytest.approx(4.0, abs=0.05)
+    true_rate = np.array([breathing_cycle(p / 100.0 + fine, 4.0, n=2.0)[1].mean() for p in percent])
+    np.testing.assert_allclose(states.rate, true_rate, atol=0.05)  # 1/s on the recording's own clock
+    assert "recording" in states.amplitude_source
+
+
+def test_recording_without_phase_is_refused(tmp_path):
+    from breathcast.calibration.four_dct import states_from_recording
+    from breathcast.calibration.readers import RawRecording
+
+    t = np.arange(0, 30, 0.1)
+    recording = RawRecording(t, np.sin(2 * np.pi * t / 4), np.ones(t.size, bool), path="trace.csv")
+    with pytest.raises(BreathcastError, match="trace.csv: the recording has no phase column"):
+        states_from_recording(recording, np.arange(5) * 20.0, np.ones(5))
+
+
+def test_ingest_takes_the_states_from_the_recording(folder, four_dct, tmp_path):
+    vxp = _write_vxp(tmp_path / "rpm.vxp", four_dct.period_s)
+    assert main(["ingest-4dct", str(folder), "--out", str(tmp_path / "dataset"), "--grid", str(BOX), "--recording", str(vxp)]) == 0
+    record = read_patient(open_dataset(tmp_path / "dataset"), "patient", with_fields=False)
+    states = record.metadata["ingest_4dct"]["states"]
+    assert "rpm.vxp" in states["amplitude_source"]
+    assert states["period_s"] == pytest.approx(four_dct.period_s, rel=0.02)
+    amplitude = np.asarray(states["amplitude"])
+    assert states["branch"][0] == "end-inhale" and amplitude[0] > 0.8
+    assert amplitude[2] == pytest.approx(amplitude[3], abs=0.02) and amplitude[2] < 0.1  # 40 % and 60 %: both near end-exhale
+
+
 def test_missing_phase_is_refused(folder, tmp_path):
     copy = _copy(folder, tmp_path)
     shutil.rmtree(copy / "phase_02")
