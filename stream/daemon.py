@@ -939,7 +939,8 @@ class Daemon:
                                                                "mode": f"{self._ring.mode:o}"},
                       "coefficients": None if self._field_model is None else {
                           "version": self._field_model.version, "hash": self._field_model.hash, "dtype": self._field_model.dtype,
-                          "nbytes": int(self._field_model.coefficients.nbytes)}},  # fmt: skip
+                          "nbytes": int(self._field_model.coefficients.nbytes),
+                          "quantization_error_mm": self._field_model.quantization_error_mm}},  # fmt: skip
             "gate": {"state": self._gate_last[0], "reason": self._gate_last[1]} if self._gate_last else None,
             "gating": _jsonable(dataclasses.asdict(self._gating)),
             "horizon_s": window.horizon_s if window else self.config.forecast_horizon_s,

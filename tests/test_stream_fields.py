@@ -71,6 +71,8 @@ def test_state_only_client_makes_the_published_field(distilled_daemon):
         status = ctl.status()
         assert status["field"]["coefficients"]["hash"] == model.hash and model.dtype == distilled_daemon.config.field.coefficients_dtype
         assert model.coefficients.shape == (8, 3, 16, 16, 16) and model.grid.frame_of_reference_uid == "1.2.3.4"
+        quantization = status["field"]["coefficients"]["quantization_error_mm"]
+        assert (quantization > 0) == (model.dtype == "float16") and quantization < 0.05
         time.sleep(0.3)
         _breathe(tx)
         got = _collect(rx, {"state", "field"}, 3)
