@@ -6,8 +6,8 @@ and export it as a ``linear5d`` package; adapt the population cVAE to the patien
 as a ``cvae`` package; write ``report.json`` and ``report.png``. The output folder is written whole or not
 at all::
 
-    OUT/linear5d/    the patient's 5D model  (breathcast serve --model OUT/linear5d --path linear5d ...)
-    OUT/adapted/     the adapted network    (breathcast serve --model OUT/adapted ...)
+    OUT/linear5d/    the patient's 5D model  (breathcast serve --package OUT/linear5d --path linear5d ...)
+    OUT/adapted/     the adapted network    (breathcast serve --package OUT/adapted ...)
     OUT/report.json  phases, states, registration residuals, 5D vs registered motion, times
     OUT/report.png   the same, as pictures
 

@@ -284,4 +284,11 @@ def test_plan_4dct_end_to_end(folder, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert len(report["phases"]) == PHASES and report["adaptation"]["steps"] == 3
     assert json.loads((out / "adapted" / "manifest.json").read_text())["model_box"]["anchor"] == "lungs"
+    reference = report["states"]["reference_phase"]
+    for package, path in (("linear5d", "linear5d"), ("adapted", "direct")):  # served as any package is
+        field = tmp_path / f"{package}.nii.gz"
+        assert main(["export-field", "--package", str(out / package), "--path", path, "--plan-source", "dicom",
+                     "--plan-path", str(folder / f"phase_{reference:02d}"), "--plan-amplitude", "0", "--amplitude", "1",
+                     "--out", str(field)]) == 0  # fmt: skip
+        assert field.is_file()
     assert main(["plan-4dct", str(folder), "--out", str(out), "--grid", str(BOX), "--no-adapt"]) == 2  # not empty: refused
