@@ -40,7 +40,7 @@ from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume, hu_to_unit
 from breathcast.io.dataset import write_patient
 from breathcast.io.four_dct import PhaseSeries, read_4dct
-from breathcast.model_box import MODEL_BOX_MM, model_box_volume
+from breathcast.model_box import MODEL_BOX_MM, model_box_volume, resample_to_spacing
 from breathcast.segmentation import ThoraxSegmentation, segment_thorax, sliding_weight
 from breathcast.sim.anatomy import LUNG_LABELS
 
@@ -309,7 +309,7 @@ def read_4dct_into_box(
     series = read_4dct(folder, phases)
     canonical = [to_canonical(p.series.volume)[0] for p in series]
     # The end-exhale phase is not known before the lungs are measured: measure on a 4 mm canonical copy.
-    coarse = [resample_onto(v, _coarse_grid(v.grid, 4.0)) for v in canonical]
+    coarse = [resample_to_spacing(v, 4.0) for v in canonical]
     coarse_ml = np.array([lung_volume_ml(segment_thorax(v).labels, v.grid) for v in coarse])
     percent = np.array([p.percent for p in series])
     states = phase_states(percent, coarse_ml, period_s) if recording is None else states_from_recording(recording, percent, coarse_ml)
@@ -318,15 +318,6 @@ def read_4dct_into_box(
     images = np.stack([resample_onto(v, grid).array for v in canonical]).astype(np.float32)
     segs = [segment_thorax(Volume(image, grid)) for image in images]
     return FourDCTInput(images, grid, states, segs, series)
-
-
-def _coarse_grid(grid: Grid, spacing_mm: float) -> Grid:
-    extent = np.asarray(grid.shape[::-1]) * np.asarray(grid.spacing)
-    shape_xyz = np.maximum(np.round(extent / spacing_mm).astype(int), 2)
-    centre = grid.index_to_lps((np.asarray(grid.shape) - 1) / 2.0)
-    spacing = extent / shape_xyz
-    origin = centre - spacing * (shape_xyz - 1) / 2.0
-    return Grid(tuple(int(n) for n in shape_xyz[::-1]), tuple(spacing), tuple(origin), frame_of_reference_uid=grid.frame_of_reference_uid)
 
 
 def ingest_4dct(
