@@ -174,7 +174,8 @@ class Daemon:
         self._field_model: FieldModel | None = None  # the polynomial in mm LPS that makes the fields (polynomial paths)
         self._coefficients_version = 0
         self._ring: RingWriter | None = None
-        self._ring_error = ""
+        self._ring_tags: dict[int, tuple | None] = {}  # slot -> what last wrote it (see _make_field)
+        self._buffer_tags: list[tuple | None] = []
         self._threads: list[threading.Thread] = []
         self._log: SessionLog | None = None
         self.ctx: zmq.Context | None = None
@@ -453,6 +454,7 @@ class Daemon:
             self._path, self._mode = path, mode
             self._resizer, self._field_grid = resizer, grid
             self._buffers, self._trackers = buffers, [None] * len(buffers)
+            self._buffer_tags = [None] * len(buffers)
             self._field_model = field_model
             if field_model is not None:
                 self._coefficients_version = field_model.version
@@ -488,7 +490,7 @@ class Daemon:
             old.close()
         ring = RingWriter(path, fcfg.ring_slots, capacity, fcfg.ring_mode)
         with self._state_lock:
-            self._ring = ring
+            self._ring, self._ring_tags = ring, {}
         log.info("field ring %s: %d slots of %d bytes, mode %o", path, ring.slots, capacity, ring.mode)
 
     def _event(self, record: dict[str, Any]) -> None:
@@ -735,19 +737,23 @@ class Daemon:
             if predictor is not self._predictor:  # a new predictor came in meanwhile: its buffers, its grid
                 return
             resizer, buffers, trackers, grid = self._resizer, self._buffers, self._trackers, self._field_grid
-            model, ring = self._field_model, self._ring
+            model, ring, ring_tags, buffer_tags = self._field_model, self._ring, self._ring_tags, self._buffer_tags
         if prediction is None and model is None:  # a polynomial path without a field model: never expected
             raise BreathcastError("no field model for a polynomial predictor")
+        key = None if prediction is not None else (model.hash, tuple(grid.shape))
 
-        def make(out: np.ndarray) -> None:
+        def make(out: np.ndarray, tag: tuple | None) -> tuple | None:
             """The field into ``out`` (mm LPS on the field grid): the polynomial and the resize in one kernel on the
-            polynomial paths (from the very coefficients the ``coefficients`` command ships), else the resize."""
+            polynomial paths (from the very coefficients the ``coefficients`` command ships), else the resize. ``tag``
+            says what last wrote ``out``: when it was this model, the rows that are zero for every state are not
+            written again. Returns the tag ``out`` has now."""
             if prediction is not None:
                 resizer(prediction.displacement, out=out)
             else:
-                model.field(a, r, grid.shape, resizer.dtype, out=out)
+                model.field(a, r, grid.shape, resizer.dtype, out=out, zeros_kept=tag == key)
+            return key
 
-        self._publish_field(base, make, newest, reasons, frame, resizer, buffers, trackers, grid, ring)
+        self._publish_field(base, make, newest, reasons, frame, resizer, buffers, trackers, buffer_tags, grid, ring, ring_tags)
 
     def _model_failed(self, newest, reasons, frame: int, exc: Exception) -> None:
         """A model error or a non-finite field: HOLD with its reason; the next good frame recovers."""
@@ -792,8 +798,8 @@ class Daemon:
             "compute_ms": compute_s * 1e3,
         }
 
-    def _publish_field(self, base: dict[str, Any], make, newest, reasons, frame: int, resizer, buffers, trackers, grid,
-                       ring: RingWriter | None) -> None:  # fmt: skip
+    def _publish_field(self, base: dict[str, Any], make, newest, reasons, frame: int, resizer, buffers, trackers, buffer_tags,
+                       grid, ring: RingWriter | None, ring_tags: dict) -> None:  # fmt: skip
         """Make the field (``make(out)``) where it goes, and send it: into the next ring slot and a ``ring``
         announcement first (same host: nothing else to copy), then, with ``field.tcp``, into a free send buffer sent
         zero-copy (a copy of the ring slot when there is one).
@@ -811,7 +817,8 @@ class Daemon:
         try:
             if ring is not None:
                 slot, made = ring.begin(dtype, shape)
-                make(made)
+                tag = ring_tags.pop(slot, None)  # absent while it is written (and after a failure)
+                ring_tags[slot] = make(made, tag)
                 seq = self._next_seq(Topic.RING)
                 offset = ring.commit(slot, seq, frame, dtype, field_keys["nbytes"])
                 header = {**field_keys, "topic": Topic.RING.value, "msg_seq": seq,
@@ -830,10 +837,16 @@ class Daemon:
                 out = np.empty_like(buffers[0])
             else:
                 out = buffers[index]
+            tag = buffer_tags[index] if index is not None else None
+            if index is not None:
+                buffer_tags[index] = None  # while it is written (and after a failure)
             if made is not None:
                 np.copyto(out, made)
+                tag = None
             else:
-                make(out)
+                tag = make(out, tag)
+            if index is not None:
+                buffer_tags[index] = tag
         except Exception as exc:
             self._model_failed(newest, reasons, frame, exc)
             return

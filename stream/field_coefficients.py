@@ -112,9 +112,10 @@ def _make_polynomial_x(load):
 
 def _make_resize_zy(store):
     @njit(**_KERNEL)
-    def resize_zy(src, zlo, zhi, zw, ylo, yhi, yw, out):
+    def resize_zy(src, zlo, zhi, zw, ylo, yhi, yw, write, out):
         """(3, Zs, Ys, X) float32 -> (3, Zd, Yd, X): per output slice two source slices blended along z once, then
-        each output row blends two of those rows along y and is written in the output dtype."""
+        each output row blends two of those rows along y and is written in the output dtype; rows with
+        ``write[c, z, y]`` 0 are left as they are (the caller knows they hold zeros already)."""
         _, _, nys, nx = src.shape
         _, nzd, nyd, _ = out.shape
         for k in prange(3 * nzd):
@@ -125,6 +126,8 @@ def _make_resize_zy(store):
                 for x in range(nx):
                     blended[y, x] = s0[y, x] + wz * (s1[y, x] - s0[y, x])
             for y in range(nyd):
+                if not write[c, z, y]:
+                    continue
                 r0, r1, wy = blended[ylo[y]], blended[yhi[y]], yw[y]
                 dst = out[c, z, y]
                 for x in range(nx):
@@ -192,12 +195,17 @@ class FieldModel:
     def _plan(self, shape: tuple[int, int, int]):
         if shape not in self._plans:
             (zs, ys, xs), (zd, yd, xd) = self.grid.shape, shape
-            self._plans[shape] = (axis_weights(xs, xd), (*axis_weights(zs, zd), *axis_weights(ys, yd)),
-                                  np.empty((3, zs, ys, xd), np.float32))  # fmt: skip
+            zlo, zhi, zw = axis_weights(zs, zd)
+            ylo, yhi, yw = axis_weights(ys, yd)
+            live = self._live.astype(bool)
+            # an output row is a blend of 4 rows of the x-resized field: zero for every state when all 4 are dead
+            out_live = live[:, zlo][:, :, ylo] | live[:, zlo][:, :, yhi] | live[:, zhi][:, :, ylo] | live[:, zhi][:, :, yhi]
+            self._plans[shape] = (axis_weights(xs, xd), (zlo, zhi, zw, ylo, yhi, yw), np.empty((3, zs, ys, xd), np.float32),
+                                  np.ones((3, zd, yd), np.uint8), np.ascontiguousarray(out_live, dtype=np.uint8))  # fmt: skip
         return self._plans[shape]
 
     def field(self, a: np.ndarray, r: np.ndarray, shape: tuple[int, int, int] | None = None, dtype: Any = np.float32,
-              out: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+              out: np.ndarray | None = None, zeros_kept: bool = False) -> np.ndarray:  # fmt: skip
         """The field for per-slice state (a, r) on the model grid resampled to ``shape`` (default: the model grid).
 
         Args:
@@ -206,6 +214,9 @@ class FieldModel:
             shape: (Z, Y, X) of the output grid over the model grid's field of view.
             dtype: float32 or float16 output.
             out: a (3, *shape) array of that dtype to write into.
+            zeros_kept: ``out`` was last written by this model at this shape (and by nothing else since), so the rows
+                that are zero for every state (outside what moves) still are: they are not written again. The field
+                is 11 MB at 128x128x112 float16 and writing it is most of the cost.
 
         Returns:
             (3, Z, Y, X) mm along patient LPS, planar components x, y, z (docs/protocol.md 4.3).
@@ -224,13 +235,14 @@ class FieldModel:
         bound = float((np.abs(basis.astype(np.float64)) * self._largest).sum(axis=1).max())
         if not bound < (6.0e4 if dtype == np.float16 else 1.0e30):  # the largest float16 is 65504
             raise BreathcastError(f"the model produced a non-finite displacement (values up to {bound:.3g} mm do not fit {dtype})")
-        x_weights, zy_weights, after_x = self._plan(shape)
+        x_weights, zy_weights, after_x, every_row, live_rows = self._plan(shape)
         c = self.coefficients.view(np.uint16) if self.dtype == "float16" else self.coefficients
         _POLYNOMIAL_X[self.dtype](c, self._live, basis, *x_weights, after_x)
+        write = live_rows if zeros_kept else every_row
         if dtype == np.float16:
-            _RESIZE_ZY["float16"](after_x, *zy_weights, out.view(np.uint16))
+            _RESIZE_ZY["float16"](after_x, *zy_weights, write, out.view(np.uint16))
         else:
-            _RESIZE_ZY["float32"](after_x, *zy_weights, out)
+            _RESIZE_ZY["float32"](after_x, *zy_weights, write, out)
         return out
 
     def at_lps(self, a: np.ndarray, r: np.ndarray, points_lps_mm: np.ndarray) -> np.ndarray:

@@ -192,6 +192,8 @@ def test_coefficients_on_the_direct_path_are_unavailable(tiny_package, tiny_plan
                 Subscriber([ep.publish, ep.field], topics=("state", "field", "ring", "target"), rcvhwm=1000) as rx:  # fmt: skip
             with pytest.raises(ControlError, match="unavailable: the direct path has no polynomial"):
                 ctl.field_model()
+            with pytest.raises(ControlError, match="bad_argument: coefficients takes no arguments"):
+                ctl.request("coefficients", grid=2)
             assert ctl.status()["state"] == "running"
             time.sleep(0.3)
             _breathe(tx)
@@ -283,3 +285,21 @@ def test_field_and_scheduling_settings_are_validated(data, match):
 
     with pytest.raises(BreathcastError, match=match):
         config_from_dict(data)
+
+
+def test_rows_that_never_move_are_written_once():
+    """With ``zeros_kept`` a buffer last written by the same model gets the same field as a fresh one; a model whose
+    coefficients are zero in some rows leaves those rows alone then (and writes them when not told)."""
+    grid = Grid.centered((6, 7, 8), (60.0, 70.0, 80.0))
+    rng = np.random.default_rng(3)
+    c = rng.normal(size=(3, 3, 6, 7, 8)).astype(np.float32)
+    c[:, :, :, :3] = 0.0  # rows y < 3 never move
+    model = FieldModel(c, ((0, 0), (1, 0), (0, 1)), grid)
+    a, r = np.full(6, 0.4), np.full(6, -0.2)
+    fresh = model.field(a, r, (9, 10, 11))
+    out = np.full((3, 9, 10, 11), 7.0, np.float32)  # garbage: must be overwritten when not told
+    np.testing.assert_array_equal(model.field(a + 0.3, r, (9, 10, 11), out=out), model.field(a + 0.3, r, (9, 10, 11)))
+    np.testing.assert_array_equal(model.field(a, r, (9, 10, 11), out=out, zeros_kept=True), fresh)
+    out[:, :, 0] = 7.0  # a row that never moves: zeros_kept trusts it
+    assert np.all(model.field(a, r, (9, 10, 11), out=out, zeros_kept=True)[:, :, 0] == 7.0)
+    assert np.all(fresh[:, :, 0] == 0.0)
