@@ -172,6 +172,7 @@ class Daemon:
         self._buffers: list[np.ndarray] = []
         self._trackers: list[zmq.MessageTracker | None] = []
         self._field_model: FieldModel | None = None  # the polynomial in mm LPS that makes the fields (polynomial paths)
+        self._field_pair: tuple = (None, None)  # (predictor, its field model)
         self._coefficients_version = 0
         self._ring: RingWriter | None = None
         self._ring_tags: dict[int, tuple | None] = {}  # slot -> what last wrote it (see _make_field)
@@ -456,6 +457,7 @@ class Daemon:
             self._buffers, self._trackers = buffers, [None] * len(buffers)
             self._buffer_tags = [None] * len(buffers)
             self._field_model = field_model
+            self._field_pair = (predictor, field_model)  # read at once by the frame thread: never a model of another predictor
             if field_model is not None:
                 self._coefficients_version = field_model.version
             if self._window is None or new_plan or self._window.trace != predictor.trace:
@@ -690,8 +692,8 @@ class Daemon:
                             "amplitude": "dimensionless", "rate": "1/s", "times": "s"}}  # fmt: skip
         self._publish(Topic.TARGET, target)
         self._lat["target_ms"].append((time.time() - newest.t_receive) * 1e3)
-        model = self._field_model
-        if fast is not None and model is not None:  # the state a client needs to make this frame's field itself
+        owner, model = self._field_pair
+        if fast is not None and model is not None and owner is predictor:  # the state a client needs to make this frame's field
             self._publish(Topic.STATE, {**base, "slice_amplitude": np.asarray(a, float).tolist(), "slice_rate": np.asarray(r, float).tolist(),
                                         "coefficients": {"version": model.version, "hash": model.hash}})  # fmt: skip
         gate_reasons = list(reasons) + ([] if inside else [HoldReason.OUTSIDE_WINDOW])
@@ -920,7 +922,7 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         """The heartbeat body (also the ``status`` command's reply)."""
-        predictor = self._predictor
+        predictor, field_model, ring = self._predictor, self._field_model, self._ring
         rss = _rss_bytes()
         with self._counter_lock:
             counters = dict(self.counters)
@@ -948,12 +950,10 @@ class Daemon:
                 "sample_interval_s": predictor.trace.sample_interval_s},  # fmt: skip
             "field": {"enabled": self.config.field.enabled, "dtype": self.config.field.dtype,
                       "shape": list(self._field_grid.shape) if self._field_grid else None, "tcp": self.config.field.tcp,
-                      "ring": None if self._ring is None else {"path": str(self._ring.path), "slots": self._ring.slots,
-                                                               "mode": f"{self._ring.mode:o}"},
-                      "coefficients": None if self._field_model is None else {
-                          "version": self._field_model.version, "hash": self._field_model.hash, "dtype": self._field_model.dtype,
-                          "nbytes": int(self._field_model.coefficients.nbytes),
-                          "quantization_error_mm": self._field_model.quantization_error_mm}},  # fmt: skip
+                      "ring": None if ring is None else {"path": str(ring.path), "slots": ring.slots, "mode": f"{ring.mode:o}"},
+                      "coefficients": None if field_model is None else {
+                          "version": field_model.version, "hash": field_model.hash, "dtype": field_model.dtype,
+                          "nbytes": int(field_model.coefficients.nbytes), "quantization_error_mm": field_model.quantization_error_mm}},  # fmt: skip
             "gate": {"state": self._gate_last[0], "reason": self._gate_last[1]} if self._gate_last else None,
             "gating": _jsonable(dataclasses.asdict(self._gating)),
             "horizon_s": window.horizon_s if window else self.config.forecast_horizon_s,
