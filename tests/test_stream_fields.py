@@ -303,3 +303,19 @@ def test_rows_that_never_move_are_written_once():
     out[:, :, 0] = 7.0  # a row that never moves: zeros_kept trusts it
     assert np.all(model.field(a, r, (9, 10, 11), out=out, zeros_kept=True)[:, :, 0] == 7.0)
     assert np.all(fresh[:, :, 0] == 0.0)
+
+
+def test_ring_path_and_a_stale_ring_of_a_killed_daemon(tmp_path):
+    """The default ring path names the user and the field port; a stale ring of this user is replaced, not reused."""
+    from breathcast.stream.daemon import default_ring_path
+
+    path = default_ring_path("tcp://127.0.0.1:5562")
+    assert path.name == f"breathcast-{os.getuid()}-5562.ring"
+    assert default_ring_path("ipc:///tmp/a.ipc") != default_ring_path("ipc:///tmp/b.ipc")
+    stale = tmp_path / "stale.ring"
+    stale.write_bytes(b"x" * 10)
+    ring = RingWriter(stale, slots=2, capacity=16)
+    with RingReader(stale) as reader:
+        assert (reader.slots, reader.capacity, reader.writer_pid) == (2, 16, os.getpid())
+        assert reader.seq(0) == reader.seq(1) == 0
+    ring.close()
