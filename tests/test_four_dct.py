@@ -292,3 +292,19 @@ def test_plan_4dct_end_to_end(folder, tmp_path):
                      "--out", str(field)]) == 0  # fmt: skip
         assert field.is_file()
     assert main(["plan-4dct", str(folder), "--out", str(out), "--grid", str(BOX), "--no-adapt"]) == 2  # not empty: refused
+
+
+def test_remove_folds_unfolds_and_leaves_a_smooth_field_alone():
+    from breathcast.calibration.four_dct import remove_folds
+    from breathcast.metrics import folded_voxels
+
+    smooth = np.zeros((3, 12, 12, 12), np.float32)
+    smooth[0] = 0.3 * np.sin(np.linspace(0, np.pi, 12))[:, None, None]
+    assert remove_folds(smooth) is smooth
+    folded = smooth.copy()
+    folded[0, 5, 4:8, 4:8] += 3.0  # a plane pushed past its neighbour: det(I + grad u) < 0 there
+    folded[0, 6, 4:8, 4:8] -= 3.0
+    assert folded_voxels(folded) > 0
+    fixed = remove_folds(folded)
+    assert folded_voxels(fixed) == 0
+    np.testing.assert_array_equal(fixed[:, :2], folded[:, :2])  # far from the fold nothing changes
