@@ -38,8 +38,10 @@ bench: $(STAMP) $(TEST_SET)
 	$(PY) benchmarks/bench_real.py --model breathcast/models/cvae64/model.pt --test-data data/test64
 	$(PY) benchmarks/bench_motion_realism.py --kind cartoon --kind realct --patients 20
 	$(PY) benchmarks/bench_faults.py
+	$(PY) benchmarks/bench_4dct.py
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_stream.py --latency-s 60 --sustained-25hz-s 600 --sustained-100hz-s 60
+	$(PY) benchmarks/bench_igtl.py
 	$(PY) benchmarks/bench_forecast.py
 	$(PY) benchmarks/bench_ldm.py
 	$(VENV)/bin/breathcast export --ldm breathcast/models/ldm64/model.pt --out packages/ldm64 --overwrite --sampling-steps 5
