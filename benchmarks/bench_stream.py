@@ -24,7 +24,8 @@ Cases (targets of issue 17):
   the ring's, 0 fields lost by a subscriber that keeps up);
 * ``competing``: the distilled TCP + ring case with one CPU-bound process (``while True: pass``) on the machine
   (target p99 <= 10 ms); ``competing_nice``: the same with the daemon and this process (the consumer) at nice -5
-  (needs CAP_SYS_NICE; the JSON's ``scheduling`` says whether it was granted);
+  (needs CAP_SYS_NICE; the JSON's ``scheduling`` says whether it was granted); ``competing_rt``: both SCHED_RR
+  (``realtime_priority = 10``);
 * ``sustained_25hz`` and ``sustained_100hz``: distilled with the float16 field; zero lost samples in the session log,
   RSS growth, every dropped or merged frame counted (``--sustained-25hz-s 600 --sustained-100hz-s 60`` for the long run).
 
@@ -78,6 +79,7 @@ class Case:
     threads: int = 2
     field_threads: int = 0
     nice: int = 0
+    realtime_priority: int = 0
     field_ipc: bool = False  # the field socket on ipc:// (a Unix socket) instead of TCP loopback
     rate_hz: float | None = None  # None: --rate
     duration: str = "latency"  # which duration flag
@@ -93,12 +95,14 @@ CASES: dict[str, Case] = {
     "distilled_target_only": Case("distilled", "none", (), targets={"target": 5.0}),
     "curve": Case("distilled", "big16", ("field", "ring"), ring=True, curve=True, targets={"target": 10.0, "field": 40.0, "ring": 40.0}),
     "competing": Case("distilled", "big16", ("field", "ring"), ring=True, competitor=True, targets={"target": 10.0}),
+    "competing_rt": Case("distilled", "big16", ("field", "ring"), ring=True, competitor=True, realtime_priority=10,
+                         targets={"target": 10.0}),
     "competing_nice": Case("distilled", "big16", ("field", "ring"), ring=True, competitor=True, nice=-5, targets={"target": 10.0}),
     "sustained_25hz": Case("distilled", "big16", ("field",), rate_hz=25.0, duration="sustained_25hz"),
     "sustained_100hz": Case("distilled", "big16", ("field",), rate_hz=100.0, duration="sustained_100hz"),
 }
 DEFAULT_CASES = ["direct", "distilled", "distilled_ipc", "distilled_ring", "distilled_state", "distilled_target_only", "curve", "competing",
-                 "competing_nice", "sustained_100hz"]  # fmt: skip
+                 "competing_nice", "competing_rt", "sustained_100hz"]  # fmt: skip
 
 
 def _port() -> int:
@@ -132,7 +136,7 @@ def _start_daemon(folder: Path, case: Case, package: str, curve: dict | None) ->
     security = ""
     if curve:
         security = f'[security]\nserver_secret_key = "{curve["server_secret"]}"\nclient_keys_dir = "{curve["clients"]}"\n'
-    toml.write_text(f'package = {json.dumps(package)}\npath = "{case.path}"\nmode = "snapshot"\nthreads = {case.threads}\nnice = {case.nice}\n'
+    toml.write_text(f'package = {json.dumps(package)}\npath = "{case.path}"\nmode = "snapshot"\nthreads = {case.threads}\nnice = {case.nice}\nrealtime_priority = {case.realtime_priority}\n'
                     f'session_log = "{log}"\nstatus_interval_s = 0.5\n'
                     f"[gating]\namplitude_range = [-0.2, 0.4]\n[field]\n{field_table}\n{security}[endpoints]\n"
                     + "".join(f'{k} = "{v}"\n' for k, v in endpoints.items()))  # fmt: skip
@@ -190,6 +194,11 @@ def run_case(folder: Path, name: str, case: Case, rate_hz: float, duration_s: fl
             os.setpriority(os.PRIO_PROCESS, 0, case.nice)
         except OSError as exc:
             print(f"  consumer nice {case.nice} refused: {exc.strerror}", flush=True)
+    if case.realtime_priority:
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(case.realtime_priority))
+        except OSError as exc:
+            print(f"  consumer SCHED_RR refused: {exc.strerror}", flush=True)
     received: dict[str, list[tuple[float, dict]]] = {}
     lock = threading.Lock()
     stop = threading.Event()
@@ -266,6 +275,8 @@ def run_case(folder: Path, name: str, case: Case, rate_hz: float, duration_s: fl
     for t in listeners:
         t.join(2)
     consumer_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    if case.realtime_priority:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     if case.nice:
         try:
             os.setpriority(os.PRIO_PROCESS, 0, own_nice)

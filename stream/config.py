@@ -371,6 +371,8 @@ class ServeConfig:
         status_interval_s: heartbeat period, s.
         nice: the daemon's niceness (-20 to 19; below 0 needs CAP_SYS_NICE, refused otherwise and said in status):
             e.g. -5 weighs its threads about 3x a neighbour process's on a shared CPU.
+        realtime_priority: 0 (off) or 1-99: the daemon's threads run SCHED_RR at this priority, ahead of every normal
+            process (needs CAP_SYS_NICE; the kernel's real-time throttling still leaves 5% of each core to the others).
     """
 
     package: str = ""
@@ -383,6 +385,7 @@ class ServeConfig:
     fsync_interval_s: float = 0.5
     status_interval_s: float = 0.5
     nice: int = 0
+    realtime_priority: int = 0
     plan: PlanSpec = _field(default_factory=PlanSpec)
     endpoints: Endpoints = _field(default_factory=Endpoints)
     gating: GatingConfig = _field(default_factory=GatingConfig)
@@ -401,6 +404,8 @@ class ServeConfig:
             raise BreathcastError("threads must be >= 1")
         if not -20 <= self.nice <= 19:
             raise BreathcastError(f"nice must be in [-20, 19], got {self.nice}")
+        if not 0 <= self.realtime_priority <= 99:
+            raise BreathcastError(f"realtime_priority must be 0 (off) to 99, got {self.realtime_priority}")
         if not (0.0 <= self.forecast_horizon_s <= 1.0):
             raise BreathcastError(f"forecast_horizon_s must be in [0, 1] s, got {self.forecast_horizon_s}")
         if not (self.fsync_interval_s > 0 and self.status_interval_s > 0):

@@ -277,6 +277,7 @@ def test_field_model_wire_round_trip_and_hash():
         ({"field": {"ring_slots": 1}}, "ring_slots"),
         ({"field": {"coefficients_dtype": "int8"}}, "coefficients_dtype"),
         ({"nice": -21}, "nice must be"),
+        ({"realtime_priority": 100}, "realtime_priority must be"),
     ],
 )
 def test_field_and_scheduling_settings_are_validated(data, match):
