@@ -18,6 +18,8 @@ Cases (targets of issue 17):
 * ``distilled``: 128x128x112 float16 field over TCP (field p99 <= 10 ms);
 * ``distilled_ipc``: the same field over ``ipc://`` (a Unix socket; reported);
 * ``distilled_ring``: the same field by the ring alone, ``tcp = false`` (ring p99 <= 5 ms);
+* ``distilled_rt``, ``distilled_ring_rt``: the same two with the daemon and the consumer SCHED_RR
+  (``realtime_priority = 10``), the deployment for a host shared with other work;
 * ``distilled_state``: the same field made client-side from ``state`` (no target; reported);
 * ``distilled_target_only``: no field, ``target`` / ``gate`` alone (target p99 <= 5 ms);
 * ``curve``: CurveZMQ on every socket, the field by TCP and by the ring (target p99 <= 10 ms, field p99 <= 40 ms or
@@ -91,6 +93,8 @@ CASES: dict[str, Case] = {
     "distilled": Case("distilled", "big16", ("field",), targets={"field": 10.0}),
     "distilled_ipc": Case("distilled", "big16", ("field",), field_ipc=True),
     "distilled_ring": Case("distilled", "big16", ("ring",), tcp=False, ring=True, targets={"ring": 5.0}),
+    "distilled_ring_rt": Case("distilled", "big16", ("ring",), tcp=False, ring=True, realtime_priority=10, targets={"ring": 5.0}),
+    "distilled_rt": Case("distilled", "big16", ("field",), realtime_priority=10, targets={"field": 10.0}),
     "distilled_state": Case("distilled", "big16", ("state",), tcp=False, ring=True),
     "distilled_target_only": Case("distilled", "none", (), targets={"target": 5.0}),
     "curve": Case("distilled", "big16", ("field", "ring"), ring=True, curve=True, targets={"target": 10.0, "field": 40.0, "ring": 40.0}),
@@ -101,7 +105,7 @@ CASES: dict[str, Case] = {
     "sustained_25hz": Case("distilled", "big16", ("field",), rate_hz=25.0, duration="sustained_25hz"),
     "sustained_100hz": Case("distilled", "big16", ("field",), rate_hz=100.0, duration="sustained_100hz"),
 }
-DEFAULT_CASES = ["direct", "distilled", "distilled_ipc", "distilled_ring", "distilled_state", "distilled_target_only", "curve", "competing",
+DEFAULT_CASES = ["direct", "distilled", "distilled_rt", "distilled_ipc", "distilled_ring", "distilled_ring_rt", "distilled_state", "distilled_target_only", "curve", "competing",
                  "competing_nice", "competing_rt", "sustained_100hz"]  # fmt: skip
 
 
