@@ -117,7 +117,8 @@ def _plot_report(data: FourDCTInput, rows: list[dict[str, Any]], five_d_inhale: 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     colours = ["tab:red" if b.endswith("inhale") else "tab:blue" for b in data.states.branch]
     axes[0].bar(percent, data.states.amplitude, width=6, color=colours)
-    axes[0].set(xlabel="phase (%)", ylabel="amplitude (lung volume)", title="breathing state per phase (red: inhale)")
+    source = "recording" if "recording" in data.states.amplitude_source else "lung volume"
+    axes[0].set(xlabel="phase (%)", ylabel=f"amplitude ({source})", title="breathing state per phase (red: inhale)")
     axes[1].plot(percent, [r["registration_reduction"] * 100 for r in rows], "o-")
     axes[1].set(xlabel="phase (%)", ylabel="masked-MSE reduction (%)", title="registration to end-exhale", ylim=(0, 100))
     axes[2].plot(percent, [r["registered_motion_mm"] for r in rows], "o-", label="registered motion")
