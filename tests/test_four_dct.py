@@ -241,11 +241,18 @@ def test_registration_recovers_most_of_the_true_motion(four_dct, boxed, register
     assert not fields[boxed.states.reference].any() and len(seconds) == PHASES - 1
 
 
-def test_five_d_package_serves_the_end_exhale_plan_and_refuses_another(folder, boxed, registered, tmp_path):
+@pytest.fixture(scope="module")
+def five_d_package(boxed, registered, tmp_path_factory):
     fields, seconds = registered
     model = fit_4dct_five_d(boxed, "sim5", fields, seconds)
     box = {"anchor": "lungs", "extent_mm": list(MODEL_BOX_MM)}
-    package = export_linear5d(model.coefficients, model.terms, boxed.grid, tmp_path / "linear5d", scan_trace_spec(BOX), {}, model_box=box)
+    out = tmp_path_factory.mktemp("linear5d") / "linear5d"
+    return export_linear5d(model.coefficients, model.terms, boxed.grid, out, scan_trace_spec(BOX), {}, model_box=box)
+
+
+def test_five_d_package_serves_the_end_exhale_plan_and_refuses_another(folder, boxed, registered, five_d_package):
+    fields, _ = registered
+    package = five_d_package
     ref = boxed.states.reference
     volume = read_ct_series(folder / f"phase_{ref:02d}").volume
     predictor = load_predictor(package, Plan(volume, np.zeros(volume.shape[0]), np.zeros((0, 3))), PredictorConfig(path=PredictorPath.LINEAR5D))
@@ -257,6 +264,29 @@ def test_five_d_package_serves_the_end_exhale_plan_and_refuses_another(folder, b
     other = read_ct_series(folder / f"phase_{inhale:02d}").volume
     with pytest.raises(PlanRejected, match="fitted in a box"):
         load_predictor(package, Plan(other, np.zeros(other.shape[0]), np.zeros((0, 3))), PredictorConfig(path=PredictorPath.LINEAR5D))
+
+
+def test_daemon_serves_the_five_d_package(folder, boxed, five_d_package, tmp_path):
+    from stream_fixtures import ALWAYS_INSIDE, daemon_clients, healthy, make_config, running_daemon, send_trace, wait_for
+
+    ref = boxed.states.reference
+    volume = read_ct_series(folder / f"phase_{ref:02d}").volume
+    lungs = np.argwhere(np.isin(boxed.segmentations[ref].labels, LUNG_LABELS))
+    target = boxed.grid.index_to_lps(lungs[len(lungs) // 2])  # a point in the lungs
+    plan = Plan(volume, np.zeros(volume.shape[0]), target[None], frame_of_reference_uid=volume.grid.frame_of_reference_uid)
+    config = make_config(tmp_path, path="linear5d", gating=ALWAYS_INSIDE)
+    with running_daemon(config, plan, five_d_package) as daemon, daemon_clients(daemon) as (tx, rx, ctl):
+        seq, t0 = healthy(tx, rx)
+        status = ctl.status()
+        assert status["state"] == "running" and status["plan"]["warnings"] == []
+        moved = []
+        for level in (0.0, 1.0):  # hold end-exhale, then end-inhale, for a whole window each
+            seq = send_trace(tx, seq, t0, 150, amplitude=level)
+            t0 += 3.0
+            message = wait_for(rx, lambda m: m.topic == "target" and m.header["sample_seq"] == seq - 1)
+            assert message is not None
+            moved.append(np.linalg.norm(message.header["target_displacement_mm"][0]))
+        assert moved[0] < 0.5 < moved[1]  # the target stays at end-exhale and moves at end-inhale
 
 
 def test_adaptation_lowers_the_image_loss(boxed):
