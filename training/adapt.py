@@ -75,12 +75,16 @@ def _weights(patient: PatientData, scan: int, margin_weight: float) -> torch.Ten
     return torch.from_numpy(np.where(lungs, 1.0, margin_weight).astype(np.float32))[None, None]
 
 
+def _pool(t: torch.Tensor, factor: int) -> torch.Tensor:
+    return torch.nn.functional.avg_pool3d(t, factor) if factor > 1 else t
+
+
 def _weighted_mse(warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The multiscale (1, 2, 4) weighted MSE of :func:`~breathcast.training.losses.image_loss`, (N, 1, D, D, D) each."""
     loss = torch.zeros((), dtype=warped.dtype)
     for factor in (1, 2, 4):
-        pool = (lambda t: torch.nn.functional.avg_pool3d(t, factor)) if factor > 1 else (lambda t: t)
-        w = pool(weight)
-        loss = loss + (w * (pool(warped) - pool(fixed)) ** 2).sum() / w.sum()
+        w = _pool(weight, factor)
+        loss = loss + (w * (_pool(warped, factor) - _pool(fixed, factor)) ** 2).sum() / w.sum()
     return loss
 
 
