@@ -185,6 +185,11 @@ def _describe(message) -> str:
         lat = (time.time() - h["t_sent"]) * 1e3 if h.get("t_sent") else float("nan")
         return (f"{common} frame {h['frame']} seq {h['sample_seq']} amplitude {h['amplitude']:.3f} displacement "
                 f"{', '.join(f'{v:+.2f}' for v in d)} mm; sent->received {lat:.1f} ms")  # fmt: skip
+    if message.topic == "state":
+        slices = h.get("slice_amplitude") or []
+        version = (h.get("coefficients") or {}).get("version")
+        return (f"{common} frame {h['frame']} seq {h['sample_seq']} amplitude {h['amplitude']:.3f} over {len(slices)} slices; "
+                f"coefficients version {version}")  # fmt: skip
     if message.topic == "field":
         a = message.array
         return f"{common} frame {h['frame']} {h['dtype']} {h['shape']} max |u| {float(abs(a).max()):.2f} mm"
@@ -369,7 +374,8 @@ def add_stream_commands(subparsers) -> None:
     listen = subparsers.add_parser("listen", help="subscribe to a daemon and print (or plot) what arrives",
                                    description="Print one line per message (or JSON lines); --plot draws amplitude, "
                                    "gate and target displacement at the end.")  # fmt: skip
-    listen.add_argument("--topics", nargs="+", choices=("field", "target", "gate", "status"), default=["target", "gate", "status"])
+    listen.add_argument("--topics", nargs="+", choices=("field", "target", "gate", "status", "state"), default=["target", "gate", "status"],
+                        help="topics to print (state: the per-slice breathing state a client makes its own field from)")
     listen.add_argument("--publish", default=E.publish, metavar="ENDPOINT", help=f"(default {E.publish})")
     listen.add_argument("--field", default=E.field, metavar="ENDPOINT", help=f"(default {E.field})")
     listen.add_argument("--count", type=int, default=None, metavar="N", help="stop after N messages")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -266,7 +267,7 @@ def test_five_d_package_serves_the_end_exhale_plan_and_refuses_another(folder, b
         load_predictor(package, Plan(other, np.zeros(other.shape[0]), np.zeros((0, 3))), PredictorConfig(path=PredictorPath.LINEAR5D))
 
 
-def test_daemon_serves_the_five_d_package(folder, boxed, five_d_package, tmp_path):
+def test_daemon_serves_the_five_d_package(folder, boxed, five_d_package, tmp_path, capsys):
     from stream_fixtures import ALWAYS_INSIDE, daemon_clients, healthy, make_config, running_daemon, send_trace, wait_for
 
     ref = boxed.states.reference
@@ -287,6 +288,13 @@ def test_daemon_serves_the_five_d_package(folder, boxed, five_d_package, tmp_pat
             assert message is not None
             moved.append(np.linalg.norm(message.header["target_displacement_mm"][0]))
         assert moved[0] < 0.5 < moved[1]  # the target stays at end-exhale and moves at end-inhale
+        listened = threading.Thread(target=lambda: send_trace(tx, seq, t0, 150, amplitude=0.5, pace=True))
+        listened.start()
+        code = main(["listen", "--topics", "state", "--publish", daemon.config.endpoints.publish, "--count", "2", "--duration", "10"])
+        listened.join()
+    assert code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("state")]
+    assert len(lines) == 2 and f"over {BOX} slices" in lines[0]  # a state-only client's view of the 5D package
 
 
 def test_adaptation_lowers_the_image_loss(boxed):
