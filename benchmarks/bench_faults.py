@@ -40,7 +40,7 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, update_readme_table, write_results  # noqa: E402
+from common import RESULTS, markdown_table, update_readme_table, wait_until_running, write_results  # noqa: E402
 
 from breathcast.errors import BreathcastError, PlanRejected  # noqa: E402
 from breathcast.stream.client import ControlClient, SampleSender  # noqa: E402
@@ -78,17 +78,10 @@ def _start(config: dict) -> subprocess.Popen:
            "sys.exit(serve(config_from_dict(json.loads(sys.argv[1]))))"  # fmt: skip
     process = subprocess.Popen([sys.executable, "-c", code, json.dumps(config)])
     with ControlClient(config["endpoints"]["control"], timeout_s=10.0) as ctl:
-        end = time.monotonic() + 600
-        while True:
-            try:
-                if ctl.status()["state"] == "running":
-                    return process
-            except BreathcastError:
-                pass
-            if time.monotonic() > end or process.poll() is not None:
-                process.kill()
-                raise SystemExit("daemon did not start")
-            time.sleep(0.3)
+        if wait_until_running(ctl, [process], timeout_s=600.0, poll_s=0.3):
+            return process
+    process.kill()
+    raise SystemExit("daemon did not start")
 
 
 class Source:

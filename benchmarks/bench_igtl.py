@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, update_readme_table, write_results  # noqa: E402
+from common import SERVE_CODE, markdown_table, update_readme_table, wait_until_running, write_results  # noqa: E402
 
 from breathcast.stream.client import ControlClient, SampleSender, Subscriber  # noqa: E402
 from breathcast.stream.replay import simulated_trace  # noqa: E402
@@ -44,24 +44,15 @@ def _start(folder: Path, field_rate_hz: float) -> tuple[list[subprocess.Popen], 
     toml.write_text('path = "distilled"\nmode = "snapshot"\nthreads = 2\nstatus_interval_s = 0.5\n'
                     '[gating]\namplitude_range = [-0.2, 0.4]\n[field]\ndtype = "float32"\n[endpoints]\n'
                     + "".join(f'{k} = "{v}"\n' for k, v in endpoints.items()))  # fmt: skip
-    code = "import sys; from breathcast.stream.config import load_config; from breathcast.stream.daemon import serve; serve(load_config(sys.argv[1]))"
-    daemon = subprocess.Popen([sys.executable, "-c", code, str(toml)])
+    daemon = subprocess.Popen([sys.executable, "-c", SERVE_CODE, str(toml)])
     port = _port()
     bridge = subprocess.Popen([sys.executable, "-m", "breathcast.cli", "igtl", "--config", str(toml), "--port", str(port),
                                "--field-rate", str(field_rate_hz)], stdout=subprocess.DEVNULL)  # fmt: skip
     processes = [daemon, bridge]
     with ControlClient(endpoints["control"], timeout_s=10.0) as ctl:
-        end = time.monotonic() + 300
-        while True:
-            try:
-                if ctl.status()["state"] == "running":
-                    break
-            except Exception:
-                pass
-            if time.monotonic() > end or any(p.poll() is not None for p in processes):
-                _stop(processes, endpoints)
-                raise SystemExit("the daemon or the bridge did not start")
-            time.sleep(0.5)
+        if not wait_until_running(ctl, processes):
+            _stop(processes, endpoints)
+            raise SystemExit("the daemon or the bridge did not start")
     return processes, endpoints, port
 
 

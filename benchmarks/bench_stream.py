@@ -58,7 +58,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the daemon does (strea
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, update_readme_table, write_results  # noqa: E402
+from common import RESULTS, SERVE_CODE, markdown_table, update_readme_table, wait_until_running, write_results  # noqa: E402
 
 from breathcast.stream.client import ControlClient, CurveKeys, SampleSender, Subscriber, make_keys  # noqa: E402
 from breathcast.stream.recording import read_session_log  # noqa: E402
@@ -144,21 +144,12 @@ def _start_daemon(folder: Path, case: Case, package: str, curve: dict | None) ->
                     f'session_log = "{log}"\nstatus_interval_s = 0.5\n'
                     f"[gating]\namplitude_range = [-0.2, 0.4]\n[field]\n{field_table}\n{security}[endpoints]\n"
                     + "".join(f'{k} = "{v}"\n' for k, v in endpoints.items()))  # fmt: skip
-    code = "import sys; from breathcast.stream.config import load_config; from breathcast.stream.daemon import serve; serve(load_config(sys.argv[1]))"
-    process = subprocess.Popen([sys.executable, "-c", code, str(toml)])
+    process = subprocess.Popen([sys.executable, "-c", SERVE_CODE, str(toml)])
     keys = curve["keys"] if curve else None
     with ControlClient(endpoints["control"], timeout_s=10.0, curve=keys) as ctl:
-        end = time.monotonic() + 300
-        while True:
-            try:
-                if ctl.status()["state"] == "running":
-                    break
-            except Exception:
-                pass
-            if time.monotonic() > end or process.poll() is not None:
-                process.kill()
-                raise SystemExit(f"daemon ({case.path}) did not start")
-            time.sleep(0.5)
+        if not wait_until_running(ctl, [process]):
+            process.kill()
+            raise SystemExit(f"daemon ({case.path}) did not start")
     return process, endpoints, log
 
 

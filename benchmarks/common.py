@@ -66,3 +66,23 @@ def markdown_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+SERVE_CODE = ("import sys; from breathcast.stream.config import load_config; from breathcast.stream.daemon import serve; "
+              "serve(load_config(sys.argv[1]))")
+"""``python -c SERVE_CODE CONFIG.toml`` runs a daemon in its own process, as ``breathcast serve --config`` does."""
+
+
+def wait_until_running(ctl, processes: list, timeout_s: float = 300.0, poll_s: float = 0.5) -> bool:
+    """Poll a daemon's status (``ctl``, a ControlClient) until it is running: True; False when one of
+    ``processes`` (subprocess.Popen) exits first or ``timeout_s`` passes."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and all(p.poll() is None for p in processes):
+        try:
+            if ctl.status()["state"] == "running":
+                return True
+        except Exception:  # noqa: BLE001 - not listening yet, or still loading
+            pass
+        time.sleep(poll_s)
+    return False
+

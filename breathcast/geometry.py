@@ -33,6 +33,7 @@ __all__ = [
     "field_from_lps_mm",
     "resample_volume",
     "resample_field",
+    "grid_difference",
 ]
 
 Triplet = tuple[float, float, float]
@@ -40,6 +41,10 @@ Triplet = tuple[float, float, float]
 
 HU_MIN = -1000.0
 HU_MAX = 400.0
+
+_ORIGIN_TOLERANCE_MM = 1e-3
+_SPACING_TOLERANCE_MM = 1e-4
+_DIRECTION_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -262,3 +267,17 @@ def resample_field(u_voxels: np.ndarray, grid: Grid, shape: tuple[int, int, int]
     scale = np.asarray(shape, dtype=float) / np.asarray(grid.shape, dtype=float)  # new voxels per old voxel
     out = np.stack([_zoom(u_voxels[c].astype(np.float32), tuple(shape), order=1) * scale[c] for c in range(3)])
     return out.astype(np.float32), target
+
+
+def grid_difference(a: Grid, b: Grid) -> str | None:
+    """Why grid ``b`` is not grid ``a`` (shape, spacing, origin, orientation), or None when they are the same
+    within 1e-4 mm spacing, 1e-3 mm origin and 1e-5 direction cosine (series of one acquisition, as stored)."""
+    if tuple(a.shape) != tuple(b.shape):
+        return f"shape {tuple(b.shape)} != {tuple(a.shape)}"
+    if not np.allclose(a.spacing, b.spacing, rtol=0, atol=_SPACING_TOLERANCE_MM):
+        return f"spacing {tuple(b.spacing)} != {tuple(a.spacing)} mm"
+    if not np.allclose(a.origin, b.origin, rtol=0, atol=_ORIGIN_TOLERANCE_MM):
+        return f"origin {tuple(np.round(b.origin, 3))} != {tuple(np.round(a.origin, 3))} mm"
+    if not np.allclose(np.asarray(a.direction), np.asarray(b.direction), rtol=0, atol=_DIRECTION_TOLERANCE):
+        return "orientation (ImageOrientationPatient) differs"
+    return None

@@ -24,9 +24,43 @@ from numba.extending import intrinsic
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid
 
-__all__ = ["axis_weights", "voxel_to_lps_matrix", "voxel_rescale_matrix", "FieldResizer", "resize_field", "evaluate_polynomial"]
+__all__ = [
+    "axis_weights",
+    "trilinear_corners",
+    "voxel_to_lps_matrix",
+    "voxel_rescale_matrix",
+    "FieldResizer",
+    "resize_field",
+    "evaluate_polynomial",
+]
 
 _KERNEL = dict(parallel=True, cache=True, fastmath=True, error_model="numpy", nogil=True)
+
+
+def trilinear_corners(points_zyx: np.ndarray, shape: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The 8 corners of trilinear interpolation at index positions, clamped at the borders.
+
+    Args:
+        points_zyx: (P, 3) float (z, y, x) index positions.
+        shape: (Z, Y, X) of the grid.
+
+    Returns:
+        Per corner, ((P, 3) int indices, (P,) weights); over the 8 corners the weights sum to 1.
+
+    Example:
+        >>> corners = trilinear_corners(np.array([[0.5, 0.0, 0.25]]), (2, 2, 2))
+        >>> round(sum(float(w[0]) for _, w in corners), 6), sorted(round(float(w[0]), 3) for _, w in corners)[-2:]
+        (1.0, [0.375, 0.375])
+    """
+    grid_shape = np.asarray(shape)
+    p = np.clip(np.asarray(points_zyx, dtype=np.float64), 0, grid_shape - 1)
+    lo = np.minimum(np.floor(p).astype(int), np.maximum(grid_shape - 2, 0))
+    w = p - lo
+    corners = []
+    for corner in range(8):
+        offset = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
+        corners.append((np.minimum(lo + offset, grid_shape - 1), np.prod(np.where(offset, w, 1 - w), axis=1)))
+    return corners
 
 
 def axis_weights(n_src: int, n_dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 import breathcast
 from breathcast.calibration.alignment import ScanParameters, align_scan, scan_start_time
@@ -34,14 +33,11 @@ from breathcast.calibration.surrogate import CalibrationSettings, calibrate_surr
 from breathcast.io.dataset import write_patient
 from breathcast.io.dicom_io import CTSeries, read_ct_series
 from breathcast.errors import BreathcastError
-from breathcast.geometry import Grid, Volume, resample_volume
+from breathcast.geometry import grid_difference, resample_volume
 from breathcast.traces import BreathingTrace, axial_slice_positions_mm
 
 __all__ = ["ScanSpec", "IngestConfig", "load_ingest_config", "ingest_patient"]
 
-_ORIGIN_TOLERANCE_MM = 1e-3
-_SPACING_TOLERANCE_MM = 1e-4
-_DIRECTION_TOLERANCE = 1e-5
 _PATIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -216,19 +212,6 @@ def load_ingest_config(path: Path, out: Path | None = None) -> IngestConfig:
     )
 
 
-def _same_geometry(a: Grid, b: Grid) -> str | None:
-    """Why two grids differ, or None when they are the same within tolerance."""
-    if tuple(a.shape) != tuple(b.shape):
-        return f"shape {tuple(b.shape)} != {tuple(a.shape)}"
-    if not np.allclose(a.spacing, b.spacing, rtol=0, atol=_SPACING_TOLERANCE_MM):
-        return f"spacing {tuple(b.spacing)} != {tuple(a.spacing)} mm"
-    if not np.allclose(a.origin, b.origin, rtol=0, atol=_ORIGIN_TOLERANCE_MM):
-        return f"origin {tuple(np.round(b.origin, 3))} != {tuple(np.round(a.origin, 3))} mm"
-    if not np.allclose(np.asarray(a.direction), np.asarray(b.direction), rtol=0, atol=_DIRECTION_TOLERANCE):
-        return "orientation (ImageOrientationPatient) differs"
-    return None
-
-
 def _read_scans(specs: list[ScanSpec]) -> list[CTSeries]:
     series: list[CTSeries] = []
     for spec in specs:
@@ -243,7 +226,7 @@ def _read_scans(specs: list[ScanSpec]) -> list[CTSeries]:
                     f"{spec.folder}: Frame of Reference {frame} is not that of {specs[0].folder} ({first_frame}); "
                     "all scans of a patient must share one"
                 )
-            why = _same_geometry(first.volume.grid, s.volume.grid)
+            why = grid_difference(first.volume.grid, s.volume.grid)
             if why:
                 raise BreathcastError(f"{spec.folder}: geometry differs from {specs[0].folder}: {why}; resample the series to one grid first")
         series.append(s)

@@ -44,7 +44,7 @@ from breathcast.errors import BreathcastError, PlanRejected
 from breathcast.geometry import Grid, Volume, hu_to_unit, resample_volume
 from breathcast.model_box import PlanCheck, model_box_volume, resample_onto
 from breathcast.segmentation import sliding_weight
-from breathcast.resize import FieldResizer, axis_weights, evaluate_polynomial, voxel_to_lps_matrix
+from breathcast.resize import FieldResizer, axis_weights, evaluate_polynomial, trilinear_corners, voxel_to_lps_matrix
 from breathcast.state_model import DISTILLED_TERMS, StateModel, Terms, design_matrix, fit_state_model
 from breathcast.traces import TraceConfig, synthetic_trace
 from breathcast.warp import integrate_velocity
@@ -263,15 +263,8 @@ def _resample_slices(values: np.ndarray, slices: int) -> np.ndarray:
 
 def _sample_field(u: np.ndarray, points_zyx: np.ndarray) -> np.ndarray:
     """Trilinear samples (P, 3) of a (3, Z, Y, X) field at (P, 3) index positions, clamped at the borders."""
-    shape = np.asarray(u.shape[1:])
-    p = np.clip(points_zyx, 0, shape - 1)
-    lo = np.minimum(np.floor(p).astype(int), shape - 2).clip(0)
-    w = p - lo
-    out = np.zeros((p.shape[0], 3))
-    for corner in range(8):
-        offset = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
-        weight = np.prod(np.where(offset, w, 1 - w), axis=1)
-        idx = np.minimum(lo + offset, shape - 1)
+    out = np.zeros((len(points_zyx), 3))
+    for idx, weight in trilinear_corners(points_zyx, u.shape[1:]):
         out += weight[:, None] * u[:, idx[:, 0], idx[:, 1], idx[:, 2]].T
     return out
 

@@ -41,7 +41,7 @@ from numba.extending import intrinsic
 
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid
-from breathcast.resize import axis_weights, voxel_to_lps_matrix
+from breathcast.resize import axis_weights, trilinear_corners, voxel_to_lps_matrix
 
 __all__ = ["FieldModel", "state_basis", "reference_field", "field_model_from_predictor", "COEFFICIENT_DTYPES"]
 
@@ -250,15 +250,8 @@ class FieldModel:
         border), only the 8 voxels around each point evaluated."""
         basis = state_basis(a, r, self.terms).astype(np.float64)
         p = np.asarray(self.grid.lps_to_index(np.asarray(points_lps_mm, float).reshape(-1, 3)), float)  # (P, 3) z, y, x
-        shape = np.asarray(self.grid.shape)
-        p = np.clip(p, 0, shape - 1)
-        lo = np.minimum(np.floor(p).astype(int), np.maximum(shape - 2, 0))
-        w = p - lo
         out = np.zeros((p.shape[0], 3))
-        for corner in range(8):
-            offset = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
-            weight = np.prod(np.where(offset, w, 1 - w), axis=1)
-            idx = np.minimum(lo + offset, shape - 1)
+        for idx, weight in trilinear_corners(p, self.grid.shape):
             coefficients = self.coefficients[:, :, idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.float64)  # (K, 3, P)
             out += weight[:, None] * np.einsum("kcp,pk->pc", coefficients, basis[idx[:, 0]])
         return out

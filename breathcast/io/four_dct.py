@@ -17,14 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from breathcast.errors import BreathcastError
-from breathcast.geometry import Grid, Volume
+from breathcast.geometry import Grid, Volume, grid_difference
 from breathcast.io.dicom_io import CTSeries, SeriesIdentity, new_series_identity, read_ct_study, read_dicom_file, write_ct_series
 from breathcast.io.files import atomic_output_dir
 
 __all__ = ["PhaseSeries", "phase_description", "phase_from_description", "read_4dct", "write_4dct"]
 
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")
-_GEOMETRY_TOLERANCE_MM = 1e-3
 
 
 @dataclass(frozen=True)
@@ -72,15 +71,6 @@ def _phase_of(series: CTSeries, phases: dict[str, float] | None) -> tuple[float 
     return phase_from_description(identity.series_description), "SeriesDescription"
 
 
-def _geometry_difference(a: Grid, b: Grid) -> str | None:
-    if a.shape != b.shape:
-        return f"shape {b.shape} vs {a.shape}"
-    for name in ("spacing", "origin", "direction"):
-        if not np.allclose(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), atol=_GEOMETRY_TOLERANCE_MM):
-            return f"{name} {getattr(b, name)} vs {getattr(a, name)}"
-    return None
-
-
 def read_4dct(folder: Path | str, phases: dict[str, float] | None = None) -> list[PhaseSeries]:
     """Read a 4DCT folder: every CT series, its phase, all checked to be one 4DCT; sorted by phase.
 
@@ -112,7 +102,7 @@ def read_4dct(folder: Path | str, phases: dict[str, float] | None = None) -> lis
     for where, phase in found[1:]:
         if phase.series.identity.frame_of_reference_uid != first.series.identity.frame_of_reference_uid:
             raise BreathcastError(f"{where}: Frame of Reference differs from {first_where}; all phases must share one")
-        why = _geometry_difference(first.series.volume.grid, phase.series.volume.grid)
+        why = grid_difference(first.series.volume.grid, phase.series.volume.grid)
         if why:
             raise BreathcastError(f"{where}: geometry differs from {first_where}: {why}")
     percents = np.array([p.percent for _, p in found])
