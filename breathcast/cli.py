@@ -141,6 +141,7 @@ def _add_run_options(parser: argparse.ArgumentParser, steps: int, val_every: int
 
 
 def _cmd_train_cvae(args: argparse.Namespace) -> int:
+    from breathcast.motion_prior import PRIOR_CHANNELS
     from breathcast.training.cvae import CVAEConfig
     from breathcast.training.losses import LossWeights
     from breathcast.training.train import TrainConfig, train
@@ -150,7 +151,7 @@ def _cmd_train_cvae(args: argparse.Namespace) -> int:
         data=args.data,
         simulate_patients=args.simulate,
         simulation_seed=args.seed,
-        model=CVAEConfig(grid=args.grid, channels=tuple(args.channels)),
+        model=CVAEConfig(grid=args.grid, channels=tuple(args.channels), prior_channels=PRIOR_CHANNELS if args.motion_prior else 0),
         loss=LossWeights(kl=args.kl_weight, smooth=args.smooth_weight, multiscale=not args.single_scale),
         steps=args.steps,
         batch_size=args.batch_size,
@@ -378,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     cvae.add_argument("--kl-weight", type=_non_negative_float, default=1e-4, help="KL weight (default 1e-4)")
     cvae.add_argument("--smooth-weight", type=_non_negative_float, default=0.01, help="velocity smoothness weight (default 0.01)")
     cvae.add_argument("--single-scale", action="store_true", help="image loss at full resolution only (the paper's)")
+    cvae.add_argument("--motion-prior", action="store_true",
+                      help="the decoder also sees each scan's anatomical motion prior (breathcast/motion_prior.py; the shipped model does)")
     cvae.add_argument("--val-patients", type=_int_at_least(0), default=2, help="validation patients (default 2)")
     cvae.add_argument("--test-patients", type=_int_at_least(0), default=0, help="held-out test patients (default 0)")
     cvae.add_argument("--val-every", type=_int_at_least(1), default=250, help="validate and checkpoint every N steps")

@@ -119,14 +119,20 @@ def export_cvae(
     b_m = (0.3 + 0.4 * slices)[None]
     b_f = torch.stack([0.8 - 0.6 * slices, 0.2 + 0.3 * slices])
     z = torch.zeros(2, latent)
+    plan_inputs = {"moving": moving, "b_m": b_m}
+    if model.config.prior_channels:
+        plan_inputs["prior"] = torch.randn(1, model.config.prior_channels, d // 2, d // 2, d // 2, generator=generator)
+    prior = plan_inputs.get("prior")
     with torch.no_grad():
-        plan_tensors = plan_graph(moving, b_m)
+        plan_tensors = plan_graph(*plan_inputs.values())
         velocity = frame_graph(*plan_tensors, b_m, b_f, z)
-        reference = model.decode_velocity(moving.expand(2, -1, -1, -1, -1), b_m.expand(2, -1), b_f, z)
+        reference = model.decode_velocity(moving.expand(2, -1, -1, -1, -1), b_m.expand(2, -1), b_f, z,
+                                          None if prior is None else prior.expand(2, -1, -1, -1, -1))
 
     plan_specs = GraphSpec(
         file="plan.onnx",
-        inputs=(_spec("moving", moving, "CT scaled to [0, 1]"), _spec("b_m", b_m, "amplitude per slice")),
+        inputs=(_spec("moving", moving, "CT scaled to [0, 1]"), _spec("b_m", b_m, "amplitude per slice"),
+                *([_spec("prior", prior, "motion prior, model-grid voxels (dz, dy, dx)")] if prior is not None else [])),
         outputs=tuple(_spec(n, t, "features") for n, t in zip(PLAN_OUTPUTS, plan_tensors)),
         opset=OPSET,
     )
@@ -144,7 +150,7 @@ def export_cvae(
 
     def write_files(folder: Path) -> None:
         batch = Dim("n", min=1, max=1024)
-        _export_graph(plan_graph, (moving, b_m), folder / "plan.onnx", ["moving", "b_m"], list(PLAN_OUTPUTS), None)
+        _export_graph(plan_graph, tuple(plan_inputs.values()), folder / "plan.onnx", list(plan_inputs), list(PLAN_OUTPUTS), None)
         frame_dynamic = {name: None for name in PLAN_OUTPUTS} | {"b_m": None, "b_f": {0: batch}, "z": {0: batch}}
         _export_graph(frame_graph, (*plan_tensors, b_m, b_f, z), folder / "frame.onnx", list(FRAME_INPUTS), ["velocity"], frame_dynamic)
         save_cvae(model, folder / "model.pt")
@@ -152,7 +158,7 @@ def export_cvae(
         options.log_severity_level = 3
         plan_session = ort.InferenceSession(str(folder / "plan.onnx"), options, providers=["CPUExecutionProvider"])
         frame_session = ort.InferenceSession(str(folder / "frame.onnx"), options, providers=["CPUExecutionProvider"])
-        plan_out = plan_session.run(None, {"moving": moving.numpy(), "b_m": b_m.numpy()})
+        plan_out = plan_session.run(None, {name: t.numpy() for name, t in plan_inputs.items()})
         feed = dict(zip(PLAN_OUTPUTS, plan_out)) | {"b_m": b_m.numpy(), "b_f": b_f.numpy(), "z": z.numpy()}
         (onnx_velocity,) = frame_session.run(None, feed)
         difference = float(np.abs(onnx_velocity - reference.numpy()).max())

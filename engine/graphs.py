@@ -8,9 +8,11 @@ together give the same velocity as ``decode_velocity`` (tested to float32 precis
 
 Shapes (D = model grid, N = frames in a batch, the plan tensors have batch 1 and are broadcast):
 
-* plan inputs: ``moving`` (1, 1, D, D, D) CT in [0, 1]; ``b_m`` (1, D) per-slice amplitude.
+* plan inputs: ``moving`` (1, 1, D, D, D) CT in [0, 1]; ``b_m`` (1, D) per-slice amplitude; for a model with a
+  motion prior, ``prior`` (1, P, D/2, D/2, D/2) (:mod:`breathcast.motion_prior`).
 * plan outputs: ``x1`` (1, c1, D/2, D/2, D/2); ``pre_down2`` (1, c2, D/4, ...); ``pre_up1`` (1, c1, D/2, ...);
-  ``side4``, ``side8``, ``side16`` (1, 2, D/s, D/s, D/s): pooled M and the b_m channel at D/4, D/8, D/16.
+  ``side4``, ``side8``, ``side16`` (1, 2 + P, D/s, D/s, D/s): pooled M, the pooled prior and the b_m channel at
+  D/4, D/8, D/16.
 * frame inputs: the plan outputs, ``b_m`` (1, D), ``b_f`` (N, D), ``z`` (N, latent_dim).
 * frame output: ``velocity`` (N, 3, D/2, D/2, D/2), voxels of the half-resolution grid (dz, dy, dx).
 """
@@ -54,23 +56,25 @@ class PlanGraph(nn.Module):
         self.grid = model.config.grid
         c1 = model.config.channels[0]
         c2 = model.config.channels[1]
+        plan = c1 + 1 + model.config.prior_channels + 1  # x1, pooled M, the prior, b_m
         self.down1 = model.down1
         down2, up1 = _conv(model.down2), _conv(model.up1)
-        # down2 reads [x1 (c1), pooled M, b_m, b_f]: keep all but the b_f column here.
-        self.down2_plan = nn.Conv3d(c1 + 2, down2.out_channels, 3, stride=2, padding=1)
-        self.down2_plan.weight = nn.Parameter(down2.weight[:, : c1 + 2].detach().clone())
+        # down2 reads [x1 (c1), pooled M, prior, b_m, b_f]: keep all but the b_f column here.
+        self.down2_plan = nn.Conv3d(plan, down2.out_channels, 3, stride=2, padding=1)
+        self.down2_plan.weight = nn.Parameter(down2.weight[:, :plan].detach().clone())
         self.down2_plan.bias = nn.Parameter(down2.bias.detach().clone())
-        # up1 reads [upsampled x (c2), x1 (c1), pooled M, b_m, b_f]: the x1, M and b_m columns here.
-        self.up1_plan = nn.Conv3d(c1 + 2, up1.out_channels, 3, padding=1)
-        self.up1_plan.weight = nn.Parameter(up1.weight[:, c2 : c2 + c1 + 2].detach().clone())
+        # up1 reads [upsampled x (c2), x1 (c1), pooled M, prior, b_m, b_f]: the x1, M, prior and b_m columns here.
+        self.up1_plan = nn.Conv3d(plan, up1.out_channels, 3, padding=1)
+        self.up1_plan.weight = nn.Parameter(up1.weight[:, c2 : c2 + plan].detach().clone())
         self.up1_plan.bias = nn.Parameter(up1.bias.detach().clone())
 
-    def forward(self, moving: torch.Tensor, b_m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, moving: torch.Tensor, b_m: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         d = self.grid
         x1 = self.down1(moving)
 
         def side(size: int) -> torch.Tensor:
-            return torch.cat([_pooled(moving, size), _trace_channel(b_m, size)], dim=1)
+            pooled = [_pooled(moving, size)] if prior is None else [_pooled(moving, size), _pooled(prior, size)]
+            return torch.cat([*pooled, _trace_channel(b_m, size)], dim=1)
 
         pre_down2 = self.down2_plan(torch.cat([x1, side(d // 2)], dim=1))
         pre_up1 = self.up1_plan(torch.cat([x1, side(d // 2)], dim=1))
@@ -84,14 +88,15 @@ class FrameGraph(nn.Module):
         super().__init__()
         self.grid = model.config.grid
         c1, c2 = model.config.channels[:2]
+        plan = c1 + 1 + model.config.prior_channels + 1  # the plan graph's columns; b_f comes after them
         self.trace_encoder = model.trace_encoder
         self.down3, self.down4, self.bottleneck = model.down3, model.down4, model.bottleneck
         self.up3, self.up2 = model.up3, model.up2
         self.velocity = model.velocity
         down2, up1 = _conv(model.down2), _conv(model.up1)
         self.down2_frame = nn.Conv3d(1, down2.out_channels, 3, stride=2, padding=1, bias=False)
-        self.down2_frame.weight = nn.Parameter(down2.weight[:, c1 + 2 : c1 + 3].detach().clone())
-        keep = list(range(c2)) + [c2 + c1 + 2]  # upsampled x and the b_f column
+        self.down2_frame.weight = nn.Parameter(down2.weight[:, plan : plan + 1].detach().clone())
+        keep = list(range(c2)) + [c2 + plan]  # upsampled x and the b_f column
         self.up1_frame = nn.Conv3d(c2 + 1, up1.out_channels, 3, padding=1, bias=False)
         self.up1_frame.weight = nn.Parameter(up1.weight[:, keep].detach().clone())
 

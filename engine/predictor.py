@@ -43,6 +43,7 @@ from breathcast.canonical import to_canonical
 from breathcast.errors import BreathcastError, PlanRejected
 from breathcast.geometry import Grid, Volume, hu_to_unit, resample_volume
 from breathcast.model_box import PlanCheck, model_box_volume, resample_onto
+from breathcast.motion_prior import motion_prior
 from breathcast.segmentation import sliding_weight
 from breathcast.resize import FieldResizer, axis_weights, evaluate_polynomial, trilinear_corners, voxel_to_lps_matrix
 from breathcast.state_model import DISTILLED_TERMS, StateModel, Terms, design_matrix, fit_state_model
@@ -294,12 +295,20 @@ class _Integrator:
 
 
 class CVAENetwork:
-    """A ``cvae`` package: the ``plan`` graph once per plan, the ``frame`` graph per batch (z = 0: the mean)."""
+    """A ``cvae`` package: the ``plan`` graph once per plan, the ``frame`` graph per batch (z = 0: the mean).
 
-    def __init__(self, package: ModelPackage, moving_unit: np.ndarray, b_m: np.ndarray, config: PredictorConfig) -> None:
+    ``prior``: (P, D/2, D/2, D/2) the plan's motion prior, for a package whose model takes one.
+    """
+
+    def __init__(
+        self, package: ModelPackage, moving_unit: np.ndarray, b_m: np.ndarray, config: PredictorConfig, prior: np.ndarray | None = None
+    ) -> None:
         manifest = package.manifest
         plan = open_graph(package, "plan", config.runtime)
-        outputs = plan.run({"moving": moving_unit[None, None].astype(np.float32), "b_m": b_m[None]})
+        feed = {"moving": moving_unit[None, None].astype(np.float32), "b_m": b_m[None]}
+        if prior is not None:
+            feed["prior"] = prior[None].astype(np.float32)
+        outputs = plan.run(feed)
         self._plan_tensors = dict(zip((spec.name for spec in manifest.graphs["plan"].outputs), outputs))
         self._b_m = b_m[None]
         self._frame = open_graph(package, "frame", config.runtime)
@@ -428,7 +437,13 @@ class Predictor:
         self._coefficients: np.ndarray | None = None
         self._terms: Terms = ()
         self.network: Network | None = None
-        if manifest.kind in _NETWORKS:
+        if manifest.kind == "cvae" and manifest.model.get("prior_channels"):
+            try:
+                prior = motion_prior(model_volume)
+            except BreathcastError as error:
+                raise PlanRejected(f"plan rejected: no motion prior on the model grid: {error}") from None
+            self.network = CVAENetwork(package, hu_to_unit(model_volume.array), self.b_m, config, prior)
+        elif manifest.kind in _NETWORKS:
             self.network = _NETWORKS[manifest.kind](package, hu_to_unit(model_volume.array), self.b_m, config)
         if config.path is PredictorPath.DISTILLED:
             self._distil(model_volume)

@@ -125,12 +125,13 @@ def adapt_cvae(
     weights = {s: _weights(patient, s, config.lung_margin_weight) for s in scans}
     order = np.random.default_rng(config.seed).integers(len(pairs), size=config.steps)
     z = torch.zeros(1, model.config.latent_dim)
+    priors = {s: torch.from_numpy(patient.motion_prior(s))[None] for s in scans} if model.config.prior_channels else {}
     losses: list[float] = []
     started = time.perf_counter()
     for step in tqdm(range(config.steps), desc=f"adapting to {patient.patient_id}", unit="step", disable=not progress):
         m, f = pairs[order[step]]
         moving, fixed = images[m : m + 1], images[f : f + 1]
-        velocity = model.decode_velocity(moving, amplitude[m : m + 1], amplitude[f : f + 1], z)
+        velocity = model.decode_velocity(moving, amplitude[m : m + 1], amplitude[f : f + 1], z, priors.get(m))
         warped = warp(moving, model.integrate(velocity))
         loss = _weighted_mse(warped, fixed, weights[f]) + config.smooth * smoothness(velocity)
         optimizer.zero_grad(set_to_none=True)

@@ -4,6 +4,8 @@ Shapes (N = batch, D = the model grid, Z = D slices):
 
 * ``moving``, ``fixed``: (N, 1, D, D, D) CT scaled to [0, 1] (``breathcast.geometry.hu_to_unit``).
 * ``b_m``, ``b_f``: (N, Z) per-slice breathing amplitude of the moving scan and the wanted (fixed) state.
+* ``prior``: (N, P, D/2, D/2, D/2) the moving scan's anatomical motion prior (:mod:`breathcast.motion_prior`),
+  for a model with ``prior_channels`` P > 0; absent (None) for P = 0.
 * velocity / displacement: (N, 3, D, D, D) voxels of the model grid, components (dz, dy, dx), pull-back.
 
 Architecture (after Dalca et al. 2019, as the paper):
@@ -12,7 +14,8 @@ Architecture (after Dalca et al. 2019, as the paper):
 * bellows encoder E_b(b_m, b_f): 1D convs over the two traces + fully connected -> an embedding.
 * decoder p(v | M, z ⊕ E_b): a U-Net on M; the latent z ⊕ E_b is injected at the bottleneck, M (pooled) is
   concatenated at every level. Beyond the paper, the two per-slice traces are also concatenated at every
-  level as channels that vary along z only, so a slice sees its own breathing state directly.
+  level as channels that vary along z only, so a slice sees its own breathing state directly; and a model
+  with a motion prior sees it (pooled) at every level from D/2 down, beside M.
 * The U-Net works from half resolution down (the first conv has stride 2) and predicts the velocity at
   half resolution; scaling and squaring runs there and the displacement is upsampled to the model grid.
   That is where the CPU speed comes from (DESIGN.md, "Real time").
@@ -48,6 +51,8 @@ class CVAEConfig:
         trace_embedding_dim: size of E_b(b_m, b_f).
         channels: feature channels at 1/2, 1/4, 1/8 and 1/16 resolution.
         integration_steps: scaling and squaring steps (7 as the paper).
+        prior_channels: channels of the anatomical motion prior the decoder sees (0: none, the paper's model;
+            3: :func:`breathcast.motion_prior.motion_prior`).
     """
 
     grid: int = 64
@@ -55,6 +60,7 @@ class CVAEConfig:
     trace_embedding_dim: int = 32
     channels: tuple[int, int, int, int] = (16, 32, 32, 48)
     integration_steps: int = 7
+    prior_channels: int = 0
 
     def __post_init__(self) -> None:
         if self.grid < 16 or self.grid % 16:
@@ -130,7 +136,7 @@ class CVAE(nn.Module):
         super().__init__()
         self.config = config
         c1, c2, c3, c4 = config.channels
-        side = 2 + 1  # every level also sees M (pooled) and the two trace channels
+        side = 1 + config.prior_channels + 2  # every level also sees M (pooled), the prior and the two traces
         self.encoder = PairEncoder(config.channels, config.latent_dim)
         self.trace_encoder = TraceEncoder(config.grid, config.trace_embedding_dim)
         latent = config.latent_dim + config.trace_embedding_dim
@@ -147,36 +153,50 @@ class CVAE(nn.Module):
         nn.init.normal_(self.velocity.weight, std=1e-5)
         nn.init.zeros_(self.velocity.bias)
 
-    def check_inputs(self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor) -> None:
+    def check_inputs(self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor, prior: torch.Tensor | None = None) -> None:
         d = self.config.grid
         if moving.ndim != 5 or tuple(moving.shape[1:]) != (1, d, d, d):
             raise BreathcastError(f"moving image must have shape (N, 1, {d}, {d}, {d}), got {tuple(moving.shape)}")
         for name, b in (("b_m", b_m), ("b_f", b_f)):
             if b.ndim != 2 or b.shape[1] != d or b.shape[0] != moving.shape[0]:
                 raise BreathcastError(f"{name} must have shape ({moving.shape[0]}, {d}): one amplitude per slice, got {tuple(b.shape)}")
+        p, h = self.config.prior_channels, d // 2
+        if p and (prior is None or tuple(prior.shape) != (moving.shape[0], p, h, h, h)):
+            got = "none" if prior is None else tuple(prior.shape)
+            raise BreathcastError(f"this model needs its motion prior, shape ({moving.shape[0]}, {p}, {h}, {h}, {h}), got {got}")
+        if not p and prior is not None:
+            raise BreathcastError("this model takes no motion prior (prior_channels = 0)")
 
-    def _side(self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor, size: int) -> torch.Tensor:
+    def _side(self, moving: torch.Tensor, prior: torch.Tensor | None, b_m: torch.Tensor, b_f: torch.Tensor, size: int) -> torch.Tensor:
         factor = moving.shape[-1] // size  # avg_pool3d, not adaptive: the ONNX exporter has no adaptive 3D pooling
-        pooled = F.avg_pool3d(moving, factor) if factor > 1 else moving
-        return torch.cat([pooled, _trace_channels(b_m, b_f, size)], dim=1)
+        pooled = [F.avg_pool3d(moving, factor) if factor > 1 else moving]
+        if prior is not None:
+            pooled.append(F.avg_pool3d(prior, factor // 2) if factor > 2 else prior)
+        return torch.cat([*pooled, _trace_channels(b_m, b_f, size)], dim=1)
 
-    def decode_velocity(self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def decode_velocity(
+        self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor, z: torch.Tensor, prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """p(v | M, z ⊕ E_b(b_m, b_f)): the stationary velocity (N, 3, D/2, D/2, D/2) in half-grid voxels."""
         d = self.config.grid
         latent = torch.cat([z, self.trace_encoder(b_m, b_f)], dim=1)
+
+        def side(size: int) -> torch.Tensor:
+            return self._side(moving, prior, b_m, b_f, size)
+
         x1 = self.down1(moving)
-        x2 = self.down2(torch.cat([x1, self._side(moving, b_m, b_f, d // 2)], 1))
-        x3 = self.down3(torch.cat([x2, self._side(moving, b_m, b_f, d // 4)], 1))
-        x4 = self.down4(torch.cat([x3, self._side(moving, b_m, b_f, d // 8)], 1))
+        x2 = self.down2(torch.cat([x1, side(d // 2)], 1))
+        x3 = self.down3(torch.cat([x2, side(d // 4)], 1))
+        x4 = self.down4(torch.cat([x3, side(d // 8)], 1))
         s16 = d // 16
         tiled = latent[:, :, None, None, None].expand(-1, -1, s16, s16, s16)
-        x = self.bottleneck(torch.cat([x4, self._side(moving, b_m, b_f, s16), tiled], 1))
+        x = self.bottleneck(torch.cat([x4, side(s16), tiled], 1))
         x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
-        x = self.up3(torch.cat([x, x3, self._side(moving, b_m, b_f, d // 8)], 1))
+        x = self.up3(torch.cat([x, x3, side(d // 8)], 1))
         x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
-        x = self.up2(torch.cat([x, x2, self._side(moving, b_m, b_f, d // 4)], 1))
+        x = self.up2(torch.cat([x, x2, side(d // 4)], 1))
         x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
-        x = self.up1(torch.cat([x, x1, self._side(moving, b_m, b_f, d // 2)], 1))
+        x = self.up1(torch.cat([x, x1, side(d // 2)], 1))
         return self.velocity(x)
 
     def integrate(self, velocity: torch.Tensor) -> torch.Tensor:
@@ -191,28 +211,32 @@ class CVAE(nn.Module):
         b_m: torch.Tensor,
         b_f: torch.Tensor,
         eps: torch.Tensor | None = None,
+        prior: torch.Tensor | None = None,
     ) -> CVAEOutput:
         """Training pass: encode the pair, sample z = mu + sigma * eps, decode, integrate, warp M.
 
         Args:
             eps: (N, latent_dim) standard normal noise; None draws it from torch's global generator.
+            prior: the moving scan's motion prior (see the module docstring), for a model that takes one.
         """
-        self.check_inputs(moving, b_m, b_f)
+        self.check_inputs(moving, b_m, b_f, prior)
         mu, logvar = self.encoder(moving, fixed)
         if eps is None:
             eps = torch.randn_like(mu)
         z = mu + torch.exp(0.5 * logvar) * eps
-        velocity = self.decode_velocity(moving, b_m, b_f, z)
+        velocity = self.decode_velocity(moving, b_m, b_f, z, prior)
         displacement = self.integrate(velocity)
         return CVAEOutput(velocity, displacement, warp(moving, displacement), mu, logvar)
 
     @torch.no_grad()
-    def predict(self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(
+        self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor, z: torch.Tensor | None = None, prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Inference without the fixed image: displacement (N, 3, D, D, D) voxels; z = 0 unless given."""
-        self.check_inputs(moving, b_m, b_f)
+        self.check_inputs(moving, b_m, b_f, prior)
         if z is None:
             z = moving.new_zeros(moving.shape[0], self.config.latent_dim)
-        return self.integrate(self.decode_velocity(moving, b_m, b_f, z))
+        return self.integrate(self.decode_velocity(moving, b_m, b_f, z, prior))
 
 
 def save_cvae(model: CVAE, path: Path) -> None:

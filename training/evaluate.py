@@ -138,7 +138,8 @@ class CVAEPredictor:
                 f"{self.name} works on a {d}³ grid; patient {patient.patient_id} is on {patient.images.shape[1:]}: "
                 f"load the patients at grid {d}"
             )
-        return predict_displacement(self.model, patient.images[moving], patient.amplitude[moving], fixed_amplitude)
+        prior = patient.motion_prior(moving) if self.model.config.prior_channels else None
+        return predict_displacement(self.model, patient.images[moving], patient.amplitude[moving], fixed_amplitude, prior=prior)
 
 
 class LDMPredictor:

@@ -11,8 +11,9 @@ import torch
 import breathcast
 from breathcast.sim.anatomy import LUNG_LABELS, Label
 from breathcast.errors import BreathcastError
-from breathcast.geometry import Grid, field_to_lps_mm, hu_to_unit
+from breathcast.geometry import Grid, Volume, field_to_lps_mm, hu_to_unit
 from breathcast.metrics import endpoint_error_mm, lung_region_mask, masked_mse, target_error_mm, target_motion_error_mm
+from breathcast.motion_prior import motion_prior
 from breathcast.plots import plot_prediction
 from breathcast.sim.simulator import SimulatedPatient, pair_field
 from breathcast.training.cvae import CVAE, load_cvae
@@ -45,7 +46,8 @@ def default_model() -> CVAE:
 
 
 def predict_displacement(
-    model: CVAE, moving_unit: np.ndarray, b_m: np.ndarray, b_f: np.ndarray, z: torch.Tensor | None = None
+    model: CVAE, moving_unit: np.ndarray, b_m: np.ndarray, b_f: np.ndarray, z: torch.Tensor | None = None,
+    prior: np.ndarray | None = None,
 ) -> np.ndarray:
     """One prediction, z = 0 unless ``z`` is given.
 
@@ -54,6 +56,8 @@ def predict_displacement(
         moving_unit: (D, D, D) planning scan in [0, 1] at the model grid.
         b_m, b_f: (D,) per-slice amplitude of the planning scan and of the wanted state.
         z: (1, latent_dim) latent sample, or None for z = 0.
+        prior: (3, D/2, D/2, D/2) the planning scan's motion prior (:mod:`breathcast.motion_prior`), for a
+            model that takes one.
 
     Returns:
         (3, D, D, D) float32 displacement, model-grid voxels, pull-back.
@@ -62,17 +66,19 @@ def predict_displacement(
     moving = torch.from_numpy(np.ascontiguousarray(moving_unit, dtype=np.float32))[None, None].to(device)
     b_m_t = torch.from_numpy(np.asarray(b_m, dtype=np.float32))[None].to(device)
     b_f_t = torch.from_numpy(np.asarray(b_f, dtype=np.float32))[None].to(device)
-    u = model.predict(moving, b_m_t, b_f_t, z=None if z is None else z.to(device))
+    prior_t = None if prior is None else torch.from_numpy(np.ascontiguousarray(prior, dtype=np.float32))[None].to(device)
+    u = model.predict(moving, b_m_t, b_f_t, z=None if z is None else z.to(device), prior=prior_t)
     return u[0].cpu().numpy().astype(np.float32, copy=False)
 
 
 def predict_with_uncertainty(
-    model: CVAE, moving_unit: np.ndarray, b_m: np.ndarray, b_f: np.ndarray, grid: Grid, samples: int = 8, seed: int = 0
+    model: CVAE, moving_unit: np.ndarray, b_m: np.ndarray, b_f: np.ndarray, grid: Grid, samples: int = 8, seed: int = 0,
+    prior: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The z = 0 prediction and a per-voxel uncertainty from ``samples`` draws of z ~ N(0, I) (paper §2).
 
     Args:
-        model, moving_unit, b_m, b_f: as :func:`predict_displacement`.
+        model, moving_unit, b_m, b_f, prior: as :func:`predict_displacement`.
         grid: the model grid (for millimetres).
         samples: number of latent samples (>= 2).
         seed: seed of the latent samples; the same seed gives the same map.
@@ -84,10 +90,10 @@ def predict_with_uncertainty(
     if samples < 2:
         raise BreathcastError(f"an uncertainty map needs at least 2 samples, got {samples}")
     z = torch.randn(samples, model.config.latent_dim, generator=torch.Generator().manual_seed(seed))
-    draws = np.stack([predict_displacement(model, moving_unit, b_m, b_f, z=z[i : i + 1]) for i in range(samples)])
+    draws = np.stack([predict_displacement(model, moving_unit, b_m, b_f, z=z[i : i + 1], prior=prior) for i in range(samples)])
     draws_mm = draws * np.asarray(grid.spacing_zyx, dtype=np.float32)[None, :, None, None, None]
     std_mm = np.sqrt(draws_mm.var(axis=0).sum(axis=0)).astype(np.float32)
-    return predict_displacement(model, moving_unit, b_m, b_f), std_mm
+    return predict_displacement(model, moving_unit, b_m, b_f, prior=prior), std_mm
 
 
 def predict_ldm_with_uncertainty(
@@ -150,7 +156,8 @@ def demo_prediction(patient: SimulatedPatient, model: CVAE, out_dir: Path) -> De
     k, j = int(np.argmin(means)), int(np.argmax(means))
     moving, fixed = patient.scans[k], patient.scans[j]
     m, f = hu_to_unit(moving.image_hu), hu_to_unit(fixed.image_hu)
-    u = predict_displacement(model, m, moving.amplitude, fixed.amplitude)
+    prior = motion_prior(Volume(moving.image_hu, patient.grid)) if model.config.prior_channels else None
+    u = predict_displacement(model, m, moving.amplitude, fixed.amplitude, prior=prior)
     predicted = warp_image(m, u)
     grid = patient.grid
     region = lung_region_mask(np.isin(fixed.labels, LUNG_LABELS), grid)

@@ -126,18 +126,19 @@ def _init_distributed() -> _Distributed:
 
 def load_training_data(
     data: Path | None, grid: int, val_patients: int, test_patients: int, seed: int,
-    simulate_patients: int = 8, simulation_seed: int = 0,
+    simulate_patients: int = 8, simulation_seed: int = 0, with_priors: bool = False,
 ) -> tuple[Split, list[PatientData], list[PatientData], dict]:
     """The patient split, the training and validation patients at the model grid, and a summary for the manifest.
 
     ``data`` is a dataset folder; None simulates ``simulate_patients`` patients in memory. Every model trained
-    with the same (data, val_patients, test_patients, seed) holds out the same patients.
+    with the same (data, val_patients, test_patients, seed) holds out the same patients. ``with_priors``: each
+    scan's motion prior too, for a model that takes one.
     """
     if data is not None:
         dataset = open_dataset(data)
         split = split_patients(dataset.patients, val_patients, test_patients, seed=seed)
-        train = load_patients(dataset, split.train, grid, with_truth=False)
-        val = load_patients(dataset, split.val, grid, with_truth=False)
+        train = load_patients(dataset, split.train, grid, with_truth=False, with_priors=with_priors)
+        val = load_patients(dataset, split.val, grid, with_truth=False, with_priors=with_priors)
         summary = {"source": str(Path(data).resolve()), "kind": dataset.kind, "patients": len(dataset.patients),
                    "generator": dataset.metadata.get("generator"),
                    "generator_real_anatomy": dataset.metadata.get("generator_real_anatomy")}
@@ -145,7 +146,7 @@ def load_training_data(
         sim = SimulationConfig(grid_size=grid)
         ids = [f"patient_{i:03d}" for i in range(simulate_patients)]
         split = split_patients(ids, val_patients, test_patients, seed=seed)
-        everyone = simulate_patients_in_memory(simulate_patients, sim, simulation_seed, grid)
+        everyone = simulate_patients_in_memory(simulate_patients, sim, simulation_seed, grid, with_priors=with_priors)
         by_id = {p.patient_id: p for p in everyone}
         train, val = [by_id[i] for i in split.train], [by_id[i] for i in split.val]
         summary = {"source": "simulator (in memory)", "kind": "simulated", "patients": simulate_patients,
@@ -156,7 +157,7 @@ def load_training_data(
 
 def _load_data(config: TrainConfig) -> tuple[Split, list[PatientData], list[PatientData], dict]:
     return load_training_data(config.data, config.model.grid, config.val_patients, config.test_patients, config.seed,
-                              config.simulate_patients, config.simulation_seed)
+                              config.simulate_patients, config.simulation_seed, config.model.prior_channels > 0)
 
 
 def lung_region(patient: PatientData, scan: int) -> np.ndarray:
@@ -176,7 +177,8 @@ def validate(model: CVAE, patients: list[PatientData], pairs: int, seed: int, de
     by_id = {p.patient_id: p for p in patients}
     predicted = no_deformation = 0.0
     for i, (pid, _, j) in enumerate(batch.pairs):
-        displacement = model.predict(batch.moving[i : i + 1].to(device), batch.b_m[i : i + 1].to(device), batch.b_f[i : i + 1].to(device))
+        prior = None if batch.prior is None else batch.prior[i : i + 1].to(device)
+        displacement = model.predict(batch.moving[i : i + 1].to(device), batch.b_m[i : i + 1].to(device), batch.b_f[i : i + 1].to(device), prior=prior)
         warped = warp(batch.moving[i : i + 1].to(device), displacement)[0, 0].cpu().numpy()
         mask = lung_region(by_id[pid], j)
         fixed, moving = batch.fixed[i, 0].numpy(), batch.moving[i, 0].numpy()
@@ -196,7 +198,7 @@ def training_step(network: torch.nn.Module, batch, weights: LossWeights):
 
     ``network`` is the :class:`CVAE` or its DistributedDataParallel wrapper (which averages gradients).
     """
-    output = network(batch.moving, batch.fixed, batch.b_m, batch.b_f, batch.eps)
+    output = network(batch.moving, batch.fixed, batch.b_m, batch.b_f, batch.eps, batch.prior)
     terms = cvae_loss(output, batch.fixed, weights)
     terms.total.backward()
     return terms

@@ -56,6 +56,8 @@ __all__ = [
     "augmented_anatomy",
     "RealMotionParams",
     "sample_real_motion",
+    "population_motion",
+    "REAL_MOTION_RANGES",
     "build_real_motion_field",
     "RealPatientAnatomy",
     "build_realct_anatomy",
@@ -223,19 +225,34 @@ class RealMotionParams:
     lung_lr_ratio: float
 
 
+# Ranges of the uniform draws (in the order they are drawn), tuned to real lungs (bench_motion_realism).
+REAL_MOTION_RANGES: dict[str, tuple[float, float]] = {
+    "si_amplitude_mm": (5.5, 21.0),
+    "chest_wall_mm": (1.0, 5.0),
+    "lateral_mm": (0.5, 3.0),
+    "si_nonlinearity": (0.15, 0.45),
+    "hysteresis_s": (0.08, 0.25),
+    "right_to_left": (0.85, 1.15),
+    "apex_exponent": (1.0, 1.6),
+    "lung_ap_ratio": (0.35, 0.7),
+    "lung_lr_ratio": (0.2, 0.45),
+}
+
+
+def _real_motion(values: dict[str, float]) -> RealMotionParams:
+    ratios = ("lung_ap_ratio", "lung_lr_ratio")
+    base = MotionParams(**{k: v for k, v in values.items() if k not in ratios})
+    return RealMotionParams(base, lung_ap_ratio=values["lung_ap_ratio"], lung_lr_ratio=values["lung_lr_ratio"])
+
+
 def sample_real_motion(rng: np.random.Generator) -> RealMotionParams:
     """Draw a motion whose landmark statistics match real lungs (DIR-Lab, POPI; see the module docstring)."""
-    si = rng.uniform(5.5, 21.0)
-    base = MotionParams(
-        si_amplitude_mm=si,
-        chest_wall_mm=rng.uniform(1.0, 5.0),
-        lateral_mm=rng.uniform(0.5, 3.0),
-        si_nonlinearity=rng.uniform(0.15, 0.45),
-        hysteresis_s=rng.uniform(0.08, 0.25),
-        right_to_left=rng.uniform(0.85, 1.15),
-        apex_exponent=rng.uniform(1.0, 1.6),
-    )
-    return RealMotionParams(base, lung_ap_ratio=rng.uniform(0.35, 0.7), lung_lr_ratio=rng.uniform(0.2, 0.45))
+    return _real_motion({name: rng.uniform(low, high) for name, (low, high) in REAL_MOTION_RANGES.items()})
+
+
+def population_motion() -> RealMotionParams:
+    """The middle of every range of :func:`sample_real_motion`: the motion of a typical patient."""
+    return _real_motion({name: 0.5 * (low + high) for name, (low, high) in REAL_MOTION_RANGES.items()})
 
 
 def _block_mean(u: np.ndarray, factor: int) -> np.ndarray:

@@ -1,0 +1,120 @@
+"""The anatomical motion prior and the cVAE that sees it: where it moves, that it follows the anatomy, and that
+training, export and the engine give the network the same prior."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from breathcast.canonical import to_canonical
+from breathcast.engine.export import export_cvae
+from breathcast.engine.package import TraceSpec
+from breathcast.engine.predictor import Plan, PredictorConfig, load_predictor
+from breathcast.errors import BreathcastError
+from breathcast.geometry import HU_MIN, Volume, hu_to_unit, unit_to_hu
+from breathcast.io.dicom_io import read_ct_series
+from breathcast.model_box import model_box_volume
+from breathcast.motion_prior import PRIOR_CHANNELS, motion_prior
+from breathcast.segmentation import segment_thorax
+from breathcast.sim.simulator import SimulationConfig
+from breathcast.training.cvae import CVAE, CVAEConfig
+from breathcast.training.data import motion_priors, sample_pairs, simulate_patients
+from breathcast.training.inference import predict_displacement
+
+from conftest import shared_data_file
+
+D = 32
+BOX = {"anchor": "lungs", "extent_mm": [400.0, 400.0, 320.0]}
+
+
+def _half(mask: np.ndarray) -> np.ndarray:
+    """A full-grid mask -> the half grid's voxels that lie wholly inside it."""
+    z, y, x = mask.shape
+    return mask.reshape(z // 2, 2, y // 2, 2, x // 2, 2).all(axis=(1, 3, 5))
+
+
+def test_the_prior_moves_the_lung_base_and_keeps_the_spine_and_the_outside_still():
+    """On the real POPI CT in its 64³ model box: the lung base moves superior-inferior by several mm, the
+    vertebrae and the air outside the body by (almost) nothing."""
+    ct = to_canonical(read_ct_series(shared_data_file("ct/popi-phase00")).volume)[0]
+    box, _ = model_box_volume(ct, (64, 64, 64))
+    prior = motion_prior(box)
+    assert prior.shape == (PRIOR_CHANNELS, 32, 32, 32) and prior.dtype == np.float32
+    seg = segment_thorax(box)
+    magnitude_mm = np.linalg.norm(prior * np.asarray(box.grid.spacing_zyx, np.float32)[:, None, None, None], axis=0)
+    lungs = seg.lungs
+    z = np.argwhere(lungs)[:, 0]
+    base = lungs & (np.arange(64)[:, None, None] <= np.percentile(z, 20))
+    assert magnitude_mm[_half(base)].mean() > 6.0
+    assert magnitude_mm[_half(seg.spine)].mean() < 1.0
+    assert magnitude_mm[_half(~seg.body)].mean() < 0.5
+
+
+def test_the_prior_follows_the_anatomy_not_the_frame(small_patient):
+    """Moving the anatomy 4 voxels down the same grid moves the prior 2 half-grid voxels down, nothing else."""
+    hu = small_patient.reference_hu
+    shifted = np.full_like(hu, HU_MIN)
+    shifted[:-4] = hu[4:]
+    grid = small_patient.grid
+    original, moved = motion_prior(Volume(hu, grid)), motion_prior(Volume(shifted, grid))
+    inner = (slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+    difference = np.abs(moved[:, :-2][inner] - original[:, 2:][inner])
+    assert difference.max() < 0.05 * np.abs(original).max()
+
+
+def test_a_model_with_a_prior_refuses_to_run_without_it():
+    """Missing or unwanted priors are one-line errors, not silent zeros."""
+    model = CVAE(CVAEConfig(grid=16, latent_dim=4, trace_embedding_dim=4, channels=(4, 4, 4, 4), prior_channels=3))
+    image, trace = torch.zeros(1, 1, 16, 16, 16), torch.zeros(1, 16)
+    with pytest.raises(BreathcastError, match="needs its motion prior"):
+        model.predict(image, trace, trace)
+    plain = CVAE(CVAEConfig(grid=16, latent_dim=4, trace_embedding_dim=4, channels=(4, 4, 4, 4)))
+    with pytest.raises(BreathcastError, match="takes no motion prior"):
+        plain.predict(image, trace, trace, prior=torch.zeros(1, 3, 8, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def patients():
+    return simulate_patients(2, SimulationConfig(grid_size=D, n_scans=4, noise_hu=0.0, crop_probability=0.0), 5, D, with_priors=True)
+
+
+def test_training_batches_carry_each_moving_scans_prior(patients):
+    """The stored prior is each scan's own; the one made from the [0, 1] image is the same; batches carry it."""
+    p = patients[0]
+    assert p.priors.shape == (4, PRIOR_CHANNELS, D // 2, D // 2, D // 2)
+    without = type(p)(p.patient_id, p.images, p.amplitude, p.grid)
+    np.testing.assert_allclose(without.motion_prior(2), p.priors[2], atol=1e-6)
+    assert not np.allclose(p.priors[0], p.priors[1])  # scans at other breathing states: other priors
+    batch = sample_pairs(patients, 3, latent_dim=4, seed=0, step=1)
+    for i, (pid, k, _) in enumerate(batch.pairs):
+        np.testing.assert_array_equal(batch.prior[i].numpy(), next(q for q in patients if q.patient_id == pid).priors[k])
+    volumes = [Volume(unit_to_hu(image), p.grid) for image in np.concatenate([p.images, patients[1].images])]
+    np.testing.assert_array_equal(motion_priors(volumes), np.stack([motion_prior(v) for v in volumes]))  # on all cores
+
+
+@pytest.fixture(scope="module")
+def prior_model():
+    torch.manual_seed(0)
+    model = CVAE(CVAEConfig(grid=D, latent_dim=4, trace_embedding_dim=4, channels=(4, 4, 4, 4), prior_channels=PRIOR_CHANNELS))
+    with torch.no_grad():
+        model.velocity.weight.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def test_the_engine_gives_the_network_the_plans_prior(prior_model, patients, small_patient, tmp_path):
+    """Export (parity checked against torch), then the predictor on a plan: its field is the torch model's on the
+    plan's model box with that box's prior; another prior would give another field."""
+    trace = TraceSpec(window_samples=448, sample_interval_s=2.3 / 447, slices=D)
+    package = export_cvae(prior_model, tmp_path / "prior", trace=trace, training={"model_box": BOX})
+    assert [s.name for s in package.manifest.graphs["plan"].inputs] == ["moving", "b_m", "prior"]
+    plan = Plan(Volume(small_patient.reference_hu, small_patient.grid), np.full(small_patient.grid.shape[0], 0.2))
+    predictor = load_predictor(package, plan, PredictorConfig(path="direct", sliding_mask=False))
+    b_f = np.full((1, D), 0.9, np.float32)
+    served = predictor.network_displacements(b_f)[0]
+    box, _ = model_box_volume(plan.volume, (D, D, D), tuple(BOX["extent_mm"]))
+    prior = motion_prior(box)
+    expected = predict_displacement(prior_model, hu_to_unit(box.array), predictor.b_m, b_f[0], prior=prior)
+    np.testing.assert_allclose(served, expected, atol=1e-4)
+    other = predict_displacement(prior_model, hu_to_unit(box.array), predictor.b_m, b_f[0], prior=np.zeros_like(prior))
+    assert np.abs(other - expected).max() > 10 * np.abs(served - expected).max()
