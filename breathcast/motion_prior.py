@@ -11,15 +11,57 @@ way in training (each moving scan) and in the engine (the plan), on the model gr
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from breathcast.geometry import Volume
-from breathcast.segmentation import segment_thorax
+from breathcast.model_box import TYPICAL_LUNG_HEIGHT_MM
+from breathcast.segmentation import ThoraxSegmentation, extrapolated_dome_mm, segment_thorax
 from breathcast.sim.realct import build_real_motion_field, population_motion
 
-__all__ = ["PRIOR_CHANNELS", "motion_prior"]
+__all__ = ["PRIOR_CHANNELS", "motion_prior", "uncut_lungs"]
 
 PRIOR_CHANNELS = 3  # the prior's (dz, dy, dx)
+
+APEX_TO_DOME_MM = 170.0
+"""Lung apex to the mean lung base (the dome over the lungs' columns): 170.3 mm on POPI, 170.8 on 4D-Lung 0103."""
+
+CUT_MARGIN_MM = 15.0
+"""Lungs within this of where the field of view ends are cut there (the segmentation keeps lungs 2-3 voxels of a
+64³ grid off a cut)."""
+
+
+def uncut_lungs(seg: ThoraxSegmentation) -> ThoraxSegmentation:
+    """``seg`` with the lung base and apex estimated where the CT's field of view cuts them along z.
+
+    The field of view ends where the body does short of the grid's ends (the model box is 320 mm tall around
+    the lungs: a body in view always fills it). A column whose lungs reach a cut at the bottom has its base
+    somewhere between the cut and the typical lowest lung point (:data:`TYPICAL_LUNG_HEIGHT_MM` below the
+    apex): the middle is taken. A cut apex is taken :data:`APEX_TO_DOME_MM` above the mean base. What is not
+    cut is left as it is.
+    """
+    grid = seg.grid
+    nz = grid.shape[0]
+    lungs = seg.lungs
+    body_slices = np.flatnonzero(seg.body.any(axis=(1, 2)))
+    lung_slices = np.flatnonzero(lungs.any(axis=(1, 2)))
+    if len(body_slices) == 0 or len(lung_slices) == 0:
+        return seg
+    first, last = int(body_slices[0]), int(body_slices[-1])
+    margin = int(np.ceil(CUT_MARGIN_MM / grid.spacing[2]))
+    has = lungs.any(axis=0)
+    lowest = np.argmax(lungs, axis=0).astype(np.float64)
+    base_cut = has & (first > 0) & (lowest <= first + margin)
+    apex_cut = last < nz - 1 and lung_slices[-1] >= last - margin
+    dome, apex = seg.dome_z_mm, seg.apex_z_mm
+    if base_cut.any() and not apex_cut:
+        deepest = (apex - TYPICAL_LUNG_HEIGHT_MM - grid.origin[2]) / grid.spacing[2]  # fractional slice index
+        lowest = np.where(base_cut, first - 0.5 * max(first - deepest, 0.0), lowest)
+        dome = extrapolated_dome_mm(lowest, has, grid).astype(np.float32)
+    if apex_cut:
+        apex = max(apex, float(np.mean(dome[has])) + APEX_TO_DOME_MM)
+    return dataclasses.replace(seg, dome_z_mm=dome, apex_z_mm=float(apex))
 
 
 def motion_prior(volume: Volume) -> np.ndarray:
@@ -30,12 +72,14 @@ def motion_prior(volume: Volume) -> np.ndarray:
 
     Returns:
         (3, Z/2, Y/2, X/2) float32, components (dz, dy, dx) in voxels of the *model* grid: the mean of each
-        2x2x2 block of the pull-back displacement at amplitude 1.
+        2x2x2 block of the pull-back displacement at amplitude 1, built on the segmentation with the lungs the
+        field of view cuts completed (:func:`uncut_lungs`).
 
     Raises:
         BreathcastError: when the CT has no lungs to build the prior on (:func:`segment_thorax`).
     """
     grid = volume.grid
-    u = build_real_motion_field(segment_thorax(volume), population_motion(), grid).displacement(1.0, 0.0)
+    seg = uncut_lungs(segment_thorax(volume))
+    u = build_real_motion_field(seg, population_motion(), grid).displacement(1.0, 0.0)
     c, z, y, x = u.shape
     return u.reshape(c, z // 2, 2, y // 2, 2, x // 2, 2).mean(axis=(2, 4, 6)).astype(np.float32)

@@ -22,7 +22,7 @@ from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume
 from breathcast.sim.anatomy import Label
 
-__all__ = ["ThoraxSegmentation", "segment_thorax", "signed_distance_mm", "sliding_weight", "lung_bounding_box_mm"]
+__all__ = ["ThoraxSegmentation", "segment_thorax", "signed_distance_mm", "sliding_weight", "lung_bounding_box_mm", "extrapolated_dome_mm"]
 
 SLIDING_WIDTH_MM = 4.0
 """Width of the shear layer at the cavity's edge, where motion falls from the lungs' to the chest wall's."""
@@ -166,14 +166,18 @@ def _behind_spine(spine: np.ndarray, margin_voxels: tuple[int, int]) -> np.ndarr
 
 def _dome_height(lungs: np.ndarray, grid: Grid) -> np.ndarray:
     """(Y, X) LPS z of the lowest lung voxel per column, smoothed, extrapolated to columns without lung."""
-    nz = lungs.shape[0]
     has = lungs.any(axis=0)
-    lowest = np.where(has, np.argmax(lungs, axis=0), 0).astype(np.float64)
-    nearest = ndimage.distance_transform_edt(~has, return_distances=False, return_indices=True)
-    filled = lowest[nearest[0], nearest[1]]
+    return extrapolated_dome_mm(np.where(has, np.argmax(lungs, axis=0), 0).astype(np.float64), has, grid)
+
+
+def extrapolated_dome_mm(lowest_index: np.ndarray, known: np.ndarray, grid: Grid) -> np.ndarray:
+    """(Y, X) LPS z of the lung base: ``lowest_index`` (Y, X) fractional slice index where ``known`` (Y, X
+    bool), taken from the nearest known column elsewhere, smoothed over 10 mm and kept on the grid's slices."""
+    nearest = ndimage.distance_transform_edt(~known, return_distances=False, return_indices=True)
+    filled = lowest_index[nearest[0], nearest[1]]
     sy, sx = grid.spacing[1], grid.spacing[0]
     smooth = ndimage.gaussian_filter(filled, sigma=(10.0 / sy, 10.0 / sx), mode="nearest")
-    return grid.origin[2] + grid.spacing[2] * np.clip(smooth, 0, nz - 1)
+    return grid.origin[2] + grid.spacing[2] * np.clip(smooth, 0, grid.shape[0] - 1)
 
 
 def _outside_air(hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
