@@ -21,6 +21,9 @@ import numpy as np
 from breathcast.errors import BreathcastError
 from breathcast.calibration.quantization_data import QuantizationData
 from breathcast.engine.package import ModelPackage, PackageError, write_package
+from breathcast.geometry import Grid, Volume, unit_to_hu
+from breathcast.model_box import MODEL_BOX_MM
+from breathcast.motion_prior import motion_prior
 from breathcast.engine.predictor import WindowMode, window_states
 from breathcast.engine.runtimes import RuntimeConfig, open_graph
 
@@ -29,7 +32,9 @@ __all__ = ["frame_feeds", "quantize_frame"]
 
 def frame_feeds(package: ModelPackage, data: QuantizationData) -> list[dict[str, np.ndarray]]:
     """Frame-graph inputs for every (plan, window) pair of ``data`` (arrays ``moving`` (P, D, D, D) in [0, 1],
-    ``b_m`` (P, D), ``windows`` (S, W) on the model's time base)."""
+    ``b_m`` (P, D), ``windows`` (S, W) on the model's time base). The plans are taken to fill the model box (as
+    :func:`~breathcast.calibration.quantization_data.representative_plans` makes them) where the model needs
+    their motion prior."""
     for name in ("moving", "b_m", "windows"):
         if name not in data.arrays:
             raise BreathcastError(f"quantisation data has no {name!r} array (it has {sorted(data.arrays)})")
@@ -38,12 +43,17 @@ def frame_feeds(package: ModelPackage, data: QuantizationData) -> list[dict[str,
     plan_session = open_graph(package, "plan", RuntimeConfig())
     plan_names = [spec.name for spec in manifest.graphs["plan"].outputs]
     latent = np.zeros((1, manifest.model["latent_dim"]), np.float32)
+    takes_prior = any(spec.name == "prior" for spec in manifest.graphs["plan"].inputs)
+    box = Grid((d, d, d), spacing=tuple(e / d for e in manifest.model_box.get("extent_mm", MODEL_BOX_MM)))
     feeds = []
     for moving, b_m in zip(data.arrays["moving"], data.arrays["b_m"]):
         if moving.shape != (d, d, d) or b_m.shape != (d,):
             raise BreathcastError(f"quantisation plans must be ({d}, {d}, {d}) images with ({d},) traces, got {moving.shape} and {b_m.shape}")
         b_m = b_m[None].astype(np.float32)
-        plan = dict(zip(plan_names, plan_session.run({"moving": moving[None, None].astype(np.float32), "b_m": b_m})))
+        feed = {"moving": moving[None, None].astype(np.float32), "b_m": b_m}
+        if takes_prior:
+            feed["prior"] = motion_prior(Volume(unit_to_hu(moving), box))[None]
+        plan = dict(zip(plan_names, plan_session.run(feed)))
         for window in data.arrays["windows"]:
             a, _ = window_states(window, manifest.trace, d, WindowMode.WINDOW)
             feeds.append(plan | {"b_m": b_m, "b_f": a[None].astype(np.float32), "z": latent})

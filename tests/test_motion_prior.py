@@ -15,7 +15,7 @@ from breathcast.errors import BreathcastError
 from breathcast.geometry import HU_MIN, Volume, hu_to_unit, unit_to_hu
 from breathcast.io.dicom_io import read_ct_series
 from breathcast.model_box import model_box_volume
-from breathcast.motion_prior import PRIOR_CHANNELS, motion_prior
+from breathcast.motion_prior import PRIOR_CHANNELS, motion_prior, uncut_lungs
 from breathcast.segmentation import segment_thorax
 from breathcast.sim.simulator import SimulationConfig
 from breathcast.training.cvae import CVAE, CVAEConfig
@@ -61,6 +61,40 @@ def test_the_prior_follows_the_anatomy_not_the_frame(small_patient):
     inner = (slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
     difference = np.abs(moved[:, :-2][inner] - original[:, 2:][inner])
     assert difference.max() < 0.05 * np.abs(original).max()
+
+
+def _crop_z(volume: Volume, below_mm: float, above_mm: float) -> Volume:
+    g = volume.grid
+    z = g.origin[2] + g.spacing[2] * np.arange(g.shape[0])
+    keep = np.flatnonzero((z >= z[0] + below_mm) & (z <= z[-1] - above_mm))
+    grid = type(g)((len(keep),) + g.shape[1:], g.spacing, (g.origin[0], g.origin[1], float(z[keep[0]])))
+    return Volume(np.ascontiguousarray(volume.array[keep]), grid)
+
+
+def test_lungs_the_field_of_view_cuts_get_a_base_and_apex_near_the_real_ones():
+    """POPI cut 60 mm from below and from above: the completed lung base and apex stay within 10 mm of those of
+    the whole CT, where the segmentation alone puts them at the cut (over 20 mm off)."""
+    ct = to_canonical(read_ct_series(shared_data_file("ct/popi-phase00")).volume)[0]
+
+    def base_and_apex(volume: Volume, complete: bool) -> tuple[float, float]:
+        box, _ = model_box_volume(volume, (64, 64, 64))
+        seg = segment_thorax(box)
+        seg = uncut_lungs(seg) if complete else seg
+        return float(np.mean(seg.dome_z_mm[seg.lungs.any(axis=0)])), seg.apex_z_mm
+
+    base, apex = base_and_apex(ct, True)
+    cut_base = base_and_apex(_crop_z(ct, 60.0, 0.0), True)[0], base_and_apex(_crop_z(ct, 60.0, 0.0), False)[0]
+    cut_apex = base_and_apex(_crop_z(ct, 0.0, 60.0), True)[1], base_and_apex(_crop_z(ct, 0.0, 60.0), False)[1]
+    assert abs(cut_base[0] - base) < 10.0 < 20.0 < abs(cut_base[1] - base)
+    assert abs(cut_apex[0] - apex) < 10.0 < 20.0 < abs(cut_apex[1] - apex)
+
+
+def test_lungs_in_view_are_left_as_they_are(small_patient):
+    """The whole body in view: nothing is cut, nothing is changed."""
+    seg = segment_thorax(Volume(small_patient.reference_hu, small_patient.grid))
+    completed = uncut_lungs(seg)
+    np.testing.assert_array_equal(completed.dome_z_mm, seg.dome_z_mm)
+    assert completed.apex_z_mm == seg.apex_z_mm
 
 
 def test_a_model_with_a_prior_refuses_to_run_without_it():
@@ -118,3 +152,17 @@ def test_the_engine_gives_the_network_the_plans_prior(prior_model, patients, sma
     np.testing.assert_allclose(served, expected, atol=1e-4)
     other = predict_displacement(prior_model, hu_to_unit(box.array), predictor.b_m, b_f[0], prior=np.zeros_like(prior))
     assert np.abs(other - expected).max() > 10 * np.abs(served - expected).max()
+
+
+def test_train_cvae_with_the_motion_prior_records_it(tmp_path):
+    """`breathcast train cvae --motion-prior` trains on the scans' priors and says so in the model's manifest."""
+    import json
+
+    from breathcast.cli import main
+    from breathcast.training.cvae import load_cvae
+
+    out = tmp_path / "run"
+    assert main(["train", "cvae", "--simulate", "3", "--grid", "32", "--channels", "4", "4", "4", "4", "--steps", "2",
+                 "--val-patients", "1", "--val-every", "2", "--motion-prior", "--out", str(out), "-q"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["model"]["prior_channels"] == PRIOR_CHANNELS
+    assert load_cvae(out / "model.pt").config.prior_channels == PRIOR_CHANNELS
