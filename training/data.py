@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from breathcast.io.dataset import DatasetIndex, open_dataset, read_patient
 from breathcast.errors import BreathcastError, DatasetError
@@ -141,14 +142,15 @@ def _patient_from_arrays(
 
 
 def load_patients(
-    dataset: DatasetIndex | Path, patient_ids: list[str], grid_size: int, with_truth: bool = True, with_priors: bool = False
+    dataset: DatasetIndex | Path, patient_ids: list[str], grid_size: int, with_truth: bool = True, with_priors: bool = False,
+    progress: bool = False,
 ) -> list[PatientData]:
     """Read patients from a dataset folder into memory at the model grid (resampled if the scans differ);
     ``with_priors`` also computes each scan's motion prior (about 0.25 s per 64³ scan and core)."""
     if not isinstance(dataset, DatasetIndex):
         dataset = open_dataset(Path(dataset))
     patients = []
-    for pid in patient_ids:
+    for pid in tqdm(patient_ids, desc="loading patients", unit="patient", disable=not progress):
         record = read_patient(dataset, pid, with_fields=with_truth)
         if len(record.scans) < 2:
             raise DatasetError(f"{record.path / 'patient.json'}: a patient needs at least 2 scans to make pairs")

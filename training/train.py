@@ -126,7 +126,7 @@ def _init_distributed() -> _Distributed:
 
 def load_training_data(
     data: Path | None, grid: int, val_patients: int, test_patients: int, seed: int,
-    simulate_patients: int = 8, simulation_seed: int = 0, with_priors: bool = False,
+    simulate_patients: int = 8, simulation_seed: int = 0, with_priors: bool = False, progress: bool = False,
 ) -> tuple[Split, list[PatientData], list[PatientData], dict]:
     """The patient split, the training and validation patients at the model grid, and a summary for the manifest.
 
@@ -137,8 +137,8 @@ def load_training_data(
     if data is not None:
         dataset = open_dataset(data)
         split = split_patients(dataset.patients, val_patients, test_patients, seed=seed)
-        train = load_patients(dataset, split.train, grid, with_truth=False, with_priors=with_priors)
-        val = load_patients(dataset, split.val, grid, with_truth=False, with_priors=with_priors)
+        train = load_patients(dataset, split.train, grid, with_truth=False, with_priors=with_priors, progress=progress)
+        val = load_patients(dataset, split.val, grid, with_truth=False, with_priors=with_priors, progress=progress)
         summary = {"source": str(Path(data).resolve()), "kind": dataset.kind, "patients": len(dataset.patients),
                    "generator": dataset.metadata.get("generator"),
                    "generator_real_anatomy": dataset.metadata.get("generator_real_anatomy")}
@@ -155,9 +155,9 @@ def load_training_data(
     return split, train, val, summary
 
 
-def _load_data(config: TrainConfig) -> tuple[Split, list[PatientData], list[PatientData], dict]:
+def _load_data(config: TrainConfig, progress: bool) -> tuple[Split, list[PatientData], list[PatientData], dict]:
     return load_training_data(config.data, config.model.grid, config.val_patients, config.test_patients, config.seed,
-                              config.simulate_patients, config.simulation_seed, config.model.prior_channels > 0)
+                              config.simulate_patients, config.simulation_seed, config.model.prior_channels > 0, progress)
 
 
 def lung_region(patient: PatientData, scan: int) -> np.ndarray:
@@ -243,7 +243,7 @@ def train(config: TrainConfig) -> Path:
     if config.threads:
         torch.set_num_threads(config.threads)
     out = prepare_output_dir(config.out) if env.main else Path(config.out)
-    split, train_patients, val_patients, summary = _load_data(config)
+    split, train_patients, val_patients, summary = _load_data(config, config.progress and env.main)
     torch.manual_seed(config.seed)
     model = CVAE(config.model).to(env.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
