@@ -152,7 +152,7 @@ def _cmd_train_cvae(args: argparse.Namespace) -> int:
         simulate_patients=args.simulate,
         simulation_seed=args.seed,
         model=CVAEConfig(grid=args.grid, channels=tuple(args.channels), prior_channels=PRIOR_CHANNELS if args.motion_prior else 0),
-        loss=LossWeights(kl=args.kl_weight, smooth=args.smooth_weight, multiscale=not args.single_scale),
+        loss=LossWeights(kl=args.kl_weight, smooth=args.smooth_weight, multiscale=not args.single_scale, fov_margin_mm=args.fov_margin),
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -379,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     cvae.add_argument("--kl-weight", type=_non_negative_float, default=1e-4, help="KL weight (default 1e-4)")
     cvae.add_argument("--smooth-weight", type=_non_negative_float, default=0.01, help="velocity smoothness weight (default 0.01)")
     cvae.add_argument("--single-scale", action="store_true", help="image loss at full resolution only (the paper's)")
+    cvae.add_argument("--fov-margin", type=_non_negative_float, default=25.0, metavar="MM",
+                      help="no image loss within MM of where a scan's field of view ends along z (default 25; 0: none)")
     cvae.add_argument("--motion-prior", action="store_true",
                       help="the decoder also sees each scan's anatomical motion prior (breathcast/motion_prior.py; the shipped model does)")
     cvae.add_argument("--val-patients", type=_int_at_least(0), default=2, help="validation patients (default 2)")

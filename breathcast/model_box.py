@@ -28,6 +28,7 @@ __all__ = [
     "check_plan",
     "lung_centre_mm",
     "lungs_cut_along_z",
+    "field_of_view_along_z",
     "model_box_volume",
     "model_box_of_simulation",
 ]
@@ -119,6 +120,17 @@ def lungs_cut_along_z(seg: ThoraxSegmentation, margin_slices: int = 2) -> tuple[
     (the segmentation's morphology keeps it off the very last slice)."""
     lungs = seg.lungs
     return bool(lungs[: margin_slices + 1].any()), bool(lungs[-margin_slices - 1 :].any())
+
+
+def field_of_view_along_z(body_per_slice: np.ndarray) -> tuple[int | None, int | None]:
+    """Where a CT's field of view ends inside its model box along z, from (Z,) bool "this slice shows body":
+    (first, last) slice showing body, each None where the body reaches the box's end. The box is 320 mm tall
+    around the lungs, so a body in view fills it: one that stops short of an end was cut there."""
+    slices = np.flatnonzero(body_per_slice)
+    if len(slices) == 0:
+        return None, None
+    first, last = int(slices[0]), int(slices[-1])
+    return (first if first > 0 else None), (last if last < len(body_per_slice) - 1 else None)
 
 
 def lung_centre_mm(seg: ThoraxSegmentation) -> np.ndarray:

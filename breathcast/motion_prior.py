@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 
 from breathcast.geometry import Volume
-from breathcast.model_box import TYPICAL_LUNG_HEIGHT_MM
+from breathcast.model_box import TYPICAL_LUNG_HEIGHT_MM, field_of_view_along_z
 from breathcast.segmentation import ThoraxSegmentation, extrapolated_dome_mm, segment_thorax
 from breathcast.sim.realct import build_real_motion_field, population_motion
 
@@ -35,25 +35,23 @@ CUT_MARGIN_MM = 15.0
 def uncut_lungs(seg: ThoraxSegmentation) -> ThoraxSegmentation:
     """``seg`` with the lung base and apex estimated where the CT's field of view cuts them along z.
 
-    The field of view ends where the body does short of the grid's ends (the model box is 320 mm tall around
-    the lungs: a body in view always fills it). A column whose lungs reach a cut at the bottom has its base
+    The field of view ends where the body does short of the grid's ends
+    (:func:`~breathcast.model_box.field_of_view_along_z`). A column whose lungs reach a cut at the bottom has its base
     somewhere between the cut and the typical lowest lung point (:data:`TYPICAL_LUNG_HEIGHT_MM` below the
     apex): the middle is taken. A cut apex is taken :data:`APEX_TO_DOME_MM` above the mean base. What is not
     cut is left as it is.
     """
     grid = seg.grid
-    nz = grid.shape[0]
     lungs = seg.lungs
-    body_slices = np.flatnonzero(seg.body.any(axis=(1, 2)))
     lung_slices = np.flatnonzero(lungs.any(axis=(1, 2)))
-    if len(body_slices) == 0 or len(lung_slices) == 0:
+    first, last = field_of_view_along_z(seg.body.any(axis=(1, 2)))
+    if len(lung_slices) == 0 or (first is None and last is None):
         return seg
-    first, last = int(body_slices[0]), int(body_slices[-1])
     margin = int(np.ceil(CUT_MARGIN_MM / grid.spacing[2]))
     has = lungs.any(axis=0)
     lowest = np.argmax(lungs, axis=0).astype(np.float64)
-    base_cut = has & (first > 0) & (lowest <= first + margin)
-    apex_cut = last < nz - 1 and lung_slices[-1] >= last - margin
+    base_cut = has & (first is not None) & (lowest <= (first or 0) + margin)
+    apex_cut = last is not None and lung_slices[-1] >= last - margin
     dome, apex = seg.dome_z_mm, seg.apex_z_mm
     if base_cut.any() and not apex_cut:
         deepest = (apex - TYPICAL_LUNG_HEIGHT_MM - grid.origin[2]) / grid.spacing[2]  # fractional slice index

@@ -166,3 +166,34 @@ def test_train_cvae_with_the_motion_prior_records_it(tmp_path):
                  "--val-patients", "1", "--val-every", "2", "--motion-prior", "--out", str(out), "-q"]) == 0
     assert json.loads((out / "manifest.json").read_text())["model"]["prior_channels"] == PRIOR_CHANNELS
     assert load_cvae(out / "model.pt").config.prior_channels == PRIOR_CHANNELS
+
+
+def test_the_image_loss_ignores_the_slices_next_to_a_cut_field_of_view(small_patient):
+    """A scan whose field of view ends 40 mm above the box's floor: its slices up to 25 mm above the cut (and
+    below it) get no image loss; a scan whose body fills the box keeps every slice."""
+    from breathcast.training.data import field_of_view_weight
+
+    image = hu_to_unit(small_patient.reference_hu)
+    slice_mm = small_patient.grid.spacing[2]
+    assert field_of_view_weight(image, slice_mm, 25.0).min() == 1.0
+    cut = image.copy()
+    cut_slices = int(round(40.0 / slice_mm))
+    cut[:cut_slices] = 0.0
+    weight = field_of_view_weight(cut, slice_mm, 25.0)
+    z_mm = (np.arange(len(weight)) - cut_slices) * slice_mm  # mm above the first slice in view
+    assert (weight[z_mm < 25.0] == 0.0).all() and (weight[z_mm >= 25.0 + slice_mm] == 1.0).all()
+    assert field_of_view_weight(cut, slice_mm, 0.0).min() == 1.0
+
+
+def test_a_uniform_image_weight_is_the_plain_image_loss_and_a_zero_slice_drops_out():
+    from breathcast.training.losses import image_loss
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 1, 16, 16, 16, generator=generator), torch.rand(2, 1, 16, 16, 16, generator=generator)
+    ones = torch.ones(2, 1, 16, 1, 1)
+    assert torch.allclose(image_loss(a, b, weight=ones), image_loss(a, b), rtol=1e-5)
+    weight = ones.clone()
+    weight[:, :, :8] = 0.0
+    changed = b.clone()
+    changed[:, :, :4] = 1.0 - changed[:, :, :4]  # only where the weight is 0, and beyond the 4x pooling's reach
+    assert torch.allclose(image_loss(a, changed, weight=weight), image_loss(a, b, weight=weight))

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from breathcast.errors import BreathcastError
 from breathcast.training.cvae import CVAE
 from breathcast.training.data import PatientData
-from breathcast.training.losses import smoothness
+from breathcast.training.losses import image_loss, smoothness
 from breathcast.training.train import lung_region
 from breathcast.warp_torch import warp
 
@@ -75,19 +75,6 @@ def _weights(patient: PatientData, scan: int, margin_weight: float) -> torch.Ten
     return torch.from_numpy(np.where(lungs, 1.0, margin_weight).astype(np.float32))[None, None]
 
 
-def _pool(t: torch.Tensor, factor: int) -> torch.Tensor:
-    return torch.nn.functional.avg_pool3d(t, factor) if factor > 1 else t
-
-
-def _weighted_mse(warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The multiscale (1, 2, 4) weighted MSE of :func:`~breathcast.training.losses.image_loss`, (N, 1, D, D, D) each."""
-    loss = torch.zeros((), dtype=warped.dtype)
-    for factor in (1, 2, 4):
-        w = _pool(weight, factor)
-        loss = loss + (w * (_pool(warped, factor) - _pool(fixed, factor)) ** 2).sum() / w.sum()
-    return loss
-
-
 def adapt_cvae(
     population: CVAE,
     patient: PatientData,
@@ -133,7 +120,7 @@ def adapt_cvae(
         moving, fixed = images[m : m + 1], images[f : f + 1]
         velocity = model.decode_velocity(moving, amplitude[m : m + 1], amplitude[f : f + 1], z, priors.get(m))
         warped = warp(moving, model.integrate(velocity))
-        loss = _weighted_mse(warped, fixed, weights[f]) + config.smooth * smoothness(velocity)
+        loss = image_loss(warped, fixed, weight=weights[f]) + config.smooth * smoothness(velocity)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 from breathcast.io.dataset import DatasetIndex, open_dataset, read_patient
 from breathcast.errors import BreathcastError, DatasetError
 from breathcast.geometry import Grid, Volume, hu_to_unit, resample_field, resample_volume, unit_to_hu
+from breathcast.model_box import field_of_view_along_z
 from breathcast.motion_prior import motion_prior
 from breathcast.sim.simulator import SimulationConfig, pair_field, patient_seed, simulate_patient
 
-__all__ = ["PatientData", "Split", "split_patients", "load_patients", "simulate_patients", "motion_priors", "PairBatch", "sample_pairs"]
+__all__ = ["PatientData", "Split", "split_patients", "load_patients", "simulate_patients", "motion_priors", "field_of_view_weight", "PairBatch", "sample_pairs"]
 
 
 @dataclass(frozen=True)
@@ -189,10 +190,29 @@ def simulate_patients(
     return patients
 
 
+BODY_UNIT = float(hu_to_unit(np.array(-500.0)))
+"""A [0, 1] image brighter than this somewhere in a slice shows body there (-500 HU: no CT air is)."""
+
+
+def field_of_view_weight(image: np.ndarray, slice_mm: float, margin_mm: float) -> np.ndarray:
+    """(D,) float32 per-slice image-loss weight of a scan (D, D, D) in [0, 1] on its model box: 0 within
+    ``margin_mm`` of where its field of view ends along z and beyond
+    (:func:`~breathcast.model_box.field_of_view_along_z`), 1 elsewhere."""
+    weight = np.ones(image.shape[0], np.float32)
+    first, last = field_of_view_along_z((image > BODY_UNIT).any(axis=(1, 2)))
+    margin = int(np.ceil(margin_mm / slice_mm)) if margin_mm > 0 else 0
+    if first is not None and margin:
+        weight[: first + margin] = 0.0
+    if last is not None and margin:
+        weight[max(last + 1 - margin, 0) :] = 0.0
+    return weight
+
+
 @dataclass
 class PairBatch:
     """A batch of (moving, fixed) pairs as tensors: images (N, 1, D, D, D), traces (N, D), eps (N, latent),
-    and the moving scans' motion priors (N, 3, D/2, D/2, D/2) when the patients carry them (else None)."""
+    the moving scans' motion priors (N, 3, D/2, D/2, D/2) when the patients carry them (else None), and the
+    per-slice image-loss weights (N, D) when a field-of-view margin was asked for (else None)."""
 
     moving: torch.Tensor
     fixed: torch.Tensor
@@ -201,11 +221,12 @@ class PairBatch:
     eps: torch.Tensor
     pairs: list[tuple[str, int, int]]
     prior: torch.Tensor | None = None
+    slice_weight: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> PairBatch:
         tensors = (self.moving, self.fixed, self.b_m, self.b_f, self.eps)
-        prior = None if self.prior is None else self.prior.to(device)
-        return PairBatch(*(t.to(device) for t in tensors), self.pairs, prior)
+        optional = tuple(None if t is None else t.to(device) for t in (self.prior, self.slice_weight))
+        return PairBatch(*(t.to(device) for t in tensors), self.pairs, *optional)
 
 
 def sample_pairs(
@@ -216,6 +237,7 @@ def sample_pairs(
     step: int,
     rank: int = 0,
     world_size: int = 1,
+    fov_margin_mm: float = 0.0,
 ) -> PairBatch:
     """The global batch of ``step`` (a pure function of seed and step), and this rank's share of it.
 
@@ -225,12 +247,14 @@ def sample_pairs(
         latent_dim: size of the latent noise eps drawn with the pairs.
         seed, step: what the batch is a function of.
         rank, world_size: this process's slice of the global batch.
+        fov_margin_mm: > 0 adds each pair's per-slice image-loss weight (:func:`field_of_view_weight` of the
+            moving scan: both scans of a patient share its field of view).
     """
     if batch_size % world_size:
         raise BreathcastError(f"batch size {batch_size} does not divide over {world_size} processes")
     rng = np.random.default_rng([seed, step])
     which = rng.integers(len(patients), size=batch_size)
-    pairs, moving, fixed, b_m, b_f, prior = [], [], [], [], [], []
+    pairs, moving, fixed, b_m, b_f, prior, slice_weight = [], [], [], [], [], [], []
     for p_index in which:
         patient = patients[p_index]
         k, j = rng.choice(patient.n_scans, size=2, replace=False)
@@ -238,6 +262,8 @@ def sample_pairs(
         moving.append(patient.images[k])
         if patient.priors is not None:
             prior.append(patient.priors[k])
+        if fov_margin_mm > 0:
+            slice_weight.append(field_of_view_weight(patient.images[k], patient.grid.spacing[2], fov_margin_mm))
         fixed.append(patient.images[j])
         b_m.append(patient.amplitude[k])
         b_f.append(patient.amplitude[j])
@@ -256,4 +282,5 @@ def sample_pairs(
         eps=torch.from_numpy(eps[share]),
         pairs=pairs[share],
         prior=tensor(prior) if len(prior) == len(moving) else None,
+        slice_weight=tensor(slice_weight) if slice_weight else None,
     )

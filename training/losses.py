@@ -3,7 +3,8 @@
 Image terms are means over voxels (images in [0, 1]); KL is summed over latent dimensions and averaged over
 the batch. ``multiscale`` adds the same squared error on 2x and 4x average-pooled images (equal weights), which
 widens the capture range of the image gradient beyond a voxel; with ``multiscale=False`` the loss is exactly
-the paper's.
+the paper's. An image weight (the field-of-view margin, an adapted patient's lungs) makes every scale a
+weighted mean.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ class LossWeights:
         kl: weight of the KL divergence of q(z | M, F) from N(0, I).
         smooth: weight of the mean squared spatial gradient of the velocity (voxels per voxel).
         multiscale: add 2x and 4x pooled image errors to the full-resolution one.
+        fov_margin_mm: fixed-image slices within this of where the scans' field of view ends along z get no
+            image loss (0: every slice counts). Tissue that moved in from beyond a cut is not in the moving
+            scan, so matching images there would teach the network to stop the motion at the cut; 25 mm is
+            more than the largest motion at the diaphragm (21 mm).
     """
 
     kl: float = 1e-4
     smooth: float = 0.01
     multiscale: bool = True
+    fov_margin_mm: float = 25.0
 
 
 @dataclass
@@ -39,12 +45,20 @@ class LossTerms:
     smooth: torch.Tensor
 
 
-def image_loss(warped: torch.Tensor, fixed: torch.Tensor, multiscale: bool = True) -> torch.Tensor:
-    """Mean squared error between the warped moving image and the fixed image, (N, 1, D, D, D) each."""
-    loss = F.mse_loss(warped, fixed)
-    if multiscale:
-        for factor in (2, 4):
+def image_loss(warped: torch.Tensor, fixed: torch.Tensor, multiscale: bool = True, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error between the warped moving image and the fixed image, (N, 1, D, D, D) each;
+    with ``weight`` (broadcastable to them) the weighted mean at every scale."""
+    factors = (1, 2, 4) if multiscale else (1,)
+    if weight is None:
+        loss = F.mse_loss(warped, fixed)
+        for factor in factors[1:]:
             loss = loss + F.mse_loss(F.avg_pool3d(warped, factor), F.avg_pool3d(fixed, factor))
+        return loss
+    weight = weight.expand_as(fixed)
+    loss = torch.zeros((), dtype=warped.dtype, device=warped.device)
+    for factor in factors:
+        w, a, b = (F.avg_pool3d(t, factor) if factor > 1 else t for t in (weight, warped, fixed))
+        loss = loss + (w * (a - b) ** 2).sum() / w.sum().clamp_min(1e-12)
     return loss
 
 
@@ -61,9 +75,11 @@ def smoothness(velocity: torch.Tensor) -> torch.Tensor:
     return (dz.pow(2).mean() + dy.pow(2).mean() + dx.pow(2).mean()) / 3.0
 
 
-def cvae_loss(output, fixed: torch.Tensor, weights: LossWeights) -> LossTerms:
-    """All terms for a :class:`~breathcast.training.cvae.CVAEOutput` against the fixed image."""
-    image = image_loss(output.warped, fixed, weights.multiscale)
+def cvae_loss(output, fixed: torch.Tensor, weights: LossWeights, slice_weight: torch.Tensor | None = None) -> LossTerms:
+    """All terms for a :class:`~breathcast.training.cvae.CVAEOutput` against the fixed image; ``slice_weight``
+    (N, D) weighs the image terms per slice (the field-of-view margin, :func:`~breathcast.training.data.field_of_view_weight`)."""
+    weight = None if slice_weight is None else slice_weight[:, None, :, None, None]
+    image = image_loss(output.warped, fixed, weights.multiscale, weight)
     kl = kl_divergence(output.mu, output.logvar)
     smooth = smoothness(output.velocity)
     return LossTerms(image + weights.kl * kl + weights.smooth * smooth, image, kl, smooth)

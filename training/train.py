@@ -199,7 +199,7 @@ def training_step(network: torch.nn.Module, batch, weights: LossWeights):
     ``network`` is the :class:`CVAE` or its DistributedDataParallel wrapper (which averages gradients).
     """
     output = network(batch.moving, batch.fixed, batch.b_m, batch.b_f, batch.eps, batch.prior)
-    terms = cvae_loss(output, batch.fixed, weights)
+    terms = cvae_loss(output, batch.fixed, weights, batch.slice_weight)
     terms.total.backward()
     return terms
 
@@ -270,7 +270,7 @@ def train(config: TrainConfig) -> Path:
     tick, tick_step = time.perf_counter(), start_step
     for step in bar:
         batch = sample_pairs(train_patients, config.batch_size, config.model.latent_dim, config.seed, step,
-                             env.rank, env.world_size).to(env.device)
+                             env.rank, env.world_size, config.loss.fov_margin_mm).to(env.device)
         optimizer.zero_grad(set_to_none=True)
         terms = training_step(network, batch, config.loss)
         optimizer.step()
