@@ -197,3 +197,15 @@ def test_a_uniform_image_weight_is_the_plain_image_loss_and_a_zero_slice_drops_o
     changed = b.clone()
     changed[:, :, :4] = 1.0 - changed[:, :, :4]  # only where the weight is 0, and beyond the 4x pooling's reach
     assert torch.allclose(image_loss(a, changed, weight=weight), image_loss(a, b, weight=weight))
+
+
+def test_adapting_a_prior_model_feeds_it_each_scans_prior(prior_model, patients):
+    """Per-patient adaptation of a model with a prior trains on the scans' priors (it would refuse without)."""
+    from breathcast.training.adapt import AdaptConfig, adapt_cvae
+
+    result = adapt_cvae(prior_model, patients[0], AdaptConfig(steps=3, learning_rate=1e-3))
+    assert result.steps == 3 and result.model.config.prior_channels == PRIOR_CHANNELS
+    p = patients[0]
+    before = predict_displacement(prior_model, p.images[0], p.amplitude[0], p.amplitude[1], prior=p.priors[0])
+    after = predict_displacement(result.model, p.images[0], p.amplitude[0], p.amplitude[1], prior=p.priors[0])
+    assert np.abs(after - before).max() > 0
