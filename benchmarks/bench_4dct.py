@@ -42,7 +42,7 @@ from breathcast.sim.realct import load_anatomy_source
 from breathcast.sim.simulator import SimulationConfig, pair_field
 from breathcast.training.adapt import AdaptConfig, adapt_cvae
 from breathcast.training.cvae import load_cvae
-from breathcast.training.inference import DEFAULT_MODEL
+from breathcast.training.inference import DEFAULT_MODEL, predict_displacement
 from breathcast.warp import warp
 
 DATA = ROOT.parent / "shared" / "data" / "ct"
@@ -60,11 +60,8 @@ def case_input(four_dct: FourDCT, period_s: float) -> FourDCTInput:
 
 
 def predict_network(model, patient, reference: int, phase: int) -> np.ndarray:
-    with torch.no_grad():
-        u = model.predict(torch.from_numpy(patient.images[reference : reference + 1, None]),
-                          torch.from_numpy(patient.amplitude[reference : reference + 1]),
-                          torch.from_numpy(patient.amplitude[phase : phase + 1]))  # fmt: skip
-    return u[0].numpy()
+    prior = patient.motion_prior(reference) if model.config.prior_channels else None
+    return predict_displacement(model, patient.images[reference], patient.amplitude[reference], patient.amplitude[phase], prior=prior)
 
 
 def score(data: FourDCTInput, four_dct: FourDCT, phase: int, u: np.ndarray) -> dict[str, float]:
