@@ -50,7 +50,7 @@ def uncut_lungs(seg: ThoraxSegmentation) -> ThoraxSegmentation:
     margin = int(np.ceil(CUT_MARGIN_MM / grid.spacing[2]))
     has = lungs.any(axis=0)
     lowest = np.argmax(lungs, axis=0).astype(np.float64)
-    base_cut = has & (first is not None) & (lowest <= (first or 0) + margin)
+    base_cut = has & (lowest <= first + margin) if first is not None else np.zeros_like(has)
     apex_cut = last is not None and lung_slices[-1] >= last - margin
     dome, apex = seg.dome_z_mm, seg.apex_z_mm
     if base_cut.any() and not apex_cut:

@@ -22,7 +22,7 @@ from breathcast.training.cvae import CVAE, CVAEConfig
 from breathcast.training.data import motion_priors, sample_pairs, simulate_patients
 from breathcast.training.inference import predict_displacement
 
-from conftest import shared_data_file
+from tests.conftest import shared_data_file
 
 D = 32
 BOX = {"anchor": "lungs", "extent_mm": [400.0, 400.0, 320.0]}
