@@ -29,7 +29,7 @@ from breathcast.training.inference import DEFAULT_MODEL, default_model
 DATASET_SEED = 2026  # README: the command that made the shipped model's data
 
 
-def held_out(manifest: dict, data: Path | None, grid: int, dataset_seed: int) -> list:
+def held_out(manifest: dict, data: Path | None, grid: int, dataset_seed: int, with_priors: bool = False) -> list:
     """The test patients: those of the manifest's split, or, for a model trained with no test split, every patient
     of the held-out test set ``data`` (README "The shipped model" makes it)."""
     ids = manifest["data"]["split"]["test"]
@@ -38,13 +38,13 @@ def held_out(manifest: dict, data: Path | None, grid: int, dataset_seed: int) ->
             raise SystemExit("the model was trained with no test split: give --data, the held-out test set (README \"The shipped model\")")
         from breathcast.io.dataset import open_dataset
 
-        return load_patients(data, open_dataset(data).patients, grid, with_truth=True)
+        return load_patients(data, open_dataset(data).patients, grid, with_truth=True, with_priors=with_priors)
     if data is not None:
-        return load_patients(data, ids, grid, with_truth=True)
+        return load_patients(data, ids, grid, with_truth=True, with_priors=with_priors)
     patients = []
     for pid in ids:
         index = int(re.fullmatch(r"patient_(\d+)", pid).group(1))
-        patients += simulate_patients(1, SimulationConfig(grid_size=grid), dataset_seed, grid, first=index)
+        patients += simulate_patients(1, SimulationConfig(grid_size=grid), dataset_seed, grid, first=index, with_priors=with_priors)
     return patients
 
 
@@ -58,7 +58,7 @@ def main() -> None:
 
     manifest = json.loads((DEFAULT_MODEL.parent / "manifest.json").read_text())
     model = default_model()
-    patients = held_out(manifest, args.data, model.config.grid, args.dataset_seed)
+    patients = held_out(manifest, args.data, model.config.grid, args.dataset_seed, model.config.prior_channels > 0)
     predictors = [NoDeformation(), CVAEPredictor(model), TrueField()]
     result = evaluate(predictors, patients, pairs_per_patient=args.pairs_per_patient, seed=0)
     write_evaluation(result, RESULTS / "cvae64")

@@ -130,8 +130,7 @@ def prior_alone_tre(volume: Volume, inhale: np.ndarray, exhale: np.ndarray) -> f
     to amplitude 1 of the anatomy it is built on: where the tissue at p of an inhaled CT lies on exhale)."""
     box, _ = model_box_volume(volume, (64, 64, 64))
     half = box.grid.with_shape((32, 32, 32))
-    # (dz, dy, dx) model-grid voxels on the half grid -> (x, y, z) mm: the box is canonical, its axes are LPS
-    u_mm = motion_prior(box)[::-1] * np.asarray(box.grid.spacing, np.float32)[:, None, None, None]
+    u_mm = field_to_lps_mm(0.5 * motion_prior(box), half)  # model-grid voxels -> half-grid voxels -> mm
     points = half.lps_to_index(inhale).T
     moved = np.stack([ndimage.map_coordinates(u_mm[c], points, order=1, mode="nearest") for c in range(3)], axis=1)
     return float(np.linalg.norm(inhale + moved - exhale, axis=1).mean())
@@ -202,7 +201,7 @@ def simulated(model_path: Path, test_data: Path) -> list[dict]:
     model = load_cvae(model_path)
     rows = []
     for kind, ids in kinds.items():
-        patients = load_patients(dataset, ids, model.config.grid, with_truth=True)
+        patients = load_patients(dataset, ids, model.config.grid, with_truth=True, with_priors=model.config.prior_channels > 0)
         result = evaluate([NoDeformation(), CVAEPredictor(model), TrueField()], patients, pairs_per_patient=10, seed=0, progress=False)
         s = result.summary["cVAE"]
         rows.append({"patients": kind, "n": len(ids), "masked MSE reduction (%)": s.masked_mse_reduction_percent,

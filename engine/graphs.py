@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from breathcast.training.cvae import CVAE
+from breathcast.training.cvae import CVAE, pool_to
 
 __all__ = ["PlanGraph", "FrameGraph", "PLAN_OUTPUTS", "FRAME_INPUTS"]
 
@@ -41,11 +41,6 @@ def _trace_channel(b: torch.Tensor, size: int) -> torch.Tensor:
     """(N, D) per-slice trace -> (N, 1, size, size, size), constant in y and x, as the cVAE builds it."""
     b = F.interpolate(b[:, None, :], size=size, mode="linear", align_corners=False)
     return b[:, :, :, None, None].expand(-1, -1, -1, size, size)
-
-
-def _pooled(moving: torch.Tensor, size: int) -> torch.Tensor:
-    factor = moving.shape[-1] // size
-    return F.avg_pool3d(moving, factor) if factor > 1 else moving
 
 
 class PlanGraph(nn.Module):
@@ -73,7 +68,7 @@ class PlanGraph(nn.Module):
         x1 = self.down1(moving)
 
         def side(size: int) -> torch.Tensor:
-            pooled = [_pooled(moving, size)] if prior is None else [_pooled(moving, size), _pooled(prior, size)]
+            pooled = [pool_to(moving, size)] if prior is None else [pool_to(moving, size), pool_to(prior, size)]
             return torch.cat([*pooled, _trace_channel(b_m, size)], dim=1)
 
         pre_down2 = self.down2_plan(torch.cat([x1, side(d // 2)], dim=1))

@@ -297,17 +297,19 @@ class _Integrator:
 class CVAENetwork:
     """A ``cvae`` package: the ``plan`` graph once per plan, the ``frame`` graph per batch (z = 0: the mean).
 
-    ``prior``: (P, D/2, D/2, D/2) the plan's motion prior, for a package whose model takes one.
+    The plan graph gets the plan (HU, on the model grid) in [0, 1] and, for a package whose model takes one, the
+    plan's motion prior (:func:`~breathcast.motion_prior.motion_prior`); a plan without one is refused.
     """
 
-    def __init__(
-        self, package: ModelPackage, moving_unit: np.ndarray, b_m: np.ndarray, config: PredictorConfig, prior: np.ndarray | None = None
-    ) -> None:
+    def __init__(self, package: ModelPackage, model_volume: Volume, b_m: np.ndarray, config: PredictorConfig) -> None:
         manifest = package.manifest
         plan = open_graph(package, "plan", config.runtime)
-        feed = {"moving": moving_unit[None, None].astype(np.float32), "b_m": b_m[None]}
-        if prior is not None:
-            feed["prior"] = prior[None].astype(np.float32)
+        feed = {"moving": hu_to_unit(model_volume.array)[None, None].astype(np.float32), "b_m": b_m[None]}
+        if manifest.model.get("prior_channels"):
+            try:
+                feed["prior"] = motion_prior(model_volume)[None]
+            except BreathcastError as error:
+                raise PlanRejected(f"plan rejected: no motion prior on the model grid: {error}") from None
         outputs = plan.run(feed)
         self._plan_tensors = dict(zip((spec.name for spec in manifest.graphs["plan"].outputs), outputs))
         self._b_m = b_m[None]
@@ -329,7 +331,7 @@ class LDMNetwork:
     ``config.sampling_steps`` DDIM steps (default: the manifest's ``sampling_steps``).
     """
 
-    def __init__(self, package: ModelPackage, moving_unit: np.ndarray, b_m: np.ndarray, config: PredictorConfig) -> None:
+    def __init__(self, package: ModelPackage, model_volume: Volume, b_m: np.ndarray, config: PredictorConfig) -> None:
         manifest = package.manifest
         model = manifest.model
         ddim = model["ddim"]
@@ -338,7 +340,7 @@ class LDMNetwork:
             raise BreathcastError(f"sampling steps must be 1..{ddim['train_timesteps']}, got {self.steps}")
         self._alphas_cumprod = np.asarray(ddim["alphas_cumprod"], dtype=np.float32)
         self._final_alpha_cumprod = float(ddim.get("final_alpha_cumprod", 1.0))
-        self._moving = moving_unit[None, None].astype(np.float32)
+        self._moving = hu_to_unit(model_volume.array)[None, None].astype(np.float32)
         encode = open_graph(package, "encode", config.runtime)
         (self._condition,) = encode.run({"moving": self._moving, "b_m": b_m[None]})
         self._noise = np.ascontiguousarray(np.load(package.file("noise.npy")), dtype=np.float32)
@@ -437,14 +439,8 @@ class Predictor:
         self._coefficients: np.ndarray | None = None
         self._terms: Terms = ()
         self.network: Network | None = None
-        if manifest.kind == "cvae" and manifest.model.get("prior_channels"):
-            try:
-                prior = motion_prior(model_volume)
-            except BreathcastError as error:
-                raise PlanRejected(f"plan rejected: no motion prior on the model grid: {error}") from None
-            self.network = CVAENetwork(package, hu_to_unit(model_volume.array), self.b_m, config, prior)
-        elif manifest.kind in _NETWORKS:
-            self.network = _NETWORKS[manifest.kind](package, hu_to_unit(model_volume.array), self.b_m, config)
+        if manifest.kind in _NETWORKS:
+            self.network = _NETWORKS[manifest.kind](package, model_volume, self.b_m, config)
         if config.path is PredictorPath.DISTILLED:
             self._distil(model_volume)
         elif config.path is PredictorPath.LINEAR5D:

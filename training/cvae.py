@@ -88,6 +88,13 @@ def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
 
 
+def pool_to(t: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, S, S, S) -> (N, C, size, size, size) by average pooling (S a multiple of size). avg_pool3d, not
+    adaptive: the ONNX exporter has no adaptive 3D pooling."""
+    factor = t.shape[-1] // size
+    return F.avg_pool3d(t, factor) if factor > 1 else t
+
+
 def _trace_channels(b_m: torch.Tensor, b_f: torch.Tensor, size: int) -> torch.Tensor:
     """(N, Z) traces -> (N, 2, size, size, size) channels constant in y and x, resampled along z."""
     traces = torch.stack([b_m, b_f], dim=1)  # (N, 2, Z)
@@ -168,10 +175,7 @@ class CVAE(nn.Module):
             raise BreathcastError("this model takes no motion prior (prior_channels = 0)")
 
     def _side(self, moving: torch.Tensor, prior: torch.Tensor | None, b_m: torch.Tensor, b_f: torch.Tensor, size: int) -> torch.Tensor:
-        factor = moving.shape[-1] // size  # avg_pool3d, not adaptive: the ONNX exporter has no adaptive 3D pooling
-        pooled = [F.avg_pool3d(moving, factor) if factor > 1 else moving]
-        if prior is not None:
-            pooled.append(F.avg_pool3d(prior, factor // 2) if factor > 2 else prior)
+        pooled = [pool_to(moving, size)] if prior is None else [pool_to(moving, size), pool_to(prior, size)]
         return torch.cat([*pooled, _trace_channels(b_m, b_f, size)], dim=1)
 
     def decode_velocity(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from breathcast.errors import BreathcastError, DatasetError
 from breathcast.geometry import Grid, Volume, hu_to_unit, resample_field, resample_volume, unit_to_hu
 from breathcast.model_box import field_of_view_along_z
 from breathcast.motion_prior import motion_prior
+from breathcast.segmentation import BODY_HU
 from breathcast.sim.simulator import SimulationConfig, pair_field, patient_seed, simulate_patient
 
 __all__ = ["PatientData", "Split", "split_patients", "load_patients", "simulate_patients", "motion_priors", "field_of_view_weight", "PairBatch", "sample_pairs"]
@@ -114,21 +116,27 @@ def _trace_to_model_grid(values: np.ndarray, grid_size: int) -> np.ndarray:
     return np.interp(target, source, values).astype(np.float32)
 
 
-def motion_priors(volumes: list[Volume]) -> np.ndarray:
-    """(K, 3, D/2, D/2, D/2): :func:`~breathcast.motion_prior.motion_prior` of each volume, on all CPU cores."""
-    if len(volumes) < 8:
+def motion_priors(volumes: list[Volume], pool: ProcessPoolExecutor | None = None) -> np.ndarray:
+    """(K, 3, D/2, D/2, D/2): :func:`~breathcast.motion_prior.motion_prior` of each volume, in ``pool``'s
+    processes when given."""
+    if pool is None:
         return np.stack([motion_prior(v) for v in volumes])
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return np.stack(list(pool.map(motion_prior, volumes, chunksize=4)))
+    return np.stack(list(pool.map(motion_prior, volumes, chunksize=4)))
+
+
+def _prior_pool(with_priors: bool) -> ProcessPoolExecutor | nullcontext:
+    """One process per CPU core for the priors of every patient loaded (a context; None without priors)."""
+    return ProcessPoolExecutor(max_workers=os.cpu_count() or 1) if with_priors else nullcontext()
 
 
 def _patient_from_arrays(
-    patient_id, grid, images_hu, amplitude, labels, fields, reference_labels, grid_size, with_priors: bool = False
+    patient_id, grid, images_hu, amplitude, labels, fields, reference_labels, grid_size, with_priors: bool = False,
+    pool: ProcessPoolExecutor | None = None,
 ) -> PatientData:
     model_grid = grid.with_shape((grid_size,) * 3)
     images_hu = [_to_model_grid(Volume(im, grid), grid_size) for im in images_hu]
     try:
-        priors = motion_priors([Volume(im, model_grid) for im in images_hu]) if with_priors else None
+        priors = motion_priors([Volume(im, model_grid) for im in images_hu], pool) if with_priors else None
     except BreathcastError as error:
         raise DatasetError(f"patient {patient_id}: no motion prior: {error}") from None
     images = np.stack([hu_to_unit(im) for im in images_hu])
@@ -151,26 +159,28 @@ def load_patients(
     if not isinstance(dataset, DatasetIndex):
         dataset = open_dataset(Path(dataset))
     patients = []
-    for pid in tqdm(patient_ids, desc="loading patients", unit="patient", disable=not progress):
-        record = read_patient(dataset, pid, with_fields=with_truth)
-        if len(record.scans) < 2:
-            raise DatasetError(f"{record.path / 'patient.json'}: a patient needs at least 2 scans to make pairs")
-        grid = record.scans[0].image.grid
-        has_labels = all(s.labels is not None for s in record.scans)
-        has_fields = with_truth and all(s.field is not None for s in record.scans)
-        patients.append(
-            _patient_from_arrays(
-                pid,
-                grid,
-                [s.image.array for s in record.scans],
-                [s.amplitude for s in record.scans],
-                [s.labels for s in record.scans] if has_labels else None,
-                [s.field for s in record.scans] if has_fields else None,
-                record.reference_labels,
-                grid_size,
-                with_priors,
+    with _prior_pool(with_priors) as pool:
+        for pid in tqdm(patient_ids, desc="loading patients", unit="patient", disable=not progress):
+            record = read_patient(dataset, pid, with_fields=with_truth)
+            if len(record.scans) < 2:
+                raise DatasetError(f"{record.path / 'patient.json'}: a patient needs at least 2 scans to make pairs")
+            grid = record.scans[0].image.grid
+            has_labels = all(s.labels is not None for s in record.scans)
+            has_fields = with_truth and all(s.field is not None for s in record.scans)
+            patients.append(
+                _patient_from_arrays(
+                    pid,
+                    grid,
+                    [s.image.array for s in record.scans],
+                    [s.amplitude for s in record.scans],
+                    [s.labels for s in record.scans] if has_labels else None,
+                    [s.field for s in record.scans] if has_fields else None,
+                    record.reference_labels,
+                    grid_size,
+                    with_priors,
+                    pool,
+                )
             )
-        )
     return patients
 
 
@@ -179,19 +189,21 @@ def simulate_patients(
 ) -> list[PatientData]:
     """Patients straight from the simulator (no files), ids ``patient_{i:03d}`` as ``breathcast simulate`` names them."""
     patients = []
-    for i in range(first, first + n):
-        p = simulate_patient(patient_seed(seed, i), config, patient_id=f"patient_{i:03d}")
-        patients.append(
-            _patient_from_arrays(
-                p.patient_id, p.grid, [s.image_hu for s in p.scans], [s.amplitude for s in p.scans],
-                [s.labels for s in p.scans], [s.field for s in p.scans], p.reference_labels, grid_size, with_priors,
-            )
-        )  # fmt: skip
+    with _prior_pool(with_priors) as pool:
+        for i in range(first, first + n):
+            p = simulate_patient(patient_seed(seed, i), config, patient_id=f"patient_{i:03d}")
+            patients.append(
+                _patient_from_arrays(
+                    p.patient_id, p.grid, [s.image_hu for s in p.scans], [s.amplitude for s in p.scans],
+                    [s.labels for s in p.scans], [s.field for s in p.scans], p.reference_labels, grid_size,
+                    with_priors, pool,
+                )
+            )  # fmt: skip
     return patients
 
 
-BODY_UNIT = float(hu_to_unit(np.array(-500.0)))
-"""A [0, 1] image brighter than this somewhere in a slice shows body there (-500 HU: no CT air is)."""
+BODY_UNIT = float(hu_to_unit(np.array(BODY_HU)))
+"""A [0, 1] image brighter than this somewhere in a slice shows body there (the segmentation's body threshold)."""
 
 
 def field_of_view_weight(image: np.ndarray, slice_mm: float, margin_mm: float) -> np.ndarray:

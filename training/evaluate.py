@@ -899,7 +899,8 @@ def evaluate_models(
             if seen:
                 log.warning("%s: patient(s) %s were used for training or validation; they are not held out", path, ", ".join(seen))
     out = prepare_output_dir(Path(out_dir))
-    patients = load_patients(dataset, patient_ids, grid, with_truth=True)
+    with_priors = any(isinstance(m, CVAE) and m.config.prior_channels for m in models)  # each scan's, once
+    patients = load_patients(dataset, patient_ids, grid, with_truth=True, with_priors=with_priors)
     predictors: list[Predictor] = [NoDeformation()]
     for name, model, model_path in zip(names, models, model_paths):
         info = {"path": str(Path(model_path).resolve())}
