@@ -4,7 +4,8 @@ Real: DIR-Lab's 10 4DCT cases (300 landmark pairs each) and POPI's 40 landmarks,
 ``../shared/data/landmarks/``. Synthetic: ``--patients`` patients of each ``--kind``, their pull-back field at
 amplitude 1 (rate 0) sampled in the exhale lungs (:func:`breathcast.sim.motion_statistics.field_statistics`).
 Both go through the same statistics: mean |d| against normalised superior-inferior position (0 = lung base,
-1 = apex, by each sample's own 1st-99th percentile of exhale z), LR : AP : SI shares of mean |component|, signed
+1 = apex, by each sample's own 1st-99th percentile of exhale z) and anterior-posterior position (0 = anterior,
+1 = posterior, the same way), LR : AP : SI shares of mean |component|, signed
 means, fraction above 10 mm, per-patient mean magnitude and its spread between patients.
 
 Writes ``benchmarks/results/motion_realism.json`` and ``.png`` and the README block ``motion_realism``, with a
@@ -53,6 +54,7 @@ CRITERIA = {
     "ratio": "each LR, AP, SI share of mean |component| within 0.05 of the real mean share",
     "si_sign": "every synthetic patient moves inferior on inhale (signed mean SI < 0), as every real case does",
     "profile": "in every position bin, the synthetic mean of (bin |d| / patient mean |d|) inside the DIR-Lab range",
+    "ap_profile": "the same along anterior -> posterior",
     "fraction": "synthetic mean fraction of points above 10 mm within 0.10 of the real mean",
 }
 """What 'met' means for each statistic. The profile uses DIR-Lab only: POPI's 40 landmarks span ~110 mm of z, not
@@ -120,6 +122,8 @@ def verdicts(real: PopulationStatistics, dirlab: PopulationStatistics, synthetic
     spread = synthetic.std_of_means_mm / real.std_of_means_mm
     low, high = dirlab.bin_profile_range
     in_profile = (synthetic.bin_profile >= low) & (synthetic.bin_profile <= high)
+    ap_low, ap_high = dirlab.ap_profile_range
+    in_ap_profile = (synthetic.ap_profile >= ap_low) & (synthetic.ap_profile <= ap_high)
     si_signs = np.array([s.signed_mean_mm[2] for s in samples])
     return {
         "mean_range": {"value": synthetic.range_of_means_mm.round(2).tolist(), "real": [round(lo, 2), round(hi, 2)],
@@ -135,6 +139,9 @@ def verdicts(real: PopulationStatistics, dirlab: PopulationStatistics, synthetic
         "profile": {"value": synthetic.bin_profile.round(2).tolist(),
                     "real": dirlab.bin_profile_range.round(2).tolist(),
                     "met": bool(in_profile.all())},
+        "ap_profile": {"value": synthetic.ap_profile.round(2).tolist(),
+                       "real": dirlab.ap_profile_range.round(2).tolist(),
+                       "met": bool(in_ap_profile.all())},
         "fraction": {"value": round(synthetic.fraction_above, 3), "real": round(real.fraction_above, 3),
                      "met": bool(abs(synthetic.fraction_above - real.fraction_above) <= FRACTION_TOLERANCE)},
     }
@@ -161,6 +168,8 @@ def readme_table(real: PopulationStatistics, dirlab: PopulationStatistics, kinds
         ("si_sign", "moves inferior on inhale", f"{len(real.names)} of {len(real.names)}", None),
         ("profile", "\\|d\\| / mean, base -> apex (5 bins)", " ".join(f"{v:.2f}" for v in dirlab.bin_profile),
          lambda p: " ".join(f"{v:.2f}" for v in p.bin_profile)),
+        ("ap_profile", "\\|d\\| / mean, anterior -> posterior (5 bins)", " ".join(f"{v:.2f}" for v in dirlab.ap_profile),
+         lambda p: " ".join(f"{v:.2f}" for v in p.ap_profile)),
         ("fraction", "fraction of points > 10 mm", f"{real.fraction_above:.2f}", lambda p: f"{p.fraction_above:.2f}"),
     ]:
         row = {"statistic": label, "real": real_text}
@@ -181,20 +190,24 @@ def plot(path: Path, dirlab: list[MotionStatistics], popi: MotionStatistics, kin
     import matplotlib.pyplot as plt
 
     colours = ["tab:orange", "tab:blue", "tab:green", "tab:purple"]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    fig, axes = plt.subplots(1, 5, figsize=(21, 4.2))
     centres = 0.5 * (dirlab[0].bin_edges[1:] + dirlab[0].bin_edges[:-1])
-    for ax, normalise, title in [(axes[0], False, "mean |d| (mm)"), (axes[1], True, "|d| / patient mean |d|")]:
+    for ax, normalise, along, title, xlabel in [
+        (axes[0], False, "bin_mean_magnitude_mm", "mean |d| (mm)", "normalised SI position in the lungs (0 base, 1 apex)"),
+        (axes[1], True, "bin_mean_magnitude_mm", "|d| / patient mean |d|", "normalised SI position in the lungs (0 base, 1 apex)"),
+        (axes[2], True, "ap_bin_mean_magnitude_mm", "|d| / patient mean |d|", "normalised AP position (0 anterior, 1 posterior)"),
+    ]:
         for i, s in enumerate(dirlab):
             scale = s.mean_magnitude_mm if normalise else 1.0
-            ax.plot(centres, s.bin_mean_magnitude_mm / scale, color="0.35", lw=0.8, label="DIR-Lab" if i == 0 else None)
+            ax.plot(centres, getattr(s, along) / scale, color="0.35", lw=0.8, label="DIR-Lab" if i == 0 else None)
         scale = popi.mean_magnitude_mm if normalise else 1.0
-        ax.plot(centres, popi.bin_mean_magnitude_mm / scale, color="k", lw=1.2, ls="--", label="POPI")
+        ax.plot(centres, getattr(popi, along) / scale, color="k", lw=1.2, ls="--", label="POPI")
         for colour, (kind, result) in zip(colours, kinds.items()):
             for i, s in enumerate(result["samples"]):
                 scale = s.mean_magnitude_mm if normalise else 1.0
-                ax.plot(centres, s.bin_mean_magnitude_mm / scale, color=colour, lw=0.6, alpha=0.6,
+                ax.plot(centres, getattr(s, along) / scale, color=colour, lw=0.6, alpha=0.6,
                         label=kind if i == 0 else None)
-        ax.set_xlabel("normalised SI position in the lungs (0 base, 1 apex)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(title)
         ax.legend(fontsize=7)
     real_ratios = np.stack([s.component_ratio for s in [*dirlab, popi]])
@@ -206,18 +219,18 @@ def plot(path: Path, dirlab: list[MotionStatistics], popi: MotionStatistics, kin
     for g, (label, ratios, colour) in enumerate(groups):
         mean = ratios.mean(axis=0)
         err = np.stack([mean - ratios.min(axis=0), ratios.max(axis=0) - mean])
-        axes[2].bar(np.arange(3) + (g - (len(groups) - 1) / 2) * width, mean, width, yerr=err, color=colour,
+        axes[3].bar(np.arange(3) + (g - (len(groups) - 1) / 2) * width, mean, width, yerr=err, color=colour,
                     capsize=3, label=label)
-    axes[2].set_xticks(range(3), ["LR", "AP", "SI"])
-    axes[2].set_ylabel("share of mean |component| (bars: min-max)")
-    axes[2].legend(fontsize=7)
+    axes[3].set_xticks(range(3), ["LR", "AP", "SI"])
+    axes[3].set_ylabel("share of mean |component| (bars: min-max)")
+    axes[3].legend(fontsize=7)
     means = [("DIR-Lab", [s.mean_magnitude_mm for s in dirlab], "0.35"), ("POPI", [popi.mean_magnitude_mm], "k")]
     means += [(kind, [s.mean_magnitude_mm for s in r["samples"]], c) for c, (kind, r) in zip(colours, kinds.items())]
     for g, (label, values, colour) in enumerate(means):
         jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(1)
-        axes[3].scatter(g + jitter, values, color=colour, s=14)
-    axes[3].set_xticks(range(len(means)), [m[0] for m in means])
-    axes[3].set_ylabel("per-patient mean |d| (mm)")
+        axes[4].scatter(g + jitter, values, color=colour, s=14)
+    axes[4].set_xticks(range(len(means)), [m[0] for m in means])
+    axes[4].set_ylabel("per-patient mean |d| (mm)")
     fig.suptitle("End-exhale -> end-inhale lung motion: real landmarks against simulated patients")
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -77,6 +77,19 @@ def test_profile_bins_base_to_apex_and_ignore_the_frame() -> None:
     assert stats.fraction_above == pytest.approx(np.mean(np.abs(d[:, 2]) > 10.0))
 
 
+def test_anterior_posterior_bins_run_front_to_back() -> None:
+    """|d| growing towards the back (+y) fills the anterior-posterior bins in increasing order, whatever the z."""
+    rng = np.random.default_rng(0)
+    q = rng.uniform(-60.0, 60.0, size=(400, 3))
+    d = np.zeros_like(q)
+    d[:, 2] = -(q[:, 1] + 70.0) / 10.0  # 1 mm at the front, 13 mm at the back
+    stats = motion_statistics("back", q, d)
+    assert np.all(np.diff(stats.ap_bin_mean_magnitude_mm) > 0)
+    assert np.all(np.abs(np.diff(stats.bin_mean_magnitude_mm)) < 1.0)  # no trend along z
+    population = population_statistics([stats, motion_statistics("front", q * [1, -1, 1], d)])
+    np.testing.assert_allclose(population.ap_profile, np.ones(N_BINS), atol=0.05)  # mirrored: the means cancel
+
+
 def test_population_of_two() -> None:
     """Means 2 and 4 mm: mean 3, SD 1 (ddof 0), range 2-4; shares averaged."""
     q = np.stack([np.zeros(3), np.zeros(3), np.array([0.0, 10.0, 20.0])], axis=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from breathcast.io.dataset import open_dataset, read_patient
 from breathcast.model_box import resample_to_spacing
 from breathcast.sim.realct import (
     AnatomySource,
+    build_real_motion_field,
     build_realct_anatomy,
     load_anatomy_source,
     simulate_realct_dataset,
@@ -56,6 +59,26 @@ def test_the_spine_stays_while_the_lung_base_moves(anatomy):
 def test_the_motion_does_not_fold(anatomy, amplitude, rate):
     """det(I + grad u) > 0 everywhere for deep breaths and below exhale too."""
     assert count_folds(anatomy.motion_field.displacement(amplitude, rate)) == 0
+
+
+def test_a_posterior_gain_moves_the_back_of_the_lungs_more(anatomy):
+    """posterior_gain > 0: the back half of the lungs moves more than the front half, the mean stays close."""
+    seg = anatomy.segmentation
+    lungs = seg.lungs
+    back = np.zeros_like(lungs)
+    rows = np.flatnonzero(lungs.any(axis=(0, 2)))
+    back[:, (rows[0] + rows[-1]) // 2 :, :] = True  # canonical frame: +y index is posterior
+    f = CONFIG.supersampling
+
+    def si_mm(field, mask):
+        u = field_to_lps_mm(field.displacement(1.0, 0.0), anatomy.grid)
+        return float(np.abs(u[2][mask[f // 2 :: f, f // 2 :: f, f // 2 :: f]]).mean())
+
+    uniform = anatomy.motion_field
+    graded = build_real_motion_field(seg, dataclasses.replace(anatomy.motion, posterior_gain=0.8), anatomy.grid)
+    assert si_mm(graded, lungs & back) > 1.2 * si_mm(uniform, lungs & back)
+    assert si_mm(graded, lungs & ~back) < 0.9 * si_mm(uniform, lungs & ~back)
+    assert si_mm(graded, lungs) == pytest.approx(si_mm(uniform, lungs), rel=0.2)
 
 
 def test_the_motion_moves_tissue_inferior_on_inhale(anatomy):

@@ -1,14 +1,16 @@
 """Statistics of exhale -> inhale lung motion, the same for real landmarks and simulated fields.
 
 What simulated motion must match on real lungs (issue 13, part 2): the mean displacement magnitude against the
-normalised superior-inferior position in the lungs (0 = lung base, 1 = apex), the direction ratios
+normalised superior-inferior position in the lungs (0 = lung base, 1 = apex) and against the normalised
+anterior-posterior position (0 = anterior, 1 = posterior: real lungs move most at the back), the direction ratios
 mean |LR| : |AP| : |SI| and the signed means, the fraction of points moving more than a threshold, and, over a
 population, each patient's mean magnitude and its spread between patients.
 
 Every sample is a set of points in the lungs with their end-exhale position q (x, y, z) mm, x left, y posterior,
 z superior, and their exhale -> inhale displacement d (mm, same frame). The normalised position of a point is
 ``(q_z - z_lo) / (z_hi - z_lo)`` clipped to [0, 1], with z_lo, z_hi the 1st and 99th percentiles of the sample's own
-exhale z: landmarks without images and simulated lungs are normalised the same way, by where their points are.
+exhale z (and the same for y): landmarks without images and simulated lungs are normalised the same way, by where
+their points are.
 :func:`landmark_statistics` takes :class:`~breathcast.io.landmarks.LandmarkPairs`; :func:`field_statistics` takes a
 pull-back field on the exhale anatomy's grid and samples it in the lungs.
 """
@@ -64,6 +66,8 @@ class MotionStatistics:
         bin_edges: (N_BINS + 1,) normalised positions bounding the bins, 0 (base) to 1 (apex).
         bin_counts: (N_BINS,) points per bin.
         bin_mean_magnitude_mm: (N_BINS,) mean |d| per bin, NaN in an empty bin.
+        ap_bin_mean_magnitude_mm: (N_BINS,) mean |d| per bin of the normalised anterior-posterior position,
+            anterior (0) to posterior (1), NaN in an empty bin.
     """
 
     name: str
@@ -80,6 +84,7 @@ class MotionStatistics:
     bin_edges: np.ndarray
     bin_counts: np.ndarray
     bin_mean_magnitude_mm: np.ndarray
+    ap_bin_mean_magnitude_mm: np.ndarray
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: floats rounded to 0.01 mm (0.0001 for shares), arrays as lists, NaN as None."""
@@ -110,6 +115,8 @@ class PopulationStatistics:
         bin_profile: (N_BINS,) mean over samples of each sample's bin magnitude divided by its own mean |d|
             (shape of the magnitude along base -> apex, amplitude removed); NaN in a bin empty in every sample.
         bin_profile_range: (2, N_BINS) min and max of that ratio over samples.
+        ap_profile: (N_BINS,) the same along anterior (0) -> posterior (1).
+        ap_profile_range: (2, N_BINS) its min and max over samples.
         fraction_above: mean over samples of the fraction above the threshold.
         fraction_above_range: (2,) its min and max.
     """
@@ -123,6 +130,8 @@ class PopulationStatistics:
     component_ratio_range: np.ndarray
     bin_profile: np.ndarray
     bin_profile_range: np.ndarray
+    ap_profile: np.ndarray
+    ap_profile_range: np.ndarray
     fraction_above: float
     fraction_above_range: np.ndarray
 
@@ -150,7 +159,8 @@ def motion_statistics(
 
     Args:
         name: the sample's name.
-        exhale_mm: (N, 3) end-exhale positions (x, y, z) mm, z superior (only z is used: the normalised position).
+        exhale_mm: (N, 3) end-exhale positions (x, y, z) mm, y posterior, z superior (y and z are used: the
+            normalised positions).
         displacement_mm: (N, 3) exhale -> inhale displacement of each point, (x, y, z) mm, same frame.
         n_bins: bins of the normalised position, base (0) to apex (1).
         threshold_mm: the threshold of ``fraction_above``.
@@ -175,13 +185,10 @@ def motion_statistics(
     z_lo, z_hi = np.percentile(q[:, 2], _EXTENT_PERCENTILES)
     if z_hi <= z_lo:
         raise BreathcastError(f"{name}: the points have no superior-inferior extent (all at z = {z_lo:.1f} mm)")
-    position = np.clip((q[:, 2] - z_lo) / (z_hi - z_lo), 0.0, 1.0)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.minimum((position * n_bins).astype(int), n_bins - 1)
-    counts = np.bincount(which, minlength=n_bins)
-    sums = np.bincount(which, weights=magnitude, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_bin = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    counts, per_bin = _binned_means((q[:, 2] - z_lo) / (z_hi - z_lo), magnitude, n_bins)
+    y_lo, y_hi = np.percentile(q[:, 1], _EXTENT_PERCENTILES)
+    _, per_ap_bin = _binned_means((q[:, 1] - y_lo) / max(y_hi - y_lo, 1e-9), magnitude, n_bins)
     mean_abs = np.abs(d).mean(axis=0)
     total = mean_abs.sum()
     ratio = mean_abs / total if total > 0 else np.full(3, np.nan)
@@ -200,7 +207,17 @@ def motion_statistics(
         bin_edges=edges,
         bin_counts=counts,
         bin_mean_magnitude_mm=per_bin,
+        ap_bin_mean_magnitude_mm=per_ap_bin,
     )
+
+
+def _binned_means(position: np.ndarray, values: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, mean of ``values``) in ``n_bins`` equal bins of ``position`` clipped to [0, 1]; NaN where empty."""
+    which = np.minimum((np.clip(position, 0.0, 1.0) * n_bins).astype(int), n_bins - 1)
+    counts = np.bincount(which, minlength=n_bins)
+    sums = np.bincount(which, weights=values, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return counts, np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 def landmark_statistics(
@@ -283,11 +300,14 @@ def population_statistics(samples: list[MotionStatistics]) -> PopulationStatisti
     means = np.array([s.mean_magnitude_mm for s in samples])
     ratios = np.stack([s.component_ratio for s in samples])
     profiles = np.stack([s.bin_mean_magnitude_mm / s.mean_magnitude_mm for s in samples])
+    ap_profiles = np.stack([s.ap_bin_mean_magnitude_mm / s.mean_magnitude_mm for s in samples])
     fractions = np.array([s.fraction_above for s in samples])
     with warnings.catch_warnings():  # a bin empty in every sample is NaN, as documented
         warnings.simplefilter("ignore", RuntimeWarning)
         profile = np.nanmean(profiles, axis=0)
         profile_range = np.stack([np.nanmin(profiles, axis=0), np.nanmax(profiles, axis=0)])
+        ap_profile = np.nanmean(ap_profiles, axis=0)
+        ap_profile_range = np.stack([np.nanmin(ap_profiles, axis=0), np.nanmax(ap_profiles, axis=0)])
     return PopulationStatistics(
         names=tuple(s.name for s in samples),
         per_patient_mean_mm=means,
@@ -298,6 +318,8 @@ def population_statistics(samples: list[MotionStatistics]) -> PopulationStatisti
         component_ratio_range=np.stack([ratios.min(axis=0), ratios.max(axis=0)]),
         bin_profile=profile,
         bin_profile_range=profile_range,
+        ap_profile=ap_profile,
+        ap_profile_range=ap_profile_range,
         fraction_above=float(fractions.mean()),
         fraction_above_range=np.array([fractions.min(), fractions.max()]),
     )
