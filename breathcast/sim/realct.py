@@ -14,8 +14,8 @@ patient of it in the same dataset format, with the same scan protocol and ground
    (:class:`~breathcast.sim.motion.MotionField`: nonlinear in amplitude, hysteresis through rate), built on the
    segmentation (:mod:`breathcast.segmentation`): superior-inferior motion largest at the diaphragm, decaying to
    the apex and into the abdomen (optionally larger at the back than at the front, as in every DIR-Lab case:
-   ``RealMotionParams.posterior_gain``, not yet drawn), inside the cavity only (a 4 mm shear layer at its edge: the lungs slide
-   along the pleura; chest wall, ribs and spine stay); the lungs' own anterior-posterior and lateral
+   ``RealMotionParams.posterior_gain``, not yet drawn), inside the cavity only (a 4 mm shear layer at its edge:
+   the lungs slide along the pleura; chest wall, ribs and spine stay); the lungs' own anterior-posterior and lateral
    expansion with it; an outward chest-wall and abdominal-wall expansion that is zero at the spine.
    Magnitudes are drawn to match real lungs (DIR-Lab, POPI: ``benchmarks/bench_motion_realism.py``).
 """
@@ -296,7 +296,8 @@ def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, g
     inside = sliding_weight(seg, m.sliding_width_mm)
     right = smooth_step(mid_x - x, 20.0)  # LPS: the patient's right is -x
     side = m.right_to_left * right + (1.0 - right)
-    si = (m.si_amplitude_mm * profile * inside * side * _posterior_profile(y, mid_y, half_y, motion.posterior_gain)).astype(np.float32)
+    back = _posterior_profile(y, mid_y, half_y, motion.posterior_gain)
+    si = (m.si_amplitude_mm * profile * inside * side * back).astype(np.float32)
 
     # Pull-back, amplitude 1: the tissue seen at x came from further superior (+z) and nearer the lungs' centre.
     si_lps = np.zeros((3, nz, ny, nx), dtype=np.float32)
