@@ -57,7 +57,7 @@ CRITERIA = {
     "ap_profile": "the same along anterior -> posterior",
     "fraction": "synthetic mean fraction of points above 10 mm within 0.10 of the real mean",
 }
-"""What 'met' means for each statistic. The profile uses DIR-Lab only: POPI's 40 landmarks span ~110 mm of z, not
+"""What 'met' means for each statistic. The profiles use DIR-Lab only: POPI's 40 landmarks span ~110 mm of z, not
 the lungs from base to apex, so its own-extent normalisation does not map to base and apex."""
 
 RATIO_TOLERANCE = 0.05

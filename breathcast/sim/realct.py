@@ -22,7 +22,7 @@ patient of it in the same dataset format, with the same scan protocol and ground
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
 
@@ -247,9 +247,9 @@ REAL_MOTION_RANGES: dict[str, tuple[float, float]] = {
 
 
 def _real_motion(values: dict[str, float]) -> RealMotionParams:
-    own = ("lung_ap_ratio", "lung_lr_ratio", "posterior_gain")
+    own = {f.name for f in fields(RealMotionParams)} - {"base"}
     base = MotionParams(**{k: v for k, v in values.items() if k not in own})
-    return RealMotionParams(base, **{k: values[k] for k in own if k in values})
+    return RealMotionParams(base, **{k: v for k, v in values.items() if k in own})
 
 
 def sample_real_motion(rng: np.random.Generator) -> RealMotionParams:
