@@ -6,7 +6,7 @@ amplitude 1 (rate 0) sampled in the exhale lungs (:func:`breathcast.sim.motion_s
 Both go through the same statistics: mean |d| against normalised superior-inferior position (0 = lung base,
 1 = apex, by each sample's own 1st-99th percentile of exhale z) and anterior-posterior position (0 = anterior,
 1 = posterior, the same way), LR : AP : SI shares of mean |component|, signed
-means, fraction above 10 mm, per-patient mean magnitude and its spread between patients.
+means, the LR and AP expansion slopes, fraction above 10 mm, per-patient mean magnitude and its spread between patients.
 
 Writes ``benchmarks/results/motion_realism.json`` and ``.png`` and the README block ``motion_realism``, with a
 met/missed verdict per statistic (the criteria are :data:`CRITERIA`, also written to the JSON).
@@ -55,12 +55,14 @@ CRITERIA = {
     "si_sign": "every synthetic patient moves inferior on inhale (signed mean SI < 0), as every real case does",
     "profile": "in every position bin, the synthetic mean of (bin |d| / patient mean |d|) inside the DIR-Lab range",
     "ap_profile": "the same along anterior -> posterior",
+    "expansion": "the synthetic mean LR and AP expansion slopes each within 0.10 of the real mean",
     "fraction": "synthetic mean fraction of points above 10 mm within 0.10 of the real mean",
 }
 """What 'met' means for each statistic. The profiles use DIR-Lab only: POPI's 40 landmarks span ~110 mm of z, not
 the lungs from base to apex, so its own-extent normalisation does not map to base and apex."""
 
 RATIO_TOLERANCE = 0.05
+EXPANSION_TOLERANCE = 0.10
 FRACTION_TOLERANCE = 0.10
 
 
@@ -125,6 +127,7 @@ def verdicts(real: PopulationStatistics, dirlab: PopulationStatistics, synthetic
     ap_low, ap_high = dirlab.ap_profile_range
     in_ap_profile = (synthetic.ap_profile >= ap_low) & (synthetic.ap_profile <= ap_high)
     si_signs = np.array([s.signed_mean_mm[2] for s in samples])
+    expansion_gap = np.abs(synthetic.expansion - real.expansion)
     return {
         "mean_range": {"value": synthetic.range_of_means_mm.round(2).tolist(), "real": [round(lo, 2), round(hi, 2)],
                        "met": bool(synthetic.range_of_means_mm[0] >= lo and synthetic.range_of_means_mm[1] <= hi)},
@@ -142,6 +145,8 @@ def verdicts(real: PopulationStatistics, dirlab: PopulationStatistics, synthetic
         "ap_profile": {"value": synthetic.ap_profile.round(2).tolist(),
                        "real": dirlab.ap_profile_range.round(2).tolist(),
                        "met": bool(in_ap_profile.all())},
+        "expansion": {"value": synthetic.expansion.round(2).tolist(), "real": real.expansion.round(2).tolist(),
+                      "met": bool((expansion_gap <= EXPANSION_TOLERANCE).all())},
         "fraction": {"value": round(synthetic.fraction_above, 3), "real": round(real.fraction_above, 3),
                      "met": bool(abs(synthetic.fraction_above - real.fraction_above) <= FRACTION_TOLERANCE)},
     }
@@ -170,6 +175,8 @@ def readme_table(real: PopulationStatistics, dirlab: PopulationStatistics, kinds
          lambda p: " ".join(f"{v:.2f}" for v in p.bin_profile)),
         ("ap_profile", "\\|d\\| / mean, anterior -> posterior (5 bins)", " ".join(f"{v:.2f}" for v in dirlab.ap_profile),
          lambda p: " ".join(f"{v:.2f}" for v in p.ap_profile)),
+        ("expansion", "expansion LR, AP (slope of d_x, d_y across the lungs / mean \\|d_z\\|)",
+         "{:.2f}, {:.2f}".format(*real.expansion), lambda p: "{:.2f}, {:.2f}".format(*p.expansion)),
         ("fraction", "fraction of points > 10 mm", f"{real.fraction_above:.2f}", lambda p: f"{p.fraction_above:.2f}"),
     ]:
         row = {"statistic": label, "real": real_text}
@@ -190,7 +197,7 @@ def plot(path: Path, dirlab: list[MotionStatistics], popi: MotionStatistics, kin
     import matplotlib.pyplot as plt
 
     colours = ["tab:orange", "tab:blue", "tab:green", "tab:purple"]
-    fig, axes = plt.subplots(1, 5, figsize=(21, 4.2))
+    fig, axes = plt.subplots(1, 6, figsize=(25, 4.2))
     centres = 0.5 * (dirlab[0].bin_edges[1:] + dirlab[0].bin_edges[:-1])
     for ax, normalise, along, title, xlabel in [
         (axes[0], False, "bin_mean_magnitude_mm", "mean |d| (mm)", "normalised SI position in the lungs (0 base, 1 apex)"),
@@ -231,6 +238,15 @@ def plot(path: Path, dirlab: list[MotionStatistics], popi: MotionStatistics, kin
         axes[4].scatter(g + jitter, values, color=colour, s=14)
     axes[4].set_xticks(range(len(means)), [m[0] for m in means])
     axes[4].set_ylabel("per-patient mean |d| (mm)")
+    real_expansion = np.stack([s.expansion for s in dirlab])
+    axes[5].scatter(real_expansion[:, 0], real_expansion[:, 1], color="0.35", s=16, label="DIR-Lab")
+    axes[5].scatter(*popi.expansion, color="k", marker="x", s=30, label="POPI")
+    for colour, (kind, result) in zip(colours, kinds.items()):
+        e = np.stack([s.expansion for s in result["samples"]])
+        axes[5].scatter(e[:, 0], e[:, 1], color=colour, s=10, alpha=0.7, label=kind)
+    axes[5].set_xlabel("LR expansion (slope of d_x / mean |d_z|)")
+    axes[5].set_ylabel("AP expansion (slope of d_y / mean |d_z|)")
+    axes[5].legend(fontsize=7)
     fig.suptitle("End-exhale -> end-inhale lung motion: real landmarks against simulated patients")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -277,6 +293,7 @@ def main() -> None:
         "command": "python benchmarks/bench_motion_realism.py " + " ".join(sys.argv[1:]),
         "criteria": CRITERIA,
         "ratio_tolerance": RATIO_TOLERANCE,
+        "expansion_tolerance": EXPANSION_TOLERANCE,
         "fraction_tolerance": FRACTION_TOLERANCE,
         "real": {"population": real.to_dict(), "dirlab_population": dirlab.to_dict(),
                  "samples": [s.to_dict() for s in real_samples]},

@@ -35,6 +35,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
+from scipy import ndimage
 
 from breathcast.errors import BreathcastError
 
@@ -49,6 +50,7 @@ __all__ = [
     "invert",
     "jacobian_determinant",
     "count_folds",
+    "smooth_folds",
 ]
 
 
@@ -648,3 +650,39 @@ def count_folds(u: np.ndarray) -> int:
         u: (3, Z, Y, X) displacement, voxels, (dz, dy, dx).
     """
     return int(np.count_nonzero(jacobian_determinant(u) <= 0))
+
+
+def smooth_folds(
+    u: np.ndarray, scales: tuple[float, ...] = (1.0,), min_det: float = 0.1, max_rounds: int = 30
+) -> tuple[np.ndarray, int]:
+    """``u`` smoothed where ``s * u`` folds for some ``s`` in ``scales``, until none does.
+
+    Each round blends a Gaussian-smoothed copy (σ 1 voxel) into ``u`` over the voxels with
+    det(I + s ∇u) < ``min_det`` and 2 voxels around them (a soft mask that is 0 beyond 4 voxels), and leaves the
+    rest as it is.
+
+    Args:
+        u: (3, Z, Y, X) displacement, voxels, (dz, dy, dx).
+        scales: the multiples of ``u`` that must not fold (a basis that the caller scales by amplitude).
+        min_det: the smallest determinant kept without smoothing.
+        max_rounds: rounds before giving up.
+
+    Returns:
+        (the field, float32, and the rounds it took; 0 when ``u`` was already fold-free).
+
+    Raises:
+        BreathcastError: folds remain after ``max_rounds``.
+    """
+    u = _as_field(u, "displacement u").copy()
+    for rounds in range(max_rounds + 1):
+        low = np.zeros(u.shape[1:], dtype=bool)
+        for s in scales:
+            low |= jacobian_determinant(s * u) < min_det
+        if not low.any():
+            return u, rounds
+        near = ndimage.binary_dilation(low, iterations=2)
+        weight = np.clip(2.0 * ndimage.gaussian_filter(near.astype(np.float32), 1.0), 0.0, 1.0)
+        weight[~ndimage.binary_dilation(near, iterations=2)] = 0.0  # nothing further than 4 voxels changes
+        smoothed = ndimage.gaussian_filter(u, sigma=(0, 1.0, 1.0, 1.0), mode="nearest")
+        u += weight[None] * (smoothed - u)
+    raise BreathcastError(f"the displacement still folds after {max_rounds} rounds of smoothing")

@@ -3,7 +3,6 @@ training, export and the engine give the network the same prior."""
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from breathcast.motion_prior import PRIOR_CHANNELS, motion_prior, uncut_lungs
 from breathcast.segmentation import segment_thorax
 from breathcast.sim.simulator import SimulationConfig
 from breathcast.training.cvae import CVAE, CVAEConfig
-from breathcast.training.data import motion_priors, sample_pairs, simulate_patients
+from breathcast.training.data import motion_priors, prior_pool, sample_pairs, simulate_patients
 from breathcast.training.inference import predict_displacement
 
 from tests.conftest import shared_data_file
@@ -126,7 +125,7 @@ def test_training_batches_carry_each_moving_scans_prior(patients):
     for i, (pid, k, _) in enumerate(batch.pairs):
         np.testing.assert_array_equal(batch.prior[i].numpy(), next(q for q in patients if q.patient_id == pid).priors[k])
     volumes = [Volume(unit_to_hu(image), p.grid) for image in np.concatenate([p.images, patients[1].images])]
-    with ProcessPoolExecutor(max_workers=2) as pool:
+    with prior_pool() as pool:
         np.testing.assert_array_equal(motion_priors(volumes, pool), np.stack([motion_prior(v) for v in volumes]))
 
 

@@ -90,6 +90,20 @@ def test_anterior_posterior_bins_run_front_to_back() -> None:
     np.testing.assert_allclose(population.ap_profile, np.ones(N_BINS), atol=0.05)  # mirrored: the means cancel
 
 
+def test_expansion_is_the_slope_across_the_lungs_per_si_motion() -> None:
+    """d_x = 3 mm per normalised LR position and d_y = -1 mm per AP position, d_z = -10 mm: expansion (0.3, -0.1);
+    zero-mean noise on d leaves it, and a pure translation has none."""
+    rng = np.random.default_rng(1)
+    q = rng.uniform(-50.0, 50.0, size=(3000, 3))
+    span = np.percentile(q, 99, axis=0) - np.percentile(q, 1, axis=0)
+    d = np.stack([3.0 * q[:, 0] / span[0], -1.0 * q[:, 1] / span[1], np.full(len(q), -10.0)], axis=1)
+    np.testing.assert_allclose(motion_statistics("grow", q, d).expansion, [0.3, -0.1], atol=1e-6)
+    noisy = motion_statistics("noisy", q, d + rng.normal(0.0, 1.0, d.shape))
+    np.testing.assert_allclose(noisy.expansion, [0.3, -0.1], atol=0.02)
+    moved = motion_statistics("moved", q, np.tile([2.0, 1.0, -10.0], (len(q), 1)))
+    np.testing.assert_allclose(moved.expansion, [0.0, 0.0], atol=1e-9)
+
+
 def test_population_of_two() -> None:
     """Means 2 and 4 mm: mean 3, SD 1 (ddof 0), range 2-4; shares averaged."""
     q = np.stack([np.zeros(3), np.zeros(3), np.array([0.0, 10.0, 20.0])], axis=1)

@@ -16,6 +16,7 @@ from breathcast.warp import (
     integrate_velocity,
     invert,
     jacobian_determinant,
+    smooth_folds,
     warp,
     warp_field,
     warp_image,
@@ -175,6 +176,23 @@ def test_folding_and_smooth_fields_are_counted():
     u[2, 4:8] = -2.0 * np.arange(SHAPE[2])  # x -> -x: det = -1 inside the slab
     assert count_folds(u) >= 4 * SHAPE[1] * SHAPE[2]
     assert count_folds(smooth_field(SHAPE, 0.5)) == 0
+
+
+def test_smooth_folds_removes_a_step_and_leaves_the_rest():
+    """A 2-voxel step in u_z across one slice folds at 2x; smoothed, no multiple in ``scales`` folds, and voxels
+    far from the step keep their values."""
+    u = np.zeros((3, 24, 8, 8), np.float32)
+    u[0, :12] = 2.0  # everything below slice 12 came from 2 voxels further along z: a compressive step
+    assert count_folds(2.0 * u) > 0
+    fixed, rounds = smooth_folds(u, scales=(-0.5, 2.0))
+    assert rounds > 0 and count_folds(2.0 * fixed) == 0 and count_folds(-0.5 * fixed) == 0
+    np.testing.assert_array_equal(fixed[:, :3], u[:, :3])
+    np.testing.assert_array_equal(fixed[:, 21:], u[:, 21:])
+    smooth = smooth_field(SHAPE, 0.5)
+    same, none = smooth_folds(smooth)
+    assert none == 0 and np.array_equal(same, smooth)
+    with pytest.raises(BreathcastError, match="still folds"):
+        smooth_folds(u, scales=(2.0,), max_rounds=0)
 
 
 def test_jacobian_on_a_single_slice():

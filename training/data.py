@@ -8,6 +8,7 @@ resuming from a checkpoint exact and data-parallel training equal to one process
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -26,7 +27,7 @@ from breathcast.motion_prior import motion_prior
 from breathcast.segmentation import BODY_HU
 from breathcast.sim.simulator import SimulationConfig, pair_field, patient_seed, simulate_patient
 
-__all__ = ["PatientData", "Split", "split_patients", "load_patients", "simulate_patients", "motion_priors", "field_of_view_weight", "PairBatch", "sample_pairs"]
+__all__ = ["PatientData", "Split", "split_patients", "load_patients", "simulate_patients", "motion_priors", "prior_pool", "field_of_view_weight", "PairBatch", "sample_pairs"]
 
 
 @dataclass(frozen=True)
@@ -124,9 +125,14 @@ def motion_priors(volumes: list[Volume], pool: ProcessPoolExecutor | None = None
     return np.stack(list(pool.map(motion_prior, volumes, chunksize=4)))
 
 
-def _prior_pool(with_priors: bool) -> ProcessPoolExecutor | nullcontext:
-    """One process per CPU core for the priors of every patient loaded (a context; None without priors)."""
-    return ProcessPoolExecutor(max_workers=os.cpu_count() or 1) if with_priors else nullcontext()
+def prior_pool(with_priors: bool = True) -> ProcessPoolExecutor | nullcontext:
+    """One process per CPU core for the priors of every patient loaded (a context; None without priors).
+
+    Spawned, not forked: a fork of a process that has run a parallel numba kernel (OpenMP) aborts the child.
+    """
+    if not with_priors:
+        return nullcontext()
+    return ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _patient_from_arrays(
@@ -159,7 +165,7 @@ def load_patients(
     if not isinstance(dataset, DatasetIndex):
         dataset = open_dataset(Path(dataset))
     patients = []
-    with _prior_pool(with_priors) as pool:
+    with prior_pool(with_priors) as pool:
         for pid in tqdm(patient_ids, desc="loading patients", unit="patient", disable=not progress):
             record = read_patient(dataset, pid, with_fields=with_truth)
             if len(record.scans) < 2:
@@ -189,7 +195,7 @@ def simulate_patients(
 ) -> list[PatientData]:
     """Patients straight from the simulator (no files), ids ``patient_{i:03d}`` as ``breathcast simulate`` names them."""
     patients = []
-    with _prior_pool(with_priors) as pool:
+    with prior_pool(with_priors) as pool:
         for i in range(first, first + n):
             p = simulate_patient(patient_seed(seed, i), config, patient_id=f"patient_{i:03d}")
             patients.append(

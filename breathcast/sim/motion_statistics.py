@@ -3,8 +3,10 @@
 What simulated motion must match on real lungs (issue 13, part 2): the mean displacement magnitude against the
 normalised superior-inferior position in the lungs (0 = lung base, 1 = apex) and against the normalised
 anterior-posterior position (0 = anterior, 1 = posterior: real lungs move most at the back), the direction ratios
-mean |LR| : |AP| : |SI| and the signed means, the fraction of points moving more than a threshold, and, over a
-population, each patient's mean magnitude and its spread between patients.
+mean |LR| : |AP| : |SI| and the signed means, the lungs' expansion (how the LR and AP components change across the
+lungs: a slope that the landmarks' zero-mean localisation error does not bias, as it biases the mean |component|
+shares), the fraction of points moving more than a threshold, and, over a population, each patient's mean
+magnitude and its spread between patients.
 
 Every sample is a set of points in the lungs with their end-exhale position q (x, y, z) mm, x left, y posterior,
 z superior, and their exhale -> inhale displacement d (mm, same frame). The normalised position of a point is
@@ -68,6 +70,9 @@ class MotionStatistics:
         bin_mean_magnitude_mm: (N_BINS,) mean |d| per bin, NaN in an empty bin.
         ap_bin_mean_magnitude_mm: (N_BINS,) mean |d| per bin of the normalised anterior-posterior position,
             anterior (0) to posterior (1), NaN in an empty bin.
+        expansion: (2,) least-squares slope of d_x against the normalised left-right position and of d_y against
+            the normalised anterior-posterior position (each 0 to 1 by its own 1st-99th percentiles), divided by
+            the mean |d_z|: how far the lungs widen and deepen on inhale per unit SI motion (0: they translate).
     """
 
     name: str
@@ -85,6 +90,7 @@ class MotionStatistics:
     bin_counts: np.ndarray
     bin_mean_magnitude_mm: np.ndarray
     ap_bin_mean_magnitude_mm: np.ndarray
+    expansion: np.ndarray
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: floats rounded to 0.01 mm (0.0001 for shares), arrays as lists, NaN as None."""
@@ -117,6 +123,8 @@ class PopulationStatistics:
         bin_profile_range: (2, N_BINS) min and max of that ratio over samples.
         ap_profile: (N_BINS,) the same along anterior (0) -> posterior (1).
         ap_profile_range: (2, N_BINS) its min and max over samples.
+        expansion: (2,) mean over samples of the LR and AP expansion slopes (:class:`MotionStatistics`).
+        expansion_range: (2, 2) their min and max over samples.
         fraction_above: mean over samples of the fraction above the threshold.
         fraction_above_range: (2,) its min and max.
     """
@@ -132,6 +140,8 @@ class PopulationStatistics:
     bin_profile_range: np.ndarray
     ap_profile: np.ndarray
     ap_profile_range: np.ndarray
+    expansion: np.ndarray
+    expansion_range: np.ndarray
     fraction_above: float
     fraction_above_range: np.ndarray
 
@@ -187,9 +197,11 @@ def motion_statistics(
         raise BreathcastError(f"{name}: the points have no superior-inferior extent (all at z = {z_lo:.1f} mm)")
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     counts, per_bin = _binned_means((q[:, 2] - z_lo) / (z_hi - z_lo), magnitude, n_bins)
-    y_lo, y_hi = np.percentile(q[:, 1], _EXTENT_PERCENTILES)
-    _, per_ap_bin = _binned_means((q[:, 1] - y_lo) / max(y_hi - y_lo, 1e-9), magnitude, n_bins)
+    low, high = np.percentile(q, _EXTENT_PERCENTILES, axis=0)
+    position = (q - low) / np.maximum(high - low, 1e-9)  # (N, 3) normalised x, y, z
+    _, per_ap_bin = _binned_means(position[:, 1], magnitude, n_bins)
     mean_abs = np.abs(d).mean(axis=0)
+    expansion = np.array([_slope(position[:, a], d[:, a]) for a in (0, 1)]) / max(mean_abs[2], 1e-9)
     total = mean_abs.sum()
     ratio = mean_abs / total if total > 0 else np.full(3, np.nan)
     return MotionStatistics(
@@ -208,7 +220,15 @@ def motion_statistics(
         bin_counts=counts,
         bin_mean_magnitude_mm=per_bin,
         ap_bin_mean_magnitude_mm=per_ap_bin,
+        expansion=expansion,
     )
+
+
+def _slope(x: np.ndarray, y: np.ndarray) -> float:
+    """Least-squares slope of y against x; 0 when x does not vary."""
+    dx = x - x.mean()
+    spread = float(dx @ dx)
+    return float(dx @ (y - y.mean())) / spread if spread > 0 else 0.0
 
 
 def _binned_means(position: np.ndarray, values: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -302,6 +322,7 @@ def population_statistics(samples: list[MotionStatistics]) -> PopulationStatisti
     profiles = np.stack([s.bin_mean_magnitude_mm / s.mean_magnitude_mm for s in samples])
     ap_profiles = np.stack([s.ap_bin_mean_magnitude_mm / s.mean_magnitude_mm for s in samples])
     fractions = np.array([s.fraction_above for s in samples])
+    expansions = np.stack([s.expansion for s in samples])
     with warnings.catch_warnings():  # a bin empty in every sample is NaN, as documented
         warnings.simplefilter("ignore", RuntimeWarning)
         profile = np.nanmean(profiles, axis=0)
@@ -320,6 +341,8 @@ def population_statistics(samples: list[MotionStatistics]) -> PopulationStatisti
         bin_profile_range=profile_range,
         ap_profile=ap_profile,
         ap_profile_range=ap_profile_range,
+        expansion=expansions.mean(axis=0),
+        expansion_range=np.stack([expansions.min(axis=0), expansions.max(axis=0)]),
         fraction_above=float(fractions.mean()),
         fraction_above_range=np.array([fractions.min(), fractions.max()]),
     )
