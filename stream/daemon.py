@@ -476,6 +476,8 @@ class Daemon:
             self._last_error = "" if self._gating.kind != "target" or self._gating.target_index < points else (
                 f"gating target_index {self._gating.target_index}: the plan has {points} target point(s); the gate holds "
                 "outside_gating_window until set_gating names one")  # fmt: skip
+            for latencies in self._lat.values():  # status reports the predictor that now serves, not earlier ones
+                latencies.clear()
             self._version += 1
             self._new_window.notify_all()
         info = {"event": "loaded", "plan": plan.name, "plan_hash": phash, "path": path, "mode": mode,
@@ -1032,7 +1034,7 @@ class Daemon:
         if cmd == "coefficients":
             if args:
                 raise ProtocolError("bad_argument", f"coefficients takes no arguments, got {sorted(args)}")
-            model, predictor = self._field_model, self._predictor
+            predictor, model = self._field_pair  # one read: never the polynomial of another plan's predictor
             if model is None or predictor is None:
                 raise ProtocolError("unavailable", f"the {self._path} path has no polynomial to ship" if predictor is not None
                                     else "no predictor loaded yet (status.state is not running)")  # fmt: skip

@@ -5,7 +5,8 @@ the invariants a daemon keeps whatever it is sent.
 at 10,000 and more. The invariants (docs/protocol.md):
 
 * every control request gets exactly one reply: a map with ``v`` 1 (an integer) and a boolean ``ok``; an error
-  carries one of :data:`~breathcast.stream.protocol.CONTROL_ERROR_CODES` and a message;
+  carries one of :data:`~breathcast.stream.protocol.CONTROL_ERROR_CODES` and a message; only an ok ``coefficients``
+  reply has a second frame, of its header's ``nbytes``;
 * every ``gate`` is consistent: BEAM_ON exactly when no reason holds, ``reason`` the first of ``reasons``, every
   reason documented; a BEAM_ON rests on a frame with a plausible amplitude and target displacement;
 * every input message is counted (``messages_received``) and the daemon keeps answering ``status``.
@@ -39,7 +40,8 @@ import zmq
 from breathcast.stream.config import PlausibilityConfig
 from breathcast.stream.protocol import CONTROL_ERROR_CODES, MAX_BATCH, HoldReason, decode_output, unpack
 
-__all__ = ["HOSTILE_VALUES", "Fuzzer", "gate_violations", "reply_violations", "GateWatcher", "FuzzReport", "run_fuzz"]
+__all__ = ["HOSTILE_VALUES", "Fuzzer", "gate_violations", "reply_violations", "frame_violations", "GateWatcher", "FuzzReport",
+           "run_fuzz"]
 
 _NUMBERS: tuple[Any, ...] = (0, 1, -1, 0.5, -0.5, 2**31, 2**53 + 1, 2**63 - 1, -(2**63), 2**64 - 1, 1e300, -1e300,
                              math.nan, math.inf, -math.inf, 6e14, 5e-324, 1.0, 4.9e9)  # fmt: skip
@@ -162,6 +164,8 @@ class Fuzzer:
         elif cmd == "reset":
             # counters: true clears messages_received, which run_fuzz checks
             choices = {"counters": lambda: rng.choice((False, *(v for v in HOSTILE_VALUES if v is not True)))}
+        elif cmd == "coefficients":  # takes no arguments: any is an error, the bare command a (multipart) reply
+            choices = {"version": h, "zzz": h}
         elif cmd == "load_plan":  # always with a value no plan has: a valid load is not fuzzed
             bad = rng.choice(({"source": rng.choice(("ct", "", 1, None))}, {"grid": rng.choice(("64", -1.5, None, []))},
                               {"zzz": 1}, {b"yyy": 2}, {"target_lps_mm": [[1, 2]]}))  # fmt: skip
@@ -173,11 +177,13 @@ class Fuzzer:
         return {name: choices[name]() for name in names}
 
     def control_request(self) -> bytes:
-        """One control request (status, set_gating, set_forecast, set_mode, reset, load_plan, or not a command)."""
+        """One control request (status, coefficients, set_gating, set_forecast, set_mode, reset, load_plan, or not a
+        command)."""
         rng = self.rng
         if rng.random() < 0.05:
             return rng.choice((b"\xc1", _pack([1]), b"", _pack(rng.choice(HOSTILE_VALUES))))
-        cmd = rng.choice(("status", "set_gating", "set_forecast", "set_mode", "reset", "load_plan", "fly", None, 1, ""))
+        cmd = rng.choice(("status", "coefficients", "set_gating", "set_forecast", "set_mode", "reset", "load_plan", "fly",
+                          None, 1, ""))
         m: dict[Any, Any] = {"v": 1, "cmd": cmd, **(self._arguments(cmd) if isinstance(cmd, str) else {})}
         if rng.random() < 0.1:
             m["v"] = rng.choice(HOSTILE_VALUES)
@@ -234,6 +240,18 @@ def reply_violations(reply: Any) -> list[str]:
     error = reply.get("error")
     if not isinstance(error, dict) or error.get("code") not in CONTROL_ERROR_CODES or not isinstance(error.get("message"), str):
         return [f"error reply {error!r}"]
+    return []
+
+
+def frame_violations(reply: Any, payload: list[bytes]) -> list[str]:
+    """What is wrong with the frames after a reply's first: an ok ``coefficients`` reply has exactly one, of its
+    header's ``nbytes``; every other reply has none."""
+    header = reply.get("coefficients") if isinstance(reply, dict) and reply.get("ok") is True else None
+    if not isinstance(header, dict):
+        return [f"{len(payload)} frame(s) after a one-frame reply"] if payload else []
+    if len(payload) != 1 or len(payload[0]) != header.get("nbytes"):
+        return [f"coefficients reply with {len(payload)} payload frame(s) of {[len(p) for p in payload]} bytes, "
+                f"header nbytes {header.get('nbytes')}"]
     return []
 
 
@@ -302,12 +320,14 @@ class FuzzReport:
     reply_ms: list[float] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     error_codes: dict[str, int] = field(default_factory=dict)
+    payload_replies: int = 0
     messages_counted: int = 0
 
     def summary(self) -> dict[str, Any]:
         a = np.asarray(self.reply_ms) if self.reply_ms else np.zeros(1)
         return {"input_messages": self.input_messages, "control_requests": self.control_requests,
-                "control_replies": self.control_replies, "messages_counted": self.messages_counted,
+                "control_replies": self.control_replies, "payload_replies": self.payload_replies,
+                "messages_counted": self.messages_counted,
                 "reply_p50_ms": float(np.percentile(a, 50)), "reply_p99_ms": float(np.percentile(a, 99)),
                 "reply_max_ms": float(a.max()), "violations": len(self.violations), "first_violations": self.violations[:10],
                 "error_codes": dict(sorted(self.error_codes.items()))}  # fmt: skip
@@ -348,8 +368,11 @@ def run_fuzz(endpoints: dict[str, str], fuzzer: Fuzzer, n_input: int, control_ev
             req.close(0)
             req = None
             return None
-        reply = unpack(req.recv(), 1 << 24)
+        frames = req.recv_multipart()
         report.reply_ms.append((time.perf_counter() - start) * 1e3)
+        reply = unpack(frames[0], 1 << 24)
+        report.violations += frame_violations(reply, frames[1:])
+        report.payload_replies += len(frames) > 1
         return reply
 
     try:

@@ -36,7 +36,7 @@ from stream_fixtures import (  # noqa: F401  (fixtures)
 from breathcast.errors import PlanRejected
 from breathcast.stream.client import ControlClient, SampleSender, Subscriber
 from breathcast.stream.config import PlausibilityConfig
-from breathcast.stream.faults import Fuzzer, GateWatcher, reply_violations, run_fuzz
+from breathcast.stream.faults import Fuzzer, GateWatcher, frame_violations, reply_violations, run_fuzz
 from breathcast.stream.recording import MAGIC, read_session_log
 
 RATE_HZ = 50.0
@@ -70,8 +70,16 @@ def test_fuzzed_input_and_control_keep_every_invariant(daemon):
     # the fuzz reached every door: several malformed codes, rejected reasons and control error codes
     assert {"malformed.bad_type", "malformed.bad_value", "malformed.bad_version", "malformed.not_msgpack"} <= set(counters)
     assert {"rejected.time_jump", "rejected.implausible_sample", "rejected.out_of_order"} <= set(counters)
-    assert {"bad_argument", "bad_version", "unknown_command"} <= set(report.error_codes)
+    assert {"bad_argument", "bad_version", "unknown_command", "unavailable"} <= set(report.error_codes)  # unavailable:
+    # coefficients on the direct path
     assert len(watcher.messages) > 20
+
+
+def test_frame_violations_want_one_payload_of_nbytes_after_coefficients_only():
+    ok = {"v": 1, "ok": True, "coefficients": {"nbytes": 4}}
+    assert frame_violations(ok, [b"1234"]) == [] and frame_violations({"v": 1, "ok": True}, []) == []
+    assert frame_violations(ok, []) and frame_violations(ok, [b"123"]) and frame_violations(ok, [b"1234", b""])
+    assert frame_violations({"v": 1, "ok": False, "error": {}}, [b"x"])
 
 
 # -- control: every request answered ----------------------------------------------------------------------------------

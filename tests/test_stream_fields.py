@@ -25,6 +25,7 @@ from stream_fixtures import (  # noqa: F401  (fixtures)
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid
 from breathcast.stream.client import ControlClient, ControlError, SampleSender, Subscriber
+from breathcast.stream.faults import Fuzzer, run_fuzz
 from breathcast.stream.field_coefficients import FieldModel, reference_field
 from breathcast.stream.shm_ring import RingReader, RingWriter, TornRead
 
@@ -180,6 +181,41 @@ def test_ring_fields_read_by_the_document_equal_the_tcp_fields(distilled_daemon)
         while (m is None or m.array is None) and time.monotonic() < end:
             m = rx.recv(0.5)
         assert m is not None and m.array.shape == (3, *FIELD_SHAPE) and m.array.dtype == np.float32
+
+
+def test_fuzzed_control_with_coefficients_replies_keeps_every_invariant(distilled_daemon):
+    """On the distilled path the fuzzer's bare ``coefficients`` requests get their two-frame reply, and the REQ socket
+    and every other invariant hold around them."""
+    ep = distilled_daemon.config.endpoints
+    report = run_fuzz({"input": ep.input, "control": ep.control}, Fuzzer(seed=4, paths=("distilled",)), n_input=300,
+                      control_every=2, rate_hz=2000.0)  # fmt: skip
+    assert report.violations == [] and report.control_replies == report.control_requests == 150
+    assert report.payload_replies > 0
+
+
+def test_a_new_predictor_starts_its_own_latencies(distilled_daemon):
+    """status.latency_ms counts the frames of the predictor that serves now: a load clears what earlier ones left
+    (the new predictor makes at most one frame of the window it finds)."""
+    ep = distilled_daemon.config.endpoints
+    with SampleSender(ep.input) as tx, ControlClient(ep.control) as ctl:
+        send_trace(tx, 0, 0.0, 150)
+        send_trace(tx, 150, 3.0, 50, pace=True)  # one frame per sample or so
+        assert _wait(lambda: ctl.status()["latency_ms"]["compute_ms"]["n"] >= 5)
+        for path in ("direct", "distilled"):  # back to the module's path for the tests after this one
+            assert ctl.request("set_mode", path=path)["loading"] is True
+            assert _wait(lambda: ctl.status()["state"] == "running" and ctl.status()["path"] == path, timeout_s=120.0)
+            time.sleep(0.3)
+            latency = ctl.status()["latency_ms"]
+            assert all(latency[k]["n"] <= 1 for k in ("compute_ms", "target_ms", "field_ms")), latency
+
+
+def _wait(condition, timeout_s: float = 10.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_coefficients_on_the_direct_path_are_unavailable(tiny_package, tiny_plan, tmp_path):  # noqa: F811
