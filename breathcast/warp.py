@@ -658,8 +658,8 @@ def smooth_folds(
     """``u`` smoothed where ``s * u`` folds for some ``s`` in ``scales``, until none does.
 
     Each round blends a Gaussian-smoothed copy (σ 1 voxel) into ``u`` over the voxels with
-    det(I + s ∇u) < ``min_det`` and 2 voxels around them (a soft mask that is 0 beyond 4 voxels), and leaves the
-    rest as it is.
+    det(I + s ∇u) < ``min_det`` and 2 voxels around them (a soft mask: twice the mask blurred by σ 1 voxel, at most
+    1), and leaves the rest nearly as it is.
 
     Args:
         u: (3, Z, Y, X) displacement, voxels, (dz, dy, dx).
@@ -682,7 +682,6 @@ def smooth_folds(
             return u, rounds
         near = ndimage.binary_dilation(low, iterations=2)
         weight = np.clip(2.0 * ndimage.gaussian_filter(near.astype(np.float32), 1.0), 0.0, 1.0)
-        weight[~ndimage.binary_dilation(near, iterations=2)] = 0.0  # nothing further than 4 voxels changes
         smoothed = ndimage.gaussian_filter(u, sigma=(0, 1.0, 1.0, 1.0), mode="nearest")
         u += weight[None] * (smoothed - u)
     raise BreathcastError(f"the displacement still folds after {max_rounds} rounds of smoothing")

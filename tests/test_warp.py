@@ -180,14 +180,14 @@ def test_folding_and_smooth_fields_are_counted():
 
 def test_smooth_folds_removes_a_step_and_leaves_the_rest():
     """A 2-voxel step in u_z across one slice folds at 2x; smoothed, no multiple in ``scales`` folds, and voxels
-    far from the step keep their values."""
+    far from the step keep their values (to 1e-3 voxel)."""
     u = np.zeros((3, 24, 8, 8), np.float32)
     u[0, :12] = 2.0  # everything below slice 12 came from 2 voxels further along z: a compressive step
     assert count_folds(2.0 * u) > 0
     fixed, rounds = smooth_folds(u, scales=(-0.5, 2.0))
     assert rounds > 0 and count_folds(2.0 * fixed) == 0 and count_folds(-0.5 * fixed) == 0
-    np.testing.assert_array_equal(fixed[:, :3], u[:, :3])
-    np.testing.assert_array_equal(fixed[:, 21:], u[:, 21:])
+    np.testing.assert_allclose(fixed[:, :3], u[:, :3], atol=1e-3)
+    np.testing.assert_allclose(fixed[:, 21:], u[:, 21:], atol=1e-3)
     smooth = smooth_field(SHAPE, 0.5)
     same, none = smooth_folds(smooth)
     assert none == 0 and np.array_equal(same, smooth)
