@@ -59,7 +59,7 @@ def test_fuzzed_input_and_control_keep_every_invariant(daemon):
     never BEAM_ON on an implausible state, every message counted, all threads alive."""
     ep = daemon.config.endpoints
     with GateWatcher(ep.publish, daemon.config.plausibility) as watcher:
-        report = run_fuzz({"input": ep.input, "control": ep.control}, Fuzzer(seed=15, paths=("direct",)), n_input=600,
+        report = run_fuzz({"input": ep.input, "control": ep.control}, Fuzzer(seed=16, paths=("direct",)), n_input=600,
                           control_every=6, rate_hz=2000.0)  # fmt: skip
         time.sleep(0.3)
     assert report.violations == [] and watcher.violations == []
