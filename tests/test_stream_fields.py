@@ -200,22 +200,14 @@ def test_a_new_predictor_starts_its_own_latencies(distilled_daemon):
     with SampleSender(ep.input) as tx, ControlClient(ep.control) as ctl:
         send_trace(tx, 0, 0.0, 150)
         send_trace(tx, 150, 3.0, 50, pace=True)  # one frame per sample or so
-        assert _wait(lambda: ctl.status()["latency_ms"]["compute_ms"]["n"] >= 5)
+        time.sleep(0.3)
+        assert ctl.status()["latency_ms"]["compute_ms"]["n"] >= 5
         for path in ("direct", "distilled"):  # back to the module's path for the tests after this one
             assert ctl.request("set_mode", path=path)["loading"] is True
-            assert _wait(lambda: ctl.status()["state"] == "running" and ctl.status()["path"] == path, timeout_s=120.0)
+            status = ctl.wait_until_running(120.0)
             time.sleep(0.3)
             latency = ctl.status()["latency_ms"]
-            assert all(latency[k]["n"] <= 1 for k in ("compute_ms", "target_ms", "field_ms")), latency
-
-
-def _wait(condition, timeout_s: float = 10.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
+            assert status["path"] == path and all(latency[k]["n"] <= 1 for k in ("compute_ms", "target_ms", "field_ms")), latency
 
 
 def test_coefficients_on_the_direct_path_are_unavailable(tiny_package, tiny_plan, tmp_path):  # noqa: F811
