@@ -59,7 +59,21 @@ def uncut_lungs(seg: ThoraxSegmentation) -> ThoraxSegmentation:
         dome = extrapolated_dome_mm(lowest, has, grid).astype(np.float32)
     if apex_cut:
         apex = max(apex, float(np.mean(dome[has])) + APEX_TO_DOME_MM)
-    return dataclasses.replace(seg, dome_z_mm=dome, apex_z_mm=float(apex))
+    inside = (None if first is None else first + margin, None if last is None else last - margin)
+    return dataclasses.replace(
+        seg, dome_z_mm=dome, apex_z_mm=float(apex), labels=_continued_past(seg.labels, *inside),
+        cavity=_continued_past(seg.cavity, *inside), spine=_continued_past(seg.spine, *inside),
+    )
+
+
+def _continued_past(volume: np.ndarray, first: int | None, last: int | None) -> np.ndarray:
+    """(Z, Y, X) ``volume`` with the slices before ``first`` and after ``last`` (where not None) copies of those."""
+    out = volume.copy()
+    if first is not None:
+        out[:first] = volume[first]
+    if last is not None:
+        out[last + 1 :] = volume[last]
+    return out
 
 
 def motion_prior(volume: Volume) -> np.ndarray:

@@ -74,8 +74,11 @@ def test_a_posterior_gain_moves_the_back_of_the_lungs_more(anatomy):
         u = field_to_lps_mm(field.displacement(1.0, 0.0), anatomy.grid)
         return float(np.abs(u[2][mask[f // 2 :: f, f // 2 :: f, f // 2 :: f]]).mean())
 
-    uniform = build_real_motion_field(seg, dataclasses.replace(anatomy.motion, posterior_gain=0.0), anatomy.grid)
-    graded = build_real_motion_field(seg, dataclasses.replace(anatomy.motion, posterior_gain=0.8), anatomy.grid)
+    def with_gain(gain):
+        base = dataclasses.replace(anatomy.motion.base, posterior_gain=gain)
+        return build_real_motion_field(seg, dataclasses.replace(anatomy.motion, base=base), anatomy.grid)
+
+    uniform, graded = with_gain(0.0), with_gain(0.8)
     assert si_mm(graded, lungs & back) > 1.2 * si_mm(uniform, lungs & back)
     assert si_mm(graded, lungs & ~back) < 0.9 * si_mm(uniform, lungs & ~back)
     assert si_mm(graded, lungs) == pytest.approx(si_mm(uniform, lungs), rel=0.2)

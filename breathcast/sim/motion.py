@@ -23,7 +23,7 @@ import numpy as np
 from breathcast.sim.anatomy import AnatomyParams
 from breathcast.geometry import Grid, field_from_lps_mm
 
-__all__ = ["MotionParams", "MotionField", "sample_motion", "build_motion_field", "smooth_step"]
+__all__ = ["MotionParams", "MotionField", "sample_motion", "build_motion_field", "posterior_profile", "smooth_step"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class MotionParams:
         right_to_left: ratio of right to left hemithorax SI motion.
         apex_exponent: shape of the SI decay from the diaphragm (1) to the apex (0).
         sliding_width_mm: width of the shear layer at the inner chest wall.
+        posterior_gain: k of the superior-inferior motion's anterior-posterior profile (:func:`posterior_profile`);
+            0 is uniform. Every DIR-Lab case moves most at the back of the lungs.
     """
 
     si_amplitude_mm: float
@@ -49,6 +51,7 @@ class MotionParams:
     right_to_left: float
     apex_exponent: float
     sliding_width_mm: float = 4.0
+    posterior_gain: float = 0.0
 
 
 def sample_motion(rng: np.random.Generator) -> MotionParams:
@@ -56,12 +59,13 @@ def sample_motion(rng: np.random.Generator) -> MotionParams:
     si = rng.uniform(5.0, 25.0)
     return MotionParams(
         si_amplitude_mm=si,
-        chest_wall_mm=si * rng.uniform(0.2, 0.4),
-        lateral_mm=si * rng.uniform(0.1, 0.25),
+        chest_wall_mm=si * rng.uniform(0.08, 0.2),
+        lateral_mm=si * rng.uniform(0.05, 0.14),
         si_nonlinearity=rng.uniform(0.15, 0.45),
         hysteresis_s=rng.uniform(0.08, 0.25),
         right_to_left=rng.uniform(0.85, 1.15),
         apex_exponent=rng.uniform(1.2, 1.8),
+        posterior_gain=rng.uniform(0.5, 1.1),
     )
 
 
@@ -103,6 +107,13 @@ class MotionField:
         return out
 
 
+def posterior_profile(t: np.ndarray, gain: float) -> np.ndarray:
+    """``exp(k t) k / sinh(k)`` with k = ``gain``, t = -1 at the lungs' anterior and +1 at their posterior extreme
+    (clipped to [-1, 1]): the superior-inferior motion's gain from front to back, mean 1 over t (1 everywhere for k = 0)."""
+    t = np.clip(t, -1.0, 1.0)
+    return np.exp(gain * t) * (gain / np.sinh(gain) if gain else 1.0)
+
+
 def smooth_step(distance_mm: np.ndarray, width_mm: float) -> np.ndarray:
     """0 -> 1 across 0 mm: ``0.5 * (1 + tanh(distance / width))``, elementwise."""
     return 0.5 * (1.0 + np.tanh(distance_mm / width_mm))
@@ -131,7 +142,8 @@ def build_motion_field(anatomy: AnatomyParams, motion: MotionParams, grid: Grid)
     heart = np.sqrt(((x - hc[0]) / hr[0]) ** 2 + ((y - hc[1]) / hr[1]) ** 2 + ((z - hc[2]) / hr[2]) ** 2)
     heart_damping = 1.0 - 0.35 * smooth_step(1.0 - heart, 0.6)  # the heart follows the diaphragm in part
     side = motion.right_to_left * right + (1.0 - right)
-    u_si = motion.si_amplitude_mm * profile * inside * (1.0 - spine) * heart_damping * side
+    back = posterior_profile(y / cay, motion.posterior_gain)
+    u_si = motion.si_amplitude_mm * profile * inside * (1.0 - spine) * heart_damping * side * back
 
     # Chest wall: anterior and lateral expansion growing towards the lower thorax.
     lower = 0.5 + 0.5 * np.clip((anatomy.apex_z - z) / (anatomy.apex_z - dome), 0.0, 1.0)

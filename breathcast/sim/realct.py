@@ -14,7 +14,7 @@ patient of it in the same dataset format, with the same scan protocol and ground
    (:class:`~breathcast.sim.motion.MotionField`: nonlinear in amplitude, hysteresis through rate), built on the
    segmentation (:mod:`breathcast.segmentation`): superior-inferior motion largest at the diaphragm, decaying to
    the apex and into the abdomen (optionally larger at the back than at the front, as in every DIR-Lab case:
-   ``RealMotionParams.posterior_gain``, not yet drawn), inside the cavity only (a 4 mm shear layer at its edge:
+   ``MotionParams.posterior_gain``), inside the cavity only (a 4 mm shear layer at its edge:
    the lungs slide along the pleura; chest wall, ribs and spine stay); the lungs' own anterior-posterior and lateral
    expansion with it; an outward chest-wall and abdominal-wall expansion that is zero at the spine.
    Magnitudes are drawn to match real lungs (DIR-Lab, POPI: ``benchmarks/bench_motion_realism.py``).
@@ -37,7 +37,7 @@ from breathcast.io.dataset import describe_dataset, prepare_output_dir
 from breathcast.model_box import lung_centred_grid, resample_to_spacing
 from breathcast.segmentation import ThoraxSegmentation, lung_bounding_box_mm, segment_thorax, signed_distance_mm, sliding_weight
 from breathcast.sim.anatomy import Label
-from breathcast.sim.motion import MotionField, MotionParams, smooth_step
+from breathcast.sim.motion import MotionField, MotionParams, posterior_profile, smooth_step
 from breathcast.sim.simulator import (
     SimulatedPatient,
     SimulationConfig,
@@ -220,21 +220,17 @@ class RealMotionParams:
         lung_ap_ratio: anterior-posterior expansion of the lungs, as a fraction of their SI motion, at the
             lungs' anterior and posterior extremes.
         lung_lr_ratio: lateral expansion of the lungs, the same way.
-        posterior_gain: k of the superior-inferior motion's anterior-posterior profile ``exp(k t) k / sinh(k)``,
-            t = -1 at the lungs' anterior and +1 at their posterior extreme (mean 1 over t; 0 is uniform): every
-            DIR-Lab case moves most at the back.
     """
 
     base: MotionParams
     lung_ap_ratio: float
     lung_lr_ratio: float
-    posterior_gain: float = 0.0
 
 
 # Ranges of the uniform draws (in the order they are drawn), tuned to real lungs (bench_motion_realism).
 REAL_MOTION_RANGES: dict[str, tuple[float, float]] = {
     "si_amplitude_mm": (5.5, 21.0),
-    "chest_wall_mm": (1.0, 5.0),
+    "chest_wall_mm": (0.4, 2.1),
     "lateral_mm": (0.5, 3.0),
     "si_nonlinearity": (0.15, 0.45),
     "hysteresis_s": (0.08, 0.25),
@@ -300,7 +296,7 @@ def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, g
     inside = sliding_weight(seg, m.sliding_width_mm)
     right = smooth_step(mid_x - x, 20.0)  # LPS: the patient's right is -x
     side = m.right_to_left * right + (1.0 - right)
-    back = _posterior_profile(y, mid_y, half_y, motion.posterior_gain)
+    back = posterior_profile((y - mid_y) / half_y, m.posterior_gain)
     si = (m.si_amplitude_mm * profile * inside * side * back).astype(np.float32)
 
     # Pull-back, amplitude 1: the tissue seen at x came from further superior (+z) and nearer the lungs' centre.
@@ -333,12 +329,6 @@ def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, g
     c_si, _ = field.coefficients(np.array(FOLD_FREE_AMPLITUDES), np.zeros(len(FOLD_FREE_AMPLITUDES)))
     si_basis, _ = smooth_folds(field.si, scales=tuple(float(c) for c in c_si))
     return replace(field, si=si_basis)
-
-
-def _posterior_profile(y: np.ndarray, mid_y: float, half_y: float, gain: float) -> np.ndarray:
-    """``exp(k t) k / sinh(k)`` at LPS y (mm), t = (y - mid_y) / half_y clipped to [-1, 1]: mean 1 over t."""
-    t = np.clip((y - mid_y) / half_y, -1.0, 1.0)
-    return np.exp(gain * t) * (gain / np.sinh(gain) if gain else 1.0)
 
 
 def _add_tumour(hu: np.ndarray, labels: np.ndarray, seg: ThoraxSegmentation, rng: np.random.Generator) -> tuple[np.ndarray, float]:
