@@ -156,6 +156,7 @@ def _cmd_train_cvae(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
+        lr_schedule=args.lr_schedule,
         val_patients=args.val_patients,
         test_patients=args.test_patients,
         val_every=args.val_every,
@@ -376,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     cvae.add_argument("--steps", type=_int_at_least(1), default=5000, help="optimiser steps (default 5000)")
     cvae.add_argument("--batch-size", type=_int_at_least(1), default=4, help="global batch of pairs (default 4)")
     cvae.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, as the paper)")
+    cvae.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                      help="constant (default, as the paper) or cosine: annealed to lr / 100 over --steps")
     cvae.add_argument("--kl-weight", type=_non_negative_float, default=1e-4, help="KL weight (default 1e-4)")
     cvae.add_argument("--smooth-weight", type=_non_negative_float, default=0.01, help="velocity smoothness weight (default 0.01)")
     cvae.add_argument("--single-scale", action="store_true", help="image loss at full resolution only (the paper's)")

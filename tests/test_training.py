@@ -18,7 +18,7 @@ from breathcast.sim.simulator import SimulationConfig, simulate_dataset
 from breathcast.training.cvae import CVAE, CVAEConfig, load_cvae, save_cvae
 from breathcast.training.data import sample_pairs, simulate_patients
 from breathcast.training.losses import LossWeights, cvae_loss
-from breathcast.training.train import TrainConfig, train, training_step
+from breathcast.training.train import TrainConfig, learning_rate_at, train, training_step
 
 TINY = CVAEConfig(grid=32, channels=(8, 8, 16, 16))
 
@@ -154,6 +154,24 @@ def test_resume_continues_exactly(tmp_path):
     assert manifest["training"]["steps"] == 4 and len(manifest["files"]["model.pt"]) == 64
     rows = (resumed / "metrics.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["2", "4"]
+
+
+def test_cosine_schedule_anneals_to_a_hundredth(tmp_path):
+    """lr(0) = lr, halfway the middle, lr / 100 at the end; the training run steps with it."""
+    config = _config(tmp_path / "run", lr_schedule="cosine", learning_rate=1e-3)
+    assert learning_rate_at(config, 0) == pytest.approx(1e-3)
+    assert learning_rate_at(config, 2) == pytest.approx(0.5 * (1e-3 + 1e-5))
+    assert learning_rate_at(config, 4) == pytest.approx(1e-5)
+    assert learning_rate_at(dataclasses.replace(config, lr_schedule="constant"), 3) == 1e-3
+    out = train(config)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(learning_rate_at(config, 3))
+    assert json.loads((out / "manifest.json").read_text())["training"]["lr_schedule"] == "cosine"
+
+
+def test_an_unknown_schedule_is_refused(tmp_path):
+    with pytest.raises(BreathcastError, match="lr_schedule must be one of constant, cosine"):
+        _config(tmp_path / "run", lr_schedule="step")
 
 
 @pytest.fixture()

@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -42,9 +43,11 @@ from breathcast.training.data import simulate_patients as simulate_patients_in_m
 from breathcast.training.losses import LossWeights, cvae_loss
 from breathcast.warp_torch import warp
 
-__all__ = ["TrainConfig", "train", "training_step", "validate", "load_training_data", "lung_region"]
+__all__ = ["TrainConfig", "train", "learning_rate_at", "training_step", "validate", "load_training_data", "lung_region"]
 
 log = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class TrainConfig:
         steps: optimiser steps in total (a resumed run stops at the same step).
         batch_size: global batch (pairs per step, over all processes).
         learning_rate: Adam, 1e-4 as the paper.
+        lr_schedule: ``"constant"`` (the paper's), or ``"cosine"``: annealed to ``learning_rate / 100`` over
+            ``steps``, as the LDM is (the constant rate leaves the validation score swinging between checkpoints).
         val_patients, test_patients: patient-level split sizes (test patients are only recorded here).
         val_pairs: validation pairs, drawn once, the same at every validation.
         val_every: validate (and log to metrics.csv) every this many steps.
@@ -80,6 +85,7 @@ class TrainConfig:
     steps: int = 5000
     batch_size: int = 4
     learning_rate: float = 1e-4
+    lr_schedule: str = "constant"
     val_patients: int = 2
     test_patients: int = 0
     val_pairs: int = 16
@@ -96,6 +102,8 @@ class TrainConfig:
                 raise BreathcastError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise BreathcastError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise BreathcastError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 
 
 @dataclass
@@ -237,6 +245,15 @@ def _save_checkpoint(model: CVAE, optimizer: torch.optim.Optimizer, step: int, p
     os.replace(tmp, path)
 
 
+def learning_rate_at(config: TrainConfig, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based): a function of (step, ``config.steps``) alone, so a
+    resumed run continues the schedule exactly."""
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    floor = config.learning_rate / 100
+    return floor + (config.learning_rate - floor) * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
+
+
 def train(config: TrainConfig) -> Path:
     """Train the cVAE as ``config`` says; returns the output folder. See the module docstring."""
     env = _init_distributed()
@@ -272,6 +289,8 @@ def train(config: TrainConfig) -> Path:
         batch = sample_pairs(train_patients, config.batch_size, config.model.latent_dim, config.seed, step,
                              env.rank, env.world_size, config.loss.fov_margin_mm).to(env.device)
         optimizer.zero_grad(set_to_none=True)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(config, step)
         terms = training_step(network, batch, config.loss)
         optimizer.step()
         done = step + 1
