@@ -4,7 +4,8 @@ The field is a pull-back displacement from the rest anatomy (amplitude 0): a sca
 (A, Ȧ) shows ``rest(x + u(x; A, Ȧ))``. It is built from two spatial basis fields with nonlinear
 coefficients, so that it is deliberately *not* the linear 5D model of Low et al. (u = α·A + β·Ȧ):
 
-* superior-inferior ``si``: largest at the diaphragm, decaying to the apex, inside the rib cage only.
+* superior-inferior ``si``: largest at the diaphragm, decaying to the apex, larger at the back than at the front
+  (:func:`posterior_profile`), inside the rib cage only.
   Its sharp (4 mm) edge at the inner chest wall is a shear: the lungs slide along the pleura, the chest
   wall and spine do not follow. Coefficient ``c_si(A) = A·(1 + κ) / (1 + κ·|A|)``: nonlinear in amplitude, saturating in deep
   breaths as the diaphragm's excursion does.
