@@ -423,7 +423,9 @@ class Predictor:
             self.plan_check = check
             if config.sliding_mask:
                 weight = Volume(sliding_weight(check.segmentation), check.segmentation.grid)
-                self._motion_weight = resample_onto(weight, model_volume.grid, fill=0.0).array[None]
+                # Past the plan's slices the cavity continues (its nearest face), as the prior's does past a cut:
+                # a mask that stopped there would fold the motion the network continues.
+                self._motion_weight = resample_onto(weight, model_volume.grid, fill=None).array[None]
             plan_z = canonical_plan.grid.origin[2] + canonical_plan.grid.spacing[2] * np.arange(canonical_plan.shape[0])
             box_z = model_volume.grid.origin[2] + model_volume.grid.spacing[2] * np.arange(self.slices)
             self.b_m = np.interp(box_z, plan_z, plan_amplitude).astype(np.float32)  # held beyond the plan's slices
