@@ -63,6 +63,20 @@ def test_the_sliding_mask_keeps_the_spine_and_the_outside_still(package, plan):
     np.testing.assert_allclose(u_masked[moving], u_alone[moving], rtol=1e-3, atol=1e-4)
 
 
+def test_the_sliding_mask_continues_past_the_plans_slices(package, small_patient):
+    """A plan whose CT ends inside the box: below its first slice the mask is its bottom face's, not 0, so the motion
+    the network carries across a field-of-view cut (as the prior does) is not stopped there, where it would fold."""
+    g, drop = small_patient.grid, small_patient.grid.shape[0] // 4
+    grid = Grid((g.shape[0] - drop,) + g.shape[1:], g.spacing, (g.origin[0], g.origin[1], g.origin[2] + drop * g.spacing[2]))
+    cut = Plan(Volume(np.ascontiguousarray(small_patient.reference_hu[drop:]), grid), np.zeros(grid.shape[0]))
+    predictor = load_predictor(package, cut, PredictorConfig(path="direct"))
+    box_z = predictor.grid.origin[2] + predictor.grid.spacing[2] * np.arange(D)
+    below = np.flatnonzero(box_z < grid.origin[2])
+    weight = predictor._motion_weight[0]
+    assert len(below) >= 1 and weight[below].max() > 0.5
+    np.testing.assert_array_equal(weight[below], np.broadcast_to(weight[below[-1]], weight[below].shape))
+
+
 def test_a_plan_without_lungs_is_rejected_by_a_lung_centred_package(package):
     """A plan whose lungs cannot be found is refused with the reason, never served on a guessed box."""
     grid = Grid((24, 32, 32), (10.0, 10.0, 10.0), origin=(-155.0, -155.0, -115.0))
