@@ -256,9 +256,12 @@ def segment_thorax(volume: Volume) -> ThoraxSegmentation:
     # lies tells the CT's orientation. Only one behind them is the spine, closed along z across the discs.
     bone = ndimage.binary_opening((hu > BONE_HU) & body & ~lungs, structure=_ball(1.5, sp))
     lung_y = float(y_mm[np.flatnonzero(lungs.any(axis=(0, 2)))].mean())
-    column = _largest_component(bone & (np.abs(x_mm - mid_x)[None, None, :] < 35.0))
-    spine_offset = float(y_mm[np.argwhere(column)[:, 1]].mean() - lung_y) if column.any() else float("nan")
+    # The vertebrae join across the discs only through their arches: where a CT cuts the arches off, the column is
+    # the largest set of midline bones that bridging the discs along z connects, not one vertebra.
     disc = np.ones((2 * max(1, int(round(DISC_MM / sp[0]))) + 1, 1, 1), dtype=bool)
+    midline = bone & (np.abs(x_mm - mid_x)[None, None, :] < 35.0)
+    column = _largest_component(ndimage.binary_dilation(midline, structure=disc)) & midline
+    spine_offset = float(y_mm[np.argwhere(column)[:, 1]].mean() - lung_y) if column.any() else float("nan")
     spine = ndimage.binary_dilation(column, structure=disc) & body & ~lungs if spine_offset > 0 else np.zeros_like(column)
 
     # The cavity: the lungs' per-slice hull in the lungs' slices; below them the body inside its wall.
