@@ -203,7 +203,7 @@ def _cmd_train_ldm(args: argparse.Namespace) -> int:
         out=args.out, autoencoder=args.autoencoder, source=_data_config(args), steps=args.steps,
         micro_batch=args.micro_batch, accumulation=args.accumulation, learning_rate=args.lr,
         decoder_lr_scale=args.decoder_lr_scale, image_weight=args.image_weight, smooth_weight=args.smooth_weight,
-        val_steps=args.val_steps, val_every=args.val_every, seed=args.seed, threads=args.threads,
+        fov_margin_mm=args.fov_margin, val_steps=args.val_steps, val_every=args.val_every, seed=args.seed, threads=args.threads,
         resume=not args.restart, progress=not args.quiet,
     )  # fmt: skip
     print(f"LDM, manifest and metrics in {train_ldm(config)}")
@@ -427,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="learning rate of the pretrained CT decoder relative to --lr (default 0.1)")
     ldm.add_argument("--image-weight", type=_non_negative_float, default=1.0, help="warped-image error weight (default 1)")
     ldm.add_argument("--smooth-weight", type=_non_negative_float, default=0.01, help="velocity smoothness weight (default 0.01)")
+    ldm.add_argument("--fov-margin", type=_non_negative_float, default=25.0, metavar="MM",
+                     help="no warped-image error within MM of where a scan's field of view ends along z (default 25; 0: none)")
     ldm.add_argument("--val-steps", type=_int_at_least(1), default=10, help="DDIM steps when validating (default 10)")
     ldm.set_defaults(run=_cmd_train_ldm)
 

@@ -150,6 +150,27 @@ def test_one_training_step_lowers_the_loss(patients):
         assert float(loss()) < float(before)
 
 
+def test_the_field_of_view_margin_leaves_the_cut_slices_out_of_the_image_error(patients):
+    """With a per-slice weight of 0 in the first 4 slices (a whole block at each of the image loss's 3 scales),
+    changing the fixed image there leaves the image term as it was; without the weight it raises it."""
+    model = _tiny_ldm(live_output=False)
+    batch = sample_pairs(patients, 2, 1, seed=0, step=0)
+    condition, target = model.encode(batch.moving, batch.b_m), model.encode(batch.fixed, batch.b_f)
+    t, noise = torch.tensor([100, 700]), torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        output = model(batch.moving, condition, target, batch.b_f, t, noise)
+    altered = batch.fixed.clone()
+    altered[:, :, :3] = 1.0
+    margin = torch.ones(2, GRID)
+    margin[:, :4] = 0.0
+
+    def image(fixed: torch.Tensor, weight: torch.Tensor | None) -> float:
+        return float(ldm_loss(model, output, target, fixed, 1.0, 0.01, weight)["image"])
+
+    assert image(altered, margin) == pytest.approx(image(batch.fixed, margin), rel=1e-6)
+    assert image(altered, None) > image(batch.fixed, None)
+
+
 def test_the_autoencoder_stays_frozen(patients):
     model = _tiny_ldm()
     model.train()
@@ -193,6 +214,7 @@ def test_cli_trains_autoencoder_then_ldm(tmp_path, capsys):
                  "--autoencoder", str(tmp_path / "ae"), "--out", str(tmp_path / "ldm")]) == 0  # fmt: skip
     manifest = json.loads((tmp_path / "ldm" / "manifest.json").read_text())
     assert manifest["model_kind"] == "ldm" and "val_masked_mse_reduction" in manifest["metrics"]
+    assert manifest["model_box"]["anchor"] == "lungs"  # the export serves it on the plan's lung-centred box
     assert load_ldm(tmp_path / "ldm" / "model.pt").grid == GRID
     assert (tmp_path / "ldm" / "metrics.csv").read_text().count("\n") == 3
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 import breathcast
 from breathcast.checksums import sha256_file
 from breathcast.io.dataset import prepare_output_dir
+from breathcast.model_box import model_box_of_simulation
 from breathcast.errors import BreathcastError
 from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder, autoencoder_loss, load_autoencoder, save_autoencoder
 from breathcast.training.data import PatientData, sample_pairs
@@ -300,6 +301,8 @@ class LDMTrainConfig:
         decoder_lr_scale: the pretrained CT decoder inside the velocity decoder learns at this fraction of it.
         image_weight, smooth_weight: weights of the warped-image error (multiscale, as the cVAE) and of the velocity
             smoothness, added to the latent x0 error.
+        fov_margin_mm: no warped-image error within this of where a scan's field of view ends along z (mm; as the
+            cVAE's :class:`~breathcast.training.losses.LossWeights`; 0: none).
         val_pairs, val_steps: validation pairs (fixed) and the DDIM steps used on them.
         val_every, seed, threads, resume, progress: as :class:`AutoencoderTrainConfig`.
     """
@@ -315,6 +318,7 @@ class LDMTrainConfig:
     decoder_lr_scale: float = 0.1
     image_weight: float = 1.0
     smooth_weight: float = 0.01
+    fov_margin_mm: float = 25.0
     val_pairs: int = 8
     val_steps: int = 10
     val_every: int = 50
@@ -339,10 +343,13 @@ def _latent_batch(batch, latents: dict[str, np.ndarray], seed: int, step: int, p
     return condition, target, t, noise
 
 
-def ldm_loss(model: LDM, output, target: torch.Tensor, fixed: torch.Tensor, image_weight: float, smooth_weight: float) -> dict[str, torch.Tensor]:
-    """Latent x0 error + ``image_weight`` x warped-image error + ``smooth_weight`` x velocity smoothness."""
+def ldm_loss(model: LDM, output, target: torch.Tensor, fixed: torch.Tensor, image_weight: float, smooth_weight: float,
+             slice_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Latent x0 error + ``image_weight`` x warped-image error + ``smooth_weight`` x velocity smoothness;
+    ``slice_weight`` (N, D) weighs the image error per slice (the field-of-view margin)."""
     latent = F.mse_loss(output.x0, target)
-    image = image_loss(output.warped, fixed, multiscale=True)
+    weight = None if slice_weight is None else slice_weight[:, None, :, None, None]
+    image = image_loss(output.warped, fixed, multiscale=True, weight=weight)
     smooth = smoothness(output.velocity)
     return {"total": latent + image_weight * image + smooth_weight * smooth, "latent": latent, "image": image, "smooth": smooth}
 
@@ -397,10 +404,11 @@ def train_ldm(config: LDMTrainConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for part in range(config.accumulation):
-            batch = sample_pairs(train_patients, config.micro_batch, 1, config.seed, step * config.accumulation + part)
+            batch = sample_pairs(train_patients, config.micro_batch, 1, config.seed, step * config.accumulation + part,
+                                 fov_margin_mm=config.fov_margin_mm)
             condition, target, t, noise = _latent_batch(batch, latents, config.seed, step, part, config.model.train_timesteps)
             output = model(batch.moving, condition, target, batch.b_f, t, noise)
-            terms = ldm_loss(model, output, target, batch.fixed, config.image_weight, config.smooth_weight)
+            terms = ldm_loss(model, output, target, batch.fixed, config.image_weight, config.smooth_weight, batch.slice_weight)
             (terms["total"] / config.accumulation).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / config.accumulation
@@ -415,6 +423,7 @@ def train_ldm(config: LDMTrainConfig) -> Path:
     ae_manifest = Path(config.autoencoder) / "manifest.json" if Path(config.autoencoder).is_dir() else Path(config.autoencoder).parent / "manifest.json"
     extra = {"grid": [autoencoder.config.grid] * 3, "model": config.model.to_dict(), "autoencoder": autoencoder.config.to_dict(),
              "latent_scale": scale,
+             "model_box": model_box_of_simulation((summary.get("generator") or {}).get("config") or summary.get("simulation")),
              "autoencoder_manifest": json.loads(ae_manifest.read_text()) if ae_manifest.is_file() else None,
              "output": {"displacement": "(3, D, D, D) voxels of the model grid, (dz, dy, dx), pull-back"}}
     write_manifest(out, "ldm", config, summary, last, "model.pt", time.perf_counter() - started, extra)
