@@ -131,11 +131,18 @@ def signed_distance_mm(mask: np.ndarray, spacing_zyx: tuple[float, float, float]
     return (inside - outside).astype(np.float32)
 
 
-def sliding_weight(seg: ThoraxSegmentation, width_mm: float = SLIDING_WIDTH_MM) -> np.ndarray:
+def sliding_weight(seg: ThoraxSegmentation, width_mm: float = SLIDING_WIDTH_MM, z_sigma_mm: float = 0.0) -> np.ndarray:
     """(Z, Y, X) float32 in [0, 1] on ``seg.grid``: 1 inside the moving cavity, 0 outside, a tanh step of
-    ``width_mm`` across its edge (the lungs slide along the pleura; chest wall, ribs and spine stay)."""
+    ``width_mm`` across its edge (the lungs slide along the pleura; chest wall, ribs and spine stay).
+
+    ``z_sigma_mm`` > 0 smooths it along z only (a Gaussian of that sigma): a weight that falls along z multiplies a
+    superior-inferior motion into a compression, which folds where the fall per voxel times the motion in voxels
+    exceeds 1; the shear across the pleura, a change along x and y, stays as sharp."""
     distance = signed_distance_mm(seg.cavity, seg.grid.spacing_zyx)
-    return (0.5 * (1.0 + np.tanh(distance / width_mm))).astype(np.float32)
+    weight = (0.5 * (1.0 + np.tanh(distance / width_mm))).astype(np.float32)
+    if z_sigma_mm > 0:
+        weight = ndimage.gaussian_filter1d(weight, z_sigma_mm / seg.grid.spacing[2], axis=0, mode="nearest")
+    return weight
 
 
 def _slice_hulls(mask: np.ndarray) -> np.ndarray:

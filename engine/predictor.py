@@ -70,6 +70,10 @@ __all__ = [
 ]
 
 _RATE_SMOOTHING_S = 0.2  # as breathcast.traces.rate
+MASK_Z_SIGMA_MM = 5.0
+"""The sliding mask is smoothed along z by this (:func:`~breathcast.segmentation.sliding_weight`): its fall at a
+field-of-view cut or at the tilted edge behind the spine folded 12 voxels of 4D-Lung 0001's predicted motion
+unsmoothed (``benchmarks/bench_real.py``), none at 5 mm."""
 
 
 class PredictorPath(str, Enum):
@@ -125,8 +129,9 @@ class PredictorConfig:
         sampling_steps: DDIM steps of an ``ldm`` package; None takes the package's ``sampling_steps``.
         sliding_mask: with a lung-centred package, multiply the network's displacement by the plan's sliding
             weight (:func:`breathcast.segmentation.sliding_weight`: 1 in the cavity that moves, 0 in the chest
-            wall, ribs, spine and outside the body, a 4 mm step between). The network's velocity lives on a
-            half-resolution grid (12.5 mm voxels at 64³) that cannot hold the shear at the pleura by itself.
+            wall, ribs, spine and outside the body, a 4 mm step between, smoothed along z by
+            :data:`MASK_Z_SIGMA_MM`). The network's velocity lives on a half-resolution grid (12.5 mm voxels at
+            64³) that cannot hold the shear at the pleura by itself.
     """
 
     path: PredictorPath | str = PredictorPath.DIRECT
@@ -422,7 +427,7 @@ class Predictor:
             model_volume, check = model_box_volume(canonical_plan, shape, tuple(box["extent_mm"]))
             self.plan_check = check
             if config.sliding_mask:
-                weight = Volume(sliding_weight(check.segmentation), check.segmentation.grid)
+                weight = Volume(sliding_weight(check.segmentation, z_sigma_mm=MASK_Z_SIGMA_MM), check.segmentation.grid)
                 # Past the plan's slices the cavity continues (its nearest face), as the prior's does past a cut:
                 # a mask that stopped there would fold the motion the network continues.
                 self._motion_weight = resample_onto(weight, model_volume.grid, fill=None).array[None]

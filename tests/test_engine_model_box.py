@@ -8,11 +8,13 @@ import torch
 
 from breathcast.engine.export import export_cvae
 from breathcast.engine.package import TraceSpec
+from breathcast.engine import predictor as predictor_module
 from breathcast.engine.predictor import Plan, PredictorConfig, load_predictor
 from breathcast.errors import PlanRejected
 from breathcast.geometry import Grid, Volume, field_to_lps_mm
 from breathcast.model_box import check_plan
 from breathcast.training.cvae import CVAE, CVAEConfig
+from breathcast.warp import count_folds
 
 D = 16
 BOX = {"anchor": "lungs", "extent_mm": [400.0, 400.0, 320.0]}
@@ -75,6 +77,26 @@ def test_the_sliding_mask_continues_past_the_plans_slices(package, small_patient
     weight = predictor._motion_weight[0]
     assert len(below) >= 1 and weight[below].max() > 0.5
     np.testing.assert_array_equal(weight[below], np.broadcast_to(weight[below[-1]], weight[below].shape))
+
+
+def test_the_sliding_mask_does_not_fold_a_superior_inferior_motion(tmp_path, small_patient, monkeypatch):
+    """On a 64³ box, the mask times a uniform 15 mm inferior-superior pull-back: the mask's fall along z (the apex,
+    the edge behind the spine) compresses that motion; smoothed along z it does not fold, the plain tanh step does
+    (1779 voxels; at 20 mm the smoothed one folds too: the smoothing moves the limit, it does not remove it)."""
+    model = CVAE(CVAEConfig(grid=64, latent_dim=2, trace_embedding_dim=2, channels=(2, 2, 2, 2)))
+    trace = TraceSpec(window_samples=448, sample_interval_s=2.3 / 447, slices=64)
+    package = export_cvae(model.eval(), tmp_path / "box64", trace=trace, training={"model_box": BOX})
+    plan = Plan(Volume(small_patient.reference_hu, small_patient.grid), np.zeros(small_patient.grid.shape[0]))
+
+    def folds() -> int:
+        predictor = load_predictor(package, plan, PredictorConfig(path="direct"))
+        u = np.zeros((3,) + predictor._motion_weight.shape[1:], np.float32)
+        u[0] = 15.0 / predictor.grid.spacing[2] * predictor._motion_weight[0]
+        return count_folds(u)
+
+    assert folds() == 0
+    monkeypatch.setattr(predictor_module, "MASK_Z_SIGMA_MM", 0.0)
+    assert folds() > 0
 
 
 def test_a_plan_without_lungs_is_rejected_by_a_lung_centred_package(package):
