@@ -23,7 +23,7 @@ from stream_fixtures import (  # noqa: F401  (fixtures)
 )
 
 from breathcast.errors import BreathcastError
-from breathcast.geometry import hu_to_unit
+from breathcast.geometry import Volume, hu_to_unit
 from breathcast.engine.ddim import ddim_sample, ddim_step, ddim_timesteps
 from breathcast.engine.export import LDM_PARITY_TOLERANCE
 from breathcast.engine.package import PackageError, read_package
@@ -170,6 +170,27 @@ def test_distilled_path_with_an_ldm_package(tiny_ldm_package, tiny_plan):  # noq
     prediction = predictor.predict(0.5 + 0.3 * np.sin(np.linspace(0, 3, 448)))
     assert prediction.displacement.shape == (3, D, D, D) and np.all(np.isfinite(prediction.displacement))
     assert np.abs(prediction.displacement).max() > 0.01
+
+
+def test_an_ldm_trained_on_the_box_is_served_on_the_plans_lungs(tmp_path, small_patient):
+    """The model box that `train ldm` writes beside model.pt reaches the package, and the engine then serves the plan
+    in the box centred on its lungs, the sliding mask holding the spine and the outside still."""
+    from breathcast.cli import main
+    from breathcast.engine.predictor import Plan
+    from breathcast.training.ldm import save_ldm
+
+    save_ldm(tiny_ldm(), tmp_path / "model.pt")
+    box = {"anchor": "lungs", "extent_mm": [400.0, 400.0, 320.0]}
+    (tmp_path / "manifest.json").write_text(json.dumps({"model_kind": "ldm", "model_box": box}))
+    assert main(["export", "--ldm", str(tmp_path / "model.pt"), "--out", str(tmp_path / "pkg"), "--sampling-steps", "2"]) == 0
+    package = read_package(tmp_path / "pkg", kind="ldm")
+    assert package.manifest.model_box == box
+    plan = Plan(Volume(small_patient.reference_hu, small_patient.grid), np.zeros(small_patient.grid.shape[0]))
+    predictor = load_predictor(package, plan, PredictorConfig(path="direct", runtime=ONE_THREAD))
+    assert predictor.plan_check is not None and predictor.grid.shape == (D, D, D)
+    u = predictor.network_displacements(np.ones((1, D), np.float32))[0]
+    still = predictor._motion_weight[0] < 1e-4
+    assert still.any() and np.abs(u[:, still]).max() <= 1e-3 * np.abs(u).max() and np.abs(u).max() > 0.01
 
 
 # -- the daemon ---------------------------------------------------------------------------------------------
