@@ -130,13 +130,19 @@ def test_ddim_is_deterministic_with_a_seed_and_varies_without(patients):
     assert other.shape == first.shape
 
 
+def _fixed_batch(model, patients):
+    """Two pairs with their condition and target latents, fixed timesteps (100, 700) and fixed noise."""
+    batch = sample_pairs(patients, 2, 1, seed=0, step=0)
+    condition, target = model.encode(batch.moving, batch.b_m), model.encode(batch.fixed, batch.b_f)
+    t, noise = torch.tensor([100, 700]), torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
+    return batch, condition, target, t, noise
+
+
 def test_one_training_step_lowers_the_loss(patients):
     """One AdamW step on a fixed batch (fixed timesteps and noise) lowers the LDM loss on that batch."""
     model = _tiny_ldm(live_output=False)
     model.train()
-    batch = sample_pairs(patients, 2, 1, seed=0, step=0)
-    condition, target = model.encode(batch.moving, batch.b_m), model.encode(batch.fixed, batch.b_f)
-    t, noise = torch.tensor([100, 700]), torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
+    batch, condition, target, t, noise = _fixed_batch(model, patients)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def loss() -> torch.Tensor:
@@ -154,9 +160,7 @@ def test_the_field_of_view_margin_leaves_the_cut_slices_out_of_the_image_error(p
     """With a per-slice weight of 0 in the first 4 slices (a whole block at each of the image loss's 3 scales),
     changing the fixed image there leaves the image term as it was; without the weight it raises it."""
     model = _tiny_ldm(live_output=False)
-    batch = sample_pairs(patients, 2, 1, seed=0, step=0)
-    condition, target = model.encode(batch.moving, batch.b_m), model.encode(batch.fixed, batch.b_f)
-    t, noise = torch.tensor([100, 700]), torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
+    batch, condition, target, t, noise = _fixed_batch(model, patients)
     with torch.no_grad():
         output = model(batch.moving, condition, target, batch.b_f, t, noise)
     altered = batch.fixed.clone()

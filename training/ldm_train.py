@@ -34,13 +34,12 @@ from tqdm.auto import tqdm
 import breathcast
 from breathcast.checksums import sha256_file
 from breathcast.io.dataset import prepare_output_dir
-from breathcast.model_box import model_box_of_simulation
 from breathcast.errors import BreathcastError
 from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder, autoencoder_loss, load_autoencoder, save_autoencoder
 from breathcast.training.data import PatientData, sample_pairs
 from breathcast.training.ldm import LDM, LDMConfig, save_ldm
 from breathcast.training.losses import image_loss, smoothness
-from breathcast.training.train import load_training_data, lung_region
+from breathcast.training.train import load_training_data, lung_region, model_box_of_training_data
 from breathcast.warp_torch import warp
 
 __all__ = ["DataConfig", "AutoencoderTrainConfig", "train_autoencoder", "LDMTrainConfig", "train_ldm", "encode_patients", "read_autoencoder"]
@@ -423,7 +422,7 @@ def train_ldm(config: LDMTrainConfig) -> Path:
     ae_manifest = Path(config.autoencoder) / "manifest.json" if Path(config.autoencoder).is_dir() else Path(config.autoencoder).parent / "manifest.json"
     extra = {"grid": [autoencoder.config.grid] * 3, "model": config.model.to_dict(), "autoencoder": autoencoder.config.to_dict(),
              "latent_scale": scale,
-             "model_box": model_box_of_simulation((summary.get("generator") or {}).get("config") or summary.get("simulation")),
+             "model_box": model_box_of_training_data(summary),
              "autoencoder_manifest": json.loads(ae_manifest.read_text()) if ae_manifest.is_file() else None,
              "output": {"displacement": "(3, D, D, D) voxels of the model grid, (dz, dy, dx), pull-back"}}
     write_manifest(out, "ldm", config, summary, last, "model.pt", time.perf_counter() - started, extra)

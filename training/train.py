@@ -168,6 +168,11 @@ def _load_data(config: TrainConfig, progress: bool) -> tuple[Split, list[Patient
                               config.simulate_patients, config.simulation_seed, config.model.prior_channels > 0, progress)
 
 
+def model_box_of_training_data(summary: dict) -> dict:
+    """The manifest's ``model_box`` of a model trained on the data a :func:`load_training_data` summary describes."""
+    return model_box_of_simulation((summary.get("generator") or {}).get("config") or summary.get("simulation"))
+
+
 def lung_region(patient: PatientData, scan: int) -> np.ndarray:
     """The masked-MSE region of a scan: its lungs dilated by 10 mm; the whole volume without labels."""
     if patient.labels is None:
@@ -228,7 +233,7 @@ def _write_manifest(config: TrainConfig, summary: dict, metrics: dict, out: Path
         "training": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
                      "seconds": seconds},
         "data": summary,
-        "model_box": model_box_of_simulation((summary.get("generator") or {}).get("config") or summary.get("simulation")),
+        "model_box": model_box_of_training_data(summary),
         "metrics": metrics,
         "files": {"model.pt": sha256_file(out / "model.pt")},
     }
