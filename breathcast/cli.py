@@ -197,10 +197,13 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_ldm(args: argparse.Namespace) -> int:
+    from breathcast.motion_prior import PRIOR_CHANNELS
+    from breathcast.training.ldm import LDMConfig
     from breathcast.training.ldm_train import LDMTrainConfig, train_ldm
 
     config = LDMTrainConfig(
         out=args.out, autoencoder=args.autoencoder, source=_data_config(args), steps=args.steps,
+        model=LDMConfig(prior_channels=PRIOR_CHANNELS if args.motion_prior else 0),
         micro_batch=args.micro_batch, accumulation=args.accumulation, learning_rate=args.lr,
         decoder_lr_scale=args.decoder_lr_scale, image_weight=args.image_weight, smooth_weight=args.smooth_weight,
         fov_margin_mm=args.fov_margin, val_steps=args.val_steps, val_every=args.val_every, seed=args.seed, threads=args.threads,
@@ -430,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     ldm.add_argument("--fov-margin", type=_non_negative_float, default=25.0, metavar="MM",
                      help="no warped-image error within MM of where a scan's field of view ends along z (default 25; 0: none)")
     ldm.add_argument("--val-steps", type=_int_at_least(1), default=10, help="DDIM steps when validating (default 10)")
+    ldm.add_argument("--motion-prior", action="store_true",
+                     help="the velocity decoder also sees each scan's anatomical motion prior and both traces, as the cVAE's")
     ldm.set_defaults(run=_cmd_train_ldm)
 
     evaluate = sub.add_parser(

@@ -213,7 +213,7 @@ def export_ldm(
     from torch.export import Dim
 
     from breathcast.engine.ddim import ddim_sample
-    from breathcast.engine.ldm_graphs import DECODE_INPUTS, DENOISE_INPUTS, ENCODE_INPUTS, DecodeGraph, DenoiseGraph, EncodeGraph
+    from breathcast.engine.ldm_graphs import DENOISE_INPUTS, ENCODE_INPUTS, DecodeGraph, DenoiseGraph, EncodeGraph, decode_inputs
     from breathcast.training.ldm import LDM, save_ldm
 
     if not isinstance(model, LDM):
@@ -236,12 +236,19 @@ def export_ldm(
     noise = torch.randn((1, c, l, l, l), generator=torch.Generator().manual_seed(seed))  # as LDM.sample_latent draws it
     x_t = torch.cat([noise, torch.randn((1, c, l, l, l), generator=generator)])
     t = torch.tensor([config.train_timesteps - 1, config.train_timesteps // 3], dtype=torch.int64)
+    prior = torch.randn(1, config.prior_channels, d // 2, d // 2, d // 2, generator=generator) if config.prior_channels else None
     with torch.no_grad():
         condition = encode_graph(moving, b_m)
         x0 = denoise_graph(x_t, condition, t, b_f)
-        velocity = decode_graph(x0, condition, moving)
+
+        def decode_args(latents: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            values = {"x0": latents, "condition": condition, "moving": moving, "prior": prior, "b_m": b_m, "b_f": b_f}
+            return tuple(values[n] for n in decode_inputs(model))
+
+        velocity = decode_graph(*decode_args(x0))
         sampled = model.sample_latent(condition.expand(2, -1, -1, -1, -1), b_f, sampling_steps, noise=noise.expand(2, -1, -1, -1, -1))
-        reference_velocity = model.decode_velocity(sampled, condition.expand(2, -1, -1, -1, -1), moving.expand(2, -1, -1, -1, -1))
+        reference_velocity = model.decode_velocity(sampled, condition.expand(2, -1, -1, -1, -1), moving.expand(2, -1, -1, -1, -1),
+                                                   None if prior is None else prior.expand(2, -1, -1, -1, -1), b_m.expand(2, -1), b_f)
 
     latent_units = "latent (scaled to unit variance)"
     specs = {
@@ -265,7 +272,9 @@ def export_ldm(
         "decode": GraphSpec(
             file="decode.onnx",
             inputs=(_spec("x0", x0, latent_units, batch=True), _spec("condition", condition, latent_units),
-                    _spec("moving", moving, "CT scaled to [0, 1]")),
+                    _spec("moving", moving, "CT scaled to [0, 1]"),
+                    *([_spec("prior", prior, "motion prior, model-grid voxels (dz, dy, dx)"), _spec("b_m", b_m, "amplitude per slice"),
+                       _spec("b_f", b_f, "amplitude per slice", batch=True)] if prior is not None else [])),
             outputs=(_spec("velocity", velocity, "half-grid voxels (dz, dy, dx)", batch=True),),
             opset=OPSET,
         ),
@@ -277,8 +286,9 @@ def export_ldm(
         _export_graph(encode_graph, (moving, b_m), folder / "encode.onnx", list(ENCODE_INPUTS), ["condition"], None)
         _export_graph(denoise_graph, (x_t, condition, t, b_f), folder / "denoise.onnx", list(DENOISE_INPUTS), ["x0"],
                       {"x_t": {0: batch}, "condition": None, "t": {0: batch}, "b_f": {0: batch}})  # fmt: skip
-        _export_graph(decode_graph, (x0, condition, moving), folder / "decode.onnx", list(DECODE_INPUTS), ["velocity"],
-                      {"x0": {0: batch}, "condition": None, "moving": None})  # fmt: skip
+        decode_dynamic = {"x0": {0: batch}, "condition": None, "moving": None, "prior": None, "b_m": None, "b_f": {0: batch}}
+        _export_graph(decode_graph, decode_args(x0), folder / "decode.onnx", list(decode_inputs(model)), ["velocity"],
+                      {n: decode_dynamic[n] for n in decode_inputs(model)})  # fmt: skip
         np.save(folder / "noise.npy", noise.numpy())
         save_ldm(model, folder / "model.pt")
         options = ort.SessionOptions()
@@ -291,7 +301,10 @@ def export_ldm(
             return sessions["denoise"].run(None, {"x_t": x, "condition": onnx_condition, "t": steps_t, "b_f": b_f.numpy()})[0]
 
         onnx_sampled = ddim_sample(denoise, np.repeat(noise.numpy(), 2, axis=0), alphas_cumprod, sampling_steps)
-        (onnx_velocity,) = sessions["decode"].run(None, {"x0": onnx_sampled, "condition": onnx_condition, "moving": moving.numpy()})
+        decode_feed = {"x0": onnx_sampled, "condition": onnx_condition, "moving": moving.numpy(), "b_f": b_f.numpy()}
+        if prior is not None:
+            decode_feed |= {"prior": prior.numpy(), "b_m": b_m.numpy()}
+        (onnx_velocity,) = sessions["decode"].run(None, {n: decode_feed[n] for n in decode_inputs(model)})
         differences = {
             "max_abs_condition_difference": float(np.abs(onnx_condition - condition.numpy()).max()),
             "max_abs_x0_difference": float(np.abs(onnx_x0 - x0.numpy()).max()),

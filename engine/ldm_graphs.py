@@ -12,7 +12,8 @@ tensors have batch 1 and are broadcast over N inside the graphs):
 * ``denoise``: ``x_t`` (N, C, L, L, L) noisy latent, ``condition`` (1, C, L, L, L), ``t`` (N,) int64 timestep,
   ``b_f`` (N, D) -> ``x0`` (N, C, L, L, L), the predicted clean latent: one U-Net pass.
 * ``decode``: ``x0`` (N, C, L, L, L), ``condition`` (1, C, L, L, L), ``moving`` (1, 1, D, D, D) -> ``velocity``
-  (N, 3, D/2, D/2, D/2), voxels of the half-resolution grid (dz, dy, dx).
+  (N, 3, D/2, D/2, D/2), voxels of the half-resolution grid (dz, dy, dx). A model with a motion prior
+  (``prior_channels`` P > 0) also takes ``prior`` (1, P, D/2, D/2, D/2), ``b_m`` (1, D) and ``b_f`` (N, D).
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ from torch import nn
 
 from breathcast.training.ldm import LDM
 
-__all__ = ["EncodeGraph", "DenoiseGraph", "DecodeGraph", "ENCODE_INPUTS", "DENOISE_INPUTS", "DECODE_INPUTS"]
+__all__ = ["EncodeGraph", "DenoiseGraph", "DecodeGraph", "ENCODE_INPUTS", "DENOISE_INPUTS", "decode_inputs"]
 
 ENCODE_INPUTS = ("moving", "b_m")
 DENOISE_INPUTS = ("x_t", "condition", "t", "b_f")
-DECODE_INPUTS = ("x0", "condition", "moving")
+
+
+def decode_inputs(model: LDM) -> tuple[str, ...]:
+    """The ``decode`` graph's inputs, in order: the prior and the traces only for a model that takes a prior."""
+    return ("x0", "condition", "moving", *(("prior", "b_m", "b_f") if model.config.prior_channels else ()))
 
 
 class EncodeGraph(nn.Module):
@@ -52,12 +57,20 @@ class DenoiseGraph(nn.Module):
 
 
 class DecodeGraph(nn.Module):
-    """Denoised latents -> velocities at half resolution, the condition latent and moving image (batch 1) broadcast."""
+    """Denoised latents -> velocities at half resolution, the plan tensors (batch 1: the condition latent, moving
+    image, prior and b_m) broadcast."""
 
     def __init__(self, model: LDM) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x0: torch.Tensor, condition: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x0: torch.Tensor, condition: torch.Tensor, moving: torch.Tensor, prior: torch.Tensor | None = None,
+        b_m: torch.Tensor | None = None, b_f: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         n = x0.shape[0]
-        return self.model.decode_velocity(x0, condition.expand(n, -1, -1, -1, -1), moving.expand(n, -1, -1, -1, -1))
+
+        def batch(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.expand(n, *t.shape[1:])
+
+        return self.model.decode_velocity(x0, batch(condition), batch(moving), batch(prior), batch(b_m), b_f)

@@ -299,6 +299,14 @@ class _Integrator:
         return np.stack([self._upsample(integrate_velocity(v, self.steps)) for v in velocity])
 
 
+def _plan_motion_prior(model_volume: Volume) -> np.ndarray:
+    """(1, 3, D/2, D/2, D/2) the plan's motion prior on the model grid; a plan without one is refused."""
+    try:
+        return motion_prior(model_volume)[None]
+    except BreathcastError as error:
+        raise PlanRejected(f"plan rejected: no motion prior on the model grid: {error}") from None
+
+
 class CVAENetwork:
     """A ``cvae`` package: the ``plan`` graph once per plan, the ``frame`` graph per batch (z = 0: the mean).
 
@@ -311,10 +319,7 @@ class CVAENetwork:
         plan = open_graph(package, "plan", config.runtime)
         feed = {"moving": hu_to_unit(model_volume.array)[None, None].astype(np.float32), "b_m": b_m[None]}
         if manifest.model.get("prior_channels"):
-            try:
-                feed["prior"] = motion_prior(model_volume)[None]
-            except BreathcastError as error:
-                raise PlanRejected(f"plan rejected: no motion prior on the model grid: {error}") from None
+            feed["prior"] = _plan_motion_prior(model_volume)
         outputs = plan.run(feed)
         self._plan_tensors = dict(zip((spec.name for spec in manifest.graphs["plan"].outputs), outputs))
         self._b_m = b_m[None]
@@ -333,7 +338,8 @@ class LDMNetwork:
     around batched ``denoise`` runs from the package's fixed noise (so a query's field does not depend on the
     batch it is in, nor on the run), then ``decode`` and integration.
 
-    ``config.sampling_steps`` DDIM steps (default: the manifest's ``sampling_steps``).
+    ``config.sampling_steps`` DDIM steps (default: the manifest's ``sampling_steps``). A package whose model takes
+    a motion prior gets the plan's, as :class:`CVAENetwork` does, and ``decode`` the traces too.
     """
 
     def __init__(self, package: ModelPackage, model_volume: Volume, b_m: np.ndarray, config: PredictorConfig) -> None:
@@ -348,6 +354,9 @@ class LDMNetwork:
         self._moving = hu_to_unit(model_volume.array)[None, None].astype(np.float32)
         encode = open_graph(package, "encode", config.runtime)
         (self._condition,) = encode.run({"moving": self._moving, "b_m": b_m[None]})
+        self._plan = {"condition": self._condition, "moving": self._moving}
+        if model["ldm"].get("prior_channels"):
+            self._plan |= {"prior": _plan_motion_prior(model_volume), "b_m": b_m[None]}
         self._noise = np.ascontiguousarray(np.load(package.file("noise.npy")), dtype=np.float32)
         if self._noise.shape != (1, *model["latent_shape"]):
             raise PackageError(f"{package.path}: noise.npy has shape {self._noise.shape}, the latent {model['latent_shape']}")
@@ -370,7 +379,7 @@ class LDMNetwork:
         return ddim_sample(lambda x, t: self.denoise(x, t, b_f), noise, self._alphas_cumprod, self.steps, self._final_alpha_cumprod)
 
     def displacements(self, b_f: np.ndarray) -> np.ndarray:
-        (velocity,) = self._decode.run({"x0": self.latents(b_f), "condition": self._condition, "moving": self._moving})
+        (velocity,) = self._decode.run(self._plan | {"x0": self.latents(b_f), "b_f": b_f})
         return self._integrate(velocity)
 
 

@@ -213,3 +213,89 @@ def test_adapting_a_prior_model_feeds_it_each_scans_prior(prior_model, patients)
     before = predict_displacement(prior_model, p.images[0], p.amplitude[0], p.amplitude[1], prior=p.priors[0])
     after = predict_displacement(result.model, p.images[0], p.amplitude[0], p.amplitude[1], prior=p.priors[0])
     assert np.abs(after - before).max() > 0
+
+
+# -- the LDM that sees it ------------------------------------------------------------------------------------
+
+
+def _prior_ldm(seed: int = 0):
+    """A 32³ LDM with a motion prior (latent 4 x 8³, a 2-level U-Net), its near-zero output layers given weights."""
+    from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder
+    from breathcast.training.ldm import LDM, LDMConfig
+
+    torch.manual_seed(seed)
+    autoencoder = CTAutoencoder(AutoencoderConfig(grid=D, channels=(4, 4, 4), latent_channels=4, norm_num_groups=4))
+    config = LDMConfig(channels=(8, 8), attention_levels=(False, True), norm_num_groups=8, head_channels=8, context_dim=8,
+                       velocity_channels=(4, 8), integration_steps=4, prior_channels=PRIOR_CHANNELS)  # fmt: skip
+    model = LDM(autoencoder, 1.3, config)
+    with torch.no_grad():
+        model.unet.out[-1].conv.weight.normal_(0.0, 0.2)
+        model.velocity_decoder.velocity.weight.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def test_an_ldm_with_a_prior_refuses_to_run_without_it():
+    from breathcast.training.ldm import LDM, LDMConfig
+
+    model = _prior_ldm()
+    image, trace = torch.zeros(1, 1, D, D, D), torch.zeros(1, D)
+    with pytest.raises(BreathcastError, match="needs its motion prior"):
+        model.predict(image, trace, trace, steps=1)
+    plain = LDM(model.autoencoder, 1.0, LDMConfig(channels=(8, 8), attention_levels=(False, True), norm_num_groups=8,
+                                                  head_channels=8, context_dim=8, velocity_channels=(4, 8)))
+    with pytest.raises(BreathcastError, match="takes no motion prior"):
+        plain.predict(image, trace, trace, steps=1, prior=torch.zeros(1, 3, D // 2, D // 2, D // 2))
+
+
+def test_the_ldms_velocity_decoder_reads_the_prior_and_the_fixed_trace(patients):
+    """From the same sampled latent, another prior or another b_f gives another velocity: the decoder sees both
+    (the latent alone would give the same)."""
+    model = _prior_ldm()
+    p = patients[0]
+    moving = torch.from_numpy(p.images[:1])[:, None]
+    b_m, b_f = torch.from_numpy(p.amplitude[:1]), torch.from_numpy(p.amplitude[2:3])
+    prior = torch.from_numpy(p.priors[:1])
+    condition = model.encode(moving, b_m)
+    x0 = model.sample_latent(condition, b_f, steps=2)
+    with torch.no_grad():
+        velocity = model.decode_velocity(x0, condition, moving, prior, b_m, b_f)
+        assert (model.decode_velocity(x0, condition, moving, torch.zeros_like(prior), b_m, b_f) - velocity).abs().max() > 1e-4
+        assert (model.decode_velocity(x0, condition, moving, prior, b_m, 1.0 - b_f) - velocity).abs().max() > 1e-4
+
+
+def test_the_engine_gives_the_ldm_the_plans_prior(small_patient, tmp_path):
+    """Export (parity checked against torch), then the predictor on a plan: its field is the torch LDM's on the
+    plan's model box with that box's prior."""
+    from breathcast.engine.export import export_ldm
+
+    model = _prior_ldm()
+    trace = TraceSpec(window_samples=448, sample_interval_s=2.3 / 447, slices=D)
+    package = export_ldm(model, tmp_path / "prior-ldm", trace=trace, training={"model_box": BOX}, sampling_steps=2)
+    assert [s.name for s in package.manifest.graphs["decode"].inputs] == ["x0", "condition", "moving", "prior", "b_m", "b_f"]
+    plan = Plan(Volume(small_patient.reference_hu, small_patient.grid), np.full(small_patient.grid.shape[0], 0.2))
+    predictor = load_predictor(package, plan, PredictorConfig(path="direct", sliding_mask=False))
+    b_f = np.stack([np.full(D, 0.9, np.float32), np.linspace(0.1, 0.6, D, dtype=np.float32)])
+    served = predictor.network_displacements(b_f)
+    box, _ = model_box_volume(plan.volume, (D, D, D), tuple(BOX["extent_mm"]))
+    moving = torch.from_numpy(hu_to_unit(box.array))[None, None]
+    prior = torch.from_numpy(motion_prior(box))[None]
+    for k in range(2):
+        expected = model.predict(moving, torch.from_numpy(predictor.b_m)[None], torch.from_numpy(b_f[k : k + 1]), steps=2,
+                                 prior=prior)[0].numpy()  # fmt: skip
+        np.testing.assert_allclose(served[k], expected, atol=1e-3)  # numba vs torch scaling and squaring
+    assert np.abs(served[0] - served[1]).max() > 0.01
+
+
+def test_train_ldm_with_the_motion_prior_records_it(tmp_path):
+    """`breathcast train ldm --motion-prior` trains on the scans' priors and says so in the model's manifest."""
+    import json
+
+    from breathcast.cli import main
+    from breathcast.training.ldm import load_ldm
+
+    common = ["--simulate", "3", "--val-patients", "1", "--grid", str(D), "--steps", "2", "--val-every", "2", "-q"]
+    assert main(["train", "autoencoder", *common, "--micro-batch", "2", "--out", str(tmp_path / "ae")]) == 0
+    assert main(["train", "ldm", *common, "--micro-batch", "2", "--accumulation", "1", "--val-steps", "1", "--motion-prior",
+                 "--autoencoder", str(tmp_path / "ae"), "--out", str(tmp_path / "ldm")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "ldm" / "manifest.json").read_text())["model"]["prior_channels"] == PRIOR_CHANNELS
+    assert load_ldm(tmp_path / "ldm" / "model.pt").config.prior_channels == PRIOR_CHANNELS

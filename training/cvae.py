@@ -95,7 +95,7 @@ def pool_to(t: torch.Tensor, size: int) -> torch.Tensor:
     return F.avg_pool3d(t, factor) if factor > 1 else t
 
 
-def _trace_channels(b_m: torch.Tensor, b_f: torch.Tensor, size: int) -> torch.Tensor:
+def trace_channels(b_m: torch.Tensor, b_f: torch.Tensor, size: int) -> torch.Tensor:
     """(N, Z) traces -> (N, 2, size, size, size) channels constant in y and x, resampled along z."""
     traces = torch.stack([b_m, b_f], dim=1)  # (N, 2, Z)
     traces = F.interpolate(traces, size=size, mode="linear", align_corners=False)
@@ -176,7 +176,7 @@ class CVAE(nn.Module):
 
     def _side(self, moving: torch.Tensor, prior: torch.Tensor | None, b_m: torch.Tensor, b_f: torch.Tensor, size: int) -> torch.Tensor:
         pooled = [pool_to(moving, size)] if prior is None else [pool_to(moving, size), pool_to(prior, size)]
-        return torch.cat([*pooled, _trace_channels(b_m, b_f, size)], dim=1)
+        return torch.cat([*pooled, trace_channels(b_m, b_f, size)], dim=1)
 
     def decode_velocity(
         self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor, z: torch.Tensor, prior: torch.Tensor | None = None

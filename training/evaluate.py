@@ -165,7 +165,8 @@ class LDMPredictor:
         image = torch.from_numpy(patient.images[moving])[None, None]
         b_m = torch.from_numpy(np.asarray(patient.amplitude[moving], dtype=np.float32))[None]
         b_f = torch.from_numpy(np.asarray(fixed_amplitude, dtype=np.float32))[None]
-        return self.model.predict(image, b_m, b_f, steps=self.steps, seed=self.seed)[0].numpy()
+        prior = torch.from_numpy(patient.motion_prior(moving))[None] if self.model.config.prior_channels else None
+        return self.model.predict(image, b_m, b_f, steps=self.steps, seed=self.seed, prior=prior)[0].numpy()
 
 
 class TrueField:
@@ -899,7 +900,7 @@ def evaluate_models(
             if seen:
                 log.warning("%s: patient(s) %s were used for training or validation; they are not held out", path, ", ".join(seen))
     out = prepare_output_dir(Path(out_dir))
-    with_priors = any(isinstance(m, CVAE) and m.config.prior_channels for m in models)  # each scan's, once
+    with_priors = any(m.config.prior_channels for m in models)  # each scan's, once
     patients = load_patients(dataset, patient_ids, grid, with_truth=True, with_priors=with_priors)
     predictors: list[Predictor] = [NoDeformation()]
     for name, model, model_path in zip(names, models, model_paths):

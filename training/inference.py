@@ -98,7 +98,7 @@ def predict_with_uncertainty(
 
 def predict_ldm_with_uncertainty(
     model: LDM, moving_unit: np.ndarray, b_m: np.ndarray, b_f: np.ndarray, grid: Grid, samples: int = 8,
-    steps: int = 50, seed: int = 0,
+    steps: int = 50, seed: int = 0, prior: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``samples`` DDIM samples of the LDM from different noise (drawn from ``seed``): their mean and spread.
 
@@ -106,6 +106,7 @@ def predict_ldm_with_uncertainty(
         model: the LDM; moving_unit (D, D, D) in [0, 1]; b_m, b_f (D,) per-slice amplitudes.
         grid: the model grid (for millimetres).
         samples: number of samples (>= 2); steps: DDIM steps per sample.
+        prior: as :func:`predict_displacement`, for a model that takes one.
 
     Returns:
         (mean displacement (3, D, D, D) float32 voxels, std (D, D, D) float32 mm: the root of the summed
@@ -116,10 +117,13 @@ def predict_ldm_with_uncertainty(
     moving = torch.from_numpy(np.ascontiguousarray(moving_unit, dtype=np.float32))[None, None]
     b_m_t = torch.from_numpy(np.asarray(b_m, dtype=np.float32))[None]
     b_f_t = torch.from_numpy(np.asarray(b_f, dtype=np.float32))[None].expand(samples, -1)
+    prior_t = None if prior is None else torch.from_numpy(np.ascontiguousarray(prior, dtype=np.float32))[None]
+    model.check_inputs(moving, b_m_t, b_f_t[:1], prior_t)
     condition = model.encode(moving, b_m_t).expand(samples, -1, -1, -1, -1)
     latents = model.sample_latent(condition, b_f_t, steps=steps, seed=seed)
     with torch.no_grad():
-        draws = torch.cat([model.integrate(model.decode_velocity(latents[i : i + 1], condition[:1], moving)) for i in range(samples)]).numpy()
+        draws = torch.cat([model.integrate(model.decode_velocity(latents[i : i + 1], condition[:1], moving, prior_t, b_m_t, b_f_t[:1]))
+                           for i in range(samples)]).numpy()
     draws_mm = draws * np.asarray(grid.spacing_zyx, dtype=np.float32)[None, :, None, None, None]
     std_mm = np.sqrt(draws_mm.var(axis=0).sum(axis=0)).astype(np.float32)
     return draws.mean(axis=0).astype(np.float32), std_mm

@@ -6,6 +6,8 @@ Shapes (N = batch, D = the model grid, L = D / 4 the latent grid, C = latent cha
 * latents: (N, C, L, L, L), axes (z, y, x), scaled to unit variance (the auto-encoder's ``latent_scale``).
 * velocity: (N, 3, D/2, D/2, D/2) half-grid voxels; displacement: (N, 3, D, D, D) model-grid voxels,
   (dz, dy, dx), pull-back, as the cVAE (:mod:`breathcast.training.cvae`).
+* ``prior``: (N, P, D/2, D/2, D/2) the moving scan's anatomical motion prior (:mod:`breathcast.motion_prior`),
+  for a model with ``prior_channels`` P > 0 (as the cVAE's); absent (None) for P = 0.
 
 Pieces:
 
@@ -19,7 +21,9 @@ Pieces:
   :class:`TraceTokens`. It predicts x0 (the paper's μ) as the condition latent plus a learned change.
 * the velocity decoder: a trainable copy of the CT decoder (to half resolution) decodes the denoised latent; new
   3D conv layers map its features, the moving image, the latent and its change from the condition latent to a
-  velocity at half resolution. Scaling and squaring
+  velocity at half resolution. A model with a motion prior also gives these layers the prior and both per-slice
+  traces (channels that vary along z only) at D/2 and D/4, as the cVAE's decoder sees them: the latent says what
+  the image will look like, the prior where this anatomy's motion sits. Scaling and squaring
   then gives the diffeomorphic displacement, as the cVAE.
 * sampling: MONAI's :class:`~monai.networks.schedulers.DDIMScheduler` (eta 0: deterministic given the initial
   noise, which comes from a seeded generator).
@@ -42,6 +46,7 @@ from torch import nn
 
 from breathcast.errors import BreathcastError
 from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder
+from breathcast.training.cvae import pool_to, trace_channels
 from breathcast.warp_torch import integrate_velocity, warp
 
 __all__ = ["LDMConfig", "LDM", "LDMOutput", "Pseudo3DAttention", "TraceTokens", "make_scheduler", "save_ldm", "load_ldm"]
@@ -61,6 +66,8 @@ class LDMConfig:
         train_timesteps: diffusion steps of the noise schedule.
         beta_start, beta_end: the scaled-linear beta schedule's ends.
         integration_steps: scaling and squaring steps.
+        prior_channels: channels of the anatomical motion prior the velocity decoder sees, with both traces
+            (0: none, the paper's model; 3: :func:`breathcast.motion_prior.motion_prior`).
     """
 
     channels: tuple[int, ...] = (32, 64, 64, 64)
@@ -73,6 +80,7 @@ class LDMConfig:
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     integration_steps: int = 7
+    prior_channels: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -169,12 +177,14 @@ class VelocityDecoder(nn.Module):
     only sharpens the image, and the velocity lives at D/2 - then new 3D conv layers: the decoded features meet
     the moving image at D/2, go down to D/4 where the latent and its change from the condition latent (the
     moving scan's: no change, no motion) join, and come back up to the velocity, which starts near zero so the
-    first steps do not fold space.
+    first steps do not fold space. With ``prior_channels`` P > 0 the prior and the traces b_m, b_f join at D/2
+    and D/4 (the ``side`` channels).
     """
 
-    def __init__(self, autoencoder: CTAutoencoder, channels: tuple[int, int]) -> None:
+    def __init__(self, autoencoder: CTAutoencoder, channels: tuple[int, int], prior_channels: int = 0) -> None:
         super().__init__()
         c1, c2 = channels
+        side = prior_channels + 2 if prior_channels else 0
         latent = autoencoder.config.latent_channels
         blocks = list(autoencoder.image.decoder.blocks)
         last_upsample = max(i for i, b in enumerate(blocks) if "upsample" in type(b).__name__.lower())
@@ -183,9 +193,9 @@ class VelocityDecoder(nn.Module):
             p.requires_grad_(True)
         decoded = blocks[last_upsample - 1].out_channels
         self.moving = _block(1, c1, stride=2)
-        self.merge = _block(decoded + c1, c1)
+        self.merge = _block(decoded + c1 + side, c1)
         self.down = _block(c1, c2, stride=2)
-        self.mid = nn.Sequential(_block(c2 + 2 * latent, c2), _block(c2, c2))
+        self.mid = nn.Sequential(_block(c2 + 2 * latent + side, c2), _block(c2, c2))
         self.up = _block(c2 + c1, c1)
         self.velocity = nn.Conv3d(c1, 3, 3, padding=1)
         nn.init.normal_(self.velocity.weight, std=1e-5)
@@ -194,9 +204,21 @@ class VelocityDecoder(nn.Module):
     def pretrained_parameters(self) -> list[nn.Parameter]:
         return list(self.decoder.parameters())
 
-    def forward(self, latent: torch.Tensor, condition: torch.Tensor, moving: torch.Tensor, latent_scale: float) -> torch.Tensor:
-        x1 = self.merge(torch.cat([self.decoder(latent / latent_scale), self.moving(moving)], 1))
-        x = self.mid(torch.cat([self.down(x1), latent, latent - condition], 1))
+    def forward(
+        self, latent: torch.Tensor, condition: torch.Tensor, moving: torch.Tensor, latent_scale: float,
+        side: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``side``: (prior (N, P, D/2, D/2, D/2), b_m (N, D), b_f (N, D)) for a model with a prior, else None."""
+
+        def side_at(size: int) -> list[torch.Tensor]:
+            if side is None:
+                return []
+            prior, b_m, b_f = side
+            return [pool_to(prior, size), trace_channels(b_m, b_f, size)]
+
+        half = moving.shape[-1] // 2
+        x1 = self.merge(torch.cat([self.decoder(latent / latent_scale), self.moving(moving), *side_at(half)], 1))
+        x = self.mid(torch.cat([self.down(x1), latent, latent - condition, *side_at(half // 2)], 1))
         x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
         return self.velocity(self.up(torch.cat([x, x1], 1)))
 
@@ -231,7 +253,7 @@ class LDM(nn.Module):
         )  # fmt: skip
         add_pseudo3d_attention(self.unet, self.latent_grid, config.head_channels, config.norm_num_groups)
         self.trace_tokens = TraceTokens(self.grid, config.context_dim)
-        self.velocity_decoder = VelocityDecoder(autoencoder, config.velocity_channels)
+        self.velocity_decoder = VelocityDecoder(autoencoder, config.velocity_channels, config.prior_channels)
         z = (torch.arange(self.latent_grid, dtype=torch.float32) + 0.5) / self.latent_grid * 2.0 - 1.0
         self.register_buffer("slice_coordinate", z.view(1, 1, -1, 1, 1), persistent=False)
         self.scheduler = make_scheduler(config)
@@ -241,13 +263,19 @@ class LDM(nn.Module):
         self.autoencoder.eval()  # frozen, always
         return self
 
-    def check_inputs(self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor) -> None:
+    def check_inputs(self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor, prior: torch.Tensor | None = None) -> None:
         d = self.grid
         if moving.ndim != 5 or tuple(moving.shape[1:]) != (1, d, d, d):
             raise BreathcastError(f"moving image must have shape (N, 1, {d}, {d}, {d}), got {tuple(moving.shape)}")
         for name, b in (("b_m", b_m), ("b_f", b_f)):
             if b.ndim != 2 or tuple(b.shape) != (moving.shape[0], d):
                 raise BreathcastError(f"{name} must have shape ({moving.shape[0]}, {d}): one amplitude per slice, got {tuple(b.shape)}")
+        p, h = self.config.prior_channels, d // 2
+        if p and (prior is None or tuple(prior.shape) != (moving.shape[0], p, h, h, h)):
+            got = "none" if prior is None else tuple(prior.shape)
+            raise BreathcastError(f"this model needs its motion prior, shape ({moving.shape[0]}, {p}, {h}, {h}, {h}), got {got}")
+        if not p and prior is not None:
+            raise BreathcastError("this model takes no motion prior (prior_channels = 0)")
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor, trace: torch.Tensor) -> torch.Tensor:
@@ -263,9 +291,18 @@ class LDM(nn.Module):
         change = self.unet(slices, t.repeat_interleave(l), context)
         return condition + rearrange(change, "(n z) c h w -> n c z h w", n=n)
 
-    def decode_velocity(self, x0: torch.Tensor, condition: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        """Denoised latent x0 and the condition latent (N, C, L, L, L), moving (N, 1, D, D, D) -> velocity (N, 3, D/2, D/2, D/2)."""
-        return self.velocity_decoder(x0, condition, moving, self.latent_scale)
+    def decode_velocity(
+        self, x0: torch.Tensor, condition: torch.Tensor, moving: torch.Tensor, prior: torch.Tensor | None = None,
+        b_m: torch.Tensor | None = None, b_f: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Denoised latent x0 and the condition latent (N, C, L, L, L), moving (N, 1, D, D, D) -> velocity (N, 3, D/2, D/2, D/2);
+        a model with a motion prior also needs ``prior`` (N, P, D/2, D/2, D/2) and the traces ``b_m``, ``b_f`` (N, D)."""
+        side = None
+        if self.config.prior_channels:
+            if prior is None or b_m is None or b_f is None:
+                raise BreathcastError("this model's velocity decoder needs the motion prior and both traces")
+            side = (prior, b_m, b_f)
+        return self.velocity_decoder(x0, condition, moving, self.latent_scale, side)
 
     def integrate(self, velocity: torch.Tensor) -> torch.Tensor:
         """Scaling and squaring at half resolution, then the displacement (N, 3, D, D, D) in model-grid voxels."""
@@ -274,17 +311,18 @@ class LDM(nn.Module):
 
     def forward(
         self, moving: torch.Tensor, condition: torch.Tensor, target: torch.Tensor, b_f: torch.Tensor,
-        t: torch.Tensor, noise: torch.Tensor,
+        t: torch.Tensor, noise: torch.Tensor, b_m: torch.Tensor | None = None, prior: torch.Tensor | None = None,
     ) -> LDMOutput:
         """Training pass: noise the target latent to step t, denoise, decode the velocity, integrate, warp M.
 
         Args:
             moving: (N, 1, D, D, D). condition, target: scaled latents of (M, b_m) and (F, b_f).
             b_f: (N, D). t: (N,) int64 timesteps. noise: like ``target``, standard normal.
+            b_m, prior: (N, D) and (N, P, D/2, D/2, D/2), for a model with a motion prior.
         """
         x_t = self.scheduler.add_noise(original_samples=target, noise=noise, timesteps=t)
         x0 = self.denoise(x_t, condition, t, b_f)
-        velocity = self.decode_velocity(x0, condition, moving)
+        velocity = self.decode_velocity(x0, condition, moving, prior, b_m, b_f)
         displacement = self.integrate(velocity)
         return LDMOutput(x0, velocity, displacement, warp(moving, displacement))
 
@@ -307,13 +345,15 @@ class LDM(nn.Module):
 
     @torch.no_grad()
     def predict(
-        self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor, steps: int = 50, seed: int = 0
+        self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor, steps: int = 50, seed: int = 0,
+        prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Inference: displacement (N, 3, D, D, D) voxels from M, b_m and b_f; the same seed gives the same field."""
-        self.check_inputs(moving, b_m, b_f)
+        """Inference: displacement (N, 3, D, D, D) voxels from M, b_m and b_f (and the prior, for a model that
+        takes one); the same seed gives the same field."""
+        self.check_inputs(moving, b_m, b_f, prior)
         condition = self.encode(moving, b_m)
         x0 = self.sample_latent(condition, b_f, steps, seed)
-        return self.integrate(self.decode_velocity(x0, condition, moving))
+        return self.integrate(self.decode_velocity(x0, condition, moving, prior, b_m, b_f))
 
 
 def save_ldm(model: LDM, path: Path) -> None:

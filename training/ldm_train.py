@@ -364,7 +364,8 @@ def _validate_ldm(model: LDM, patients: list[PatientData], pairs: int, steps: in
     predicted = no_deformation = 0.0
     for i, (pid, _, j) in enumerate(batch.pairs):
         moving = batch.moving[i : i + 1]
-        u = model.predict(moving, batch.b_m[i : i + 1], batch.b_f[i : i + 1], steps=steps, seed=0)
+        prior = None if batch.prior is None else batch.prior[i : i + 1]
+        u = model.predict(moving, batch.b_m[i : i + 1], batch.b_f[i : i + 1], steps=steps, seed=0, prior=prior)
         warped = warp(moving, u)[0, 0].numpy()
         mask = lung_region(by_id[pid], j)
         fixed = batch.fixed[i, 0].numpy()
@@ -384,7 +385,7 @@ def train_ldm(config: LDMTrainConfig) -> Path:
     src = config.source
     _, train_patients, val_patients, summary = load_training_data(
         src.data, autoencoder.config.grid, src.val_patients, src.test_patients, config.seed, src.simulate_patients,
-        src.simulation_seed,
+        src.simulation_seed, with_priors=config.model.prior_channels > 0, progress=config.progress,
     )  # fmt: skip
     torch.manual_seed(config.seed)
     model = LDM(autoencoder, scale, config.model)
@@ -406,7 +407,7 @@ def train_ldm(config: LDMTrainConfig) -> Path:
             batch = sample_pairs(train_patients, config.micro_batch, 1, config.seed, step * config.accumulation + part,
                                  fov_margin_mm=config.fov_margin_mm)
             condition, target, t, noise = _latent_batch(batch, latents, config.seed, step, part, config.model.train_timesteps)
-            output = model(batch.moving, condition, target, batch.b_f, t, noise)
+            output = model(batch.moving, condition, target, batch.b_f, t, noise, batch.b_m, batch.prior)
             terms = ldm_loss(model, output, target, batch.fixed, config.image_weight, config.smooth_weight, batch.slice_weight)
             (terms["total"] / config.accumulation).backward()
             for k, v in terms.items():
