@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from breathcast.sim.anatomy import LUNG_LABELS
 from breathcast.checksums import sha256_file
 from breathcast.cli import main
-from breathcast.geometry import hu_to_unit
+from breathcast.geometry import Volume, hu_to_unit
 from breathcast.metrics import lung_region_mask, masked_mse
+from breathcast.motion_prior import motion_prior
 from breathcast.sim.simulator import SimulationConfig, patient_seed, simulate_patient
 from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder, autoencoder_loss, load_autoencoder, save_autoencoder
 from breathcast.training.data import sample_pairs, simulate_patients
@@ -262,7 +263,8 @@ def test_the_shipped_ldm_predicts_the_inhale():
         means = [scan.amplitude.mean() for scan in patient.scans]
         moving, fixed = patient.scans[int(np.argmin(means))], patient.scans[int(np.argmax(means))]
         m, f = hu_to_unit(moving.image_hu), hu_to_unit(fixed.image_hu)
-        u = model.predict(_batch(m)[None], _batch(moving.amplitude), _batch(fixed.amplitude), steps=10)[0].numpy()
+        prior = torch.from_numpy(motion_prior(Volume(moving.image_hu, patient.grid)))[None] if model.config.prior_channels else None
+        u = model.predict(_batch(m)[None], _batch(moving.amplitude), _batch(fixed.amplitude), steps=10, prior=prior)[0].numpy()
         region = lung_region_mask(np.isin(fixed.labels, LUNG_LABELS), patient.grid)
         predicted += masked_mse(warp_image(m, u), f, region)
         unwarped += masked_mse(m, f, region)
