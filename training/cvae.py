@@ -36,7 +36,7 @@ from torch import nn
 from breathcast.errors import BreathcastError
 from breathcast.warp_torch import integrate_velocity, warp
 
-__all__ = ["CVAEConfig", "CVAE", "CVAEOutput", "GRID_PRESETS", "save_cvae", "load_cvae"]
+__all__ = ["CVAEConfig", "CVAE", "CVAEOutput", "GRID_PRESETS", "save_cvae", "load_cvae", "check_prior", "pool_to", "trace_channels"]
 
 GRID_PRESETS = {"64": 64, "96": 96, "128": 128}
 
@@ -93,6 +93,16 @@ def pool_to(t: torch.Tensor, size: int) -> torch.Tensor:
     adaptive: the ONNX exporter has no adaptive 3D pooling."""
     factor = t.shape[-1] // size
     return F.avg_pool3d(t, factor) if factor > 1 else t
+
+
+def check_prior(prior: torch.Tensor | None, prior_channels: int, batch: int, grid: int) -> None:
+    """A model with ``prior_channels`` P > 0 needs a (batch, P, D/2, D/2, D/2) prior, one with P = 0 none."""
+    p, h = prior_channels, grid // 2
+    if p and (prior is None or tuple(prior.shape) != (batch, p, h, h, h)):
+        got = "none" if prior is None else tuple(prior.shape)
+        raise BreathcastError(f"this model needs its motion prior, shape ({batch}, {p}, {h}, {h}, {h}), got {got}")
+    if not p and prior is not None:
+        raise BreathcastError("this model takes no motion prior (prior_channels = 0)")
 
 
 def trace_channels(b_m: torch.Tensor, b_f: torch.Tensor, size: int) -> torch.Tensor:
@@ -167,12 +177,7 @@ class CVAE(nn.Module):
         for name, b in (("b_m", b_m), ("b_f", b_f)):
             if b.ndim != 2 or b.shape[1] != d or b.shape[0] != moving.shape[0]:
                 raise BreathcastError(f"{name} must have shape ({moving.shape[0]}, {d}): one amplitude per slice, got {tuple(b.shape)}")
-        p, h = self.config.prior_channels, d // 2
-        if p and (prior is None or tuple(prior.shape) != (moving.shape[0], p, h, h, h)):
-            got = "none" if prior is None else tuple(prior.shape)
-            raise BreathcastError(f"this model needs its motion prior, shape ({moving.shape[0]}, {p}, {h}, {h}, {h}), got {got}")
-        if not p and prior is not None:
-            raise BreathcastError("this model takes no motion prior (prior_channels = 0)")
+        check_prior(prior, self.config.prior_channels, moving.shape[0], d)
 
     def _side(self, moving: torch.Tensor, prior: torch.Tensor | None, b_m: torch.Tensor, b_f: torch.Tensor, size: int) -> torch.Tensor:
         pooled = [pool_to(moving, size)] if prior is None else [pool_to(moving, size), pool_to(prior, size)]

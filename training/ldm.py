@@ -46,7 +46,7 @@ from torch import nn
 
 from breathcast.errors import BreathcastError
 from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder
-from breathcast.training.cvae import pool_to, trace_channels
+from breathcast.training.cvae import check_prior, pool_to, trace_channels
 from breathcast.warp_torch import integrate_velocity, warp
 
 __all__ = ["LDMConfig", "LDM", "LDMOutput", "Pseudo3DAttention", "TraceTokens", "make_scheduler", "save_ldm", "load_ldm"]
@@ -270,12 +270,7 @@ class LDM(nn.Module):
         for name, b in (("b_m", b_m), ("b_f", b_f)):
             if b.ndim != 2 or tuple(b.shape) != (moving.shape[0], d):
                 raise BreathcastError(f"{name} must have shape ({moving.shape[0]}, {d}): one amplitude per slice, got {tuple(b.shape)}")
-        p, h = self.config.prior_channels, d // 2
-        if p and (prior is None or tuple(prior.shape) != (moving.shape[0], p, h, h, h)):
-            got = "none" if prior is None else tuple(prior.shape)
-            raise BreathcastError(f"this model needs its motion prior, shape ({moving.shape[0]}, {p}, {h}, {h}, {h}), got {got}")
-        if not p and prior is not None:
-            raise BreathcastError("this model takes no motion prior (prior_channels = 0)")
+        check_prior(prior, self.config.prior_channels, moving.shape[0], d)
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor, trace: torch.Tensor) -> torch.Tensor:
