@@ -39,7 +39,8 @@ def main() -> None:
     manifest = json.loads((args.model.parent / "manifest.json").read_text())
     model = load_ldm(args.model)
     cvae_model = default_model()
-    patients = held_out(manifest, args.data, model.grid, args.dataset_seed, with_priors=(cvae_model.config.prior_channels or model.config.prior_channels) > 0)
+    with_priors = bool(cvae_model.config.prior_channels or model.config.prior_channels)  # each scan's, once, for both
+    patients = held_out(manifest, args.data, model.grid, args.dataset_seed, with_priors=with_priors)
     ldm_rows = {n: LDMPredictor(model, n, name=f"LDM ({n} steps)") for n in args.steps}
     predictors = [NoDeformation(), CVAEPredictor(cvae_model), *ldm_rows.values(), TrueField()]
     result = evaluate(predictors, patients, pairs_per_patient=args.pairs_per_patient, seed=0)

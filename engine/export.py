@@ -301,10 +301,8 @@ def export_ldm(
             return sessions["denoise"].run(None, {"x_t": x, "condition": onnx_condition, "t": steps_t, "b_f": b_f.numpy()})[0]
 
         onnx_sampled = ddim_sample(denoise, np.repeat(noise.numpy(), 2, axis=0), alphas_cumprod, sampling_steps)
-        decode_feed = {"x0": onnx_sampled, "condition": onnx_condition, "moving": moving.numpy(), "b_f": b_f.numpy()}
-        if prior is not None:
-            decode_feed |= {"prior": prior.numpy(), "b_m": b_m.numpy()}
-        (onnx_velocity,) = sessions["decode"].run(None, {n: decode_feed[n] for n in decode_inputs(model)})
+        decode_feed = {n: v.numpy() for n, v in zip(decode_inputs(model), decode_args(x0))}
+        (onnx_velocity,) = sessions["decode"].run(None, decode_feed | {"x0": onnx_sampled, "condition": onnx_condition})
         differences = {
             "max_abs_condition_difference": float(np.abs(onnx_condition - condition.numpy()).max()),
             "max_abs_x0_difference": float(np.abs(onnx_x0 - x0.numpy()).max()),

@@ -184,19 +184,19 @@ def wait_for(subscriber, predicate, timeout_s: float = 10.0):
 LDM_SAMPLING_STEPS = 2  # the tiny package's default DDIM steps: enough to exercise the loop, cheap to distil
 
 
-def tiny_ldm(seed: int = 0):
-    """A 16³ LDM (latent 4 x 4³, a 2-level U-Net), randomly initialised; the layers that start at zero or near
-    it (the U-Net's output convolution, the pseudo-3D attention outputs, the velocity) get weights so that
-    the result depends on every input."""
+def tiny_ldm(seed: int = 0, grid: int = D, prior_channels: int = 0):
+    """A ``grid``³ LDM (default 16³: latent 4 x 4³, a 2-level U-Net), randomly initialised; the layers that start at
+    zero or near it (the U-Net's output convolution, the pseudo-3D attention outputs, the velocity) get weights so
+    that the result depends on every input. ``prior_channels``: as :class:`~breathcast.training.ldm.LDMConfig`."""
     import torch
 
     from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder
     from breathcast.training.ldm import LDM, LDMConfig, Pseudo3DAttention
 
     torch.manual_seed(seed)
-    autoencoder = CTAutoencoder(AutoencoderConfig(grid=D, channels=(4, 4, 4), latent_channels=4, norm_num_groups=4))
+    autoencoder = CTAutoencoder(AutoencoderConfig(grid=grid, channels=(4, 4, 4), latent_channels=4, norm_num_groups=4))
     config = LDMConfig(channels=(8, 8), attention_levels=(False, True), norm_num_groups=8, head_channels=8, context_dim=8,
-                       velocity_channels=(4, 8), integration_steps=4)  # fmt: skip
+                       velocity_channels=(4, 8), integration_steps=4, prior_channels=prior_channels)  # fmt: skip
     model = LDM(autoencoder, 1.3, config)
     with torch.no_grad():
         model.unet.out[-1].conv.weight.normal_(0.0, 0.2)

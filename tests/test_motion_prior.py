@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from stream_fixtures import tiny_ldm
 
 from breathcast.canonical import to_canonical
 from breathcast.engine.export import export_cvae
@@ -218,31 +219,17 @@ def test_adapting_a_prior_model_feeds_it_each_scans_prior(prior_model, patients)
 # -- the LDM that sees it ------------------------------------------------------------------------------------
 
 
-def _prior_ldm(seed: int = 0):
-    """A 32³ LDM with a motion prior (latent 4 x 8³, a 2-level U-Net), its near-zero output layers given weights."""
-    from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder
-    from breathcast.training.ldm import LDM, LDMConfig
-
-    torch.manual_seed(seed)
-    autoencoder = CTAutoencoder(AutoencoderConfig(grid=D, channels=(4, 4, 4), latent_channels=4, norm_num_groups=4))
-    config = LDMConfig(channels=(8, 8), attention_levels=(False, True), norm_num_groups=8, head_channels=8, context_dim=8,
-                       velocity_channels=(4, 8), integration_steps=4, prior_channels=PRIOR_CHANNELS)  # fmt: skip
-    model = LDM(autoencoder, 1.3, config)
-    with torch.no_grad():
-        model.unet.out[-1].conv.weight.normal_(0.0, 0.2)
-        model.velocity_decoder.velocity.weight.normal_(0.0, 0.1)
-    return model.eval()
+def _prior_ldm():
+    """A 32³ LDM with a motion prior (latent 4 x 8³)."""
+    return tiny_ldm(grid=D, prior_channels=PRIOR_CHANNELS)
 
 
 def test_an_ldm_with_a_prior_refuses_to_run_without_it():
-    from breathcast.training.ldm import LDM, LDMConfig
-
     model = _prior_ldm()
     image, trace = torch.zeros(1, 1, D, D, D), torch.zeros(1, D)
     with pytest.raises(BreathcastError, match="needs its motion prior"):
         model.predict(image, trace, trace, steps=1)
-    plain = LDM(model.autoencoder, 1.0, LDMConfig(channels=(8, 8), attention_levels=(False, True), norm_num_groups=8,
-                                                  head_channels=8, context_dim=8, velocity_channels=(4, 8)))
+    plain = tiny_ldm(grid=D)
     with pytest.raises(BreathcastError, match="takes no motion prior"):
         plain.predict(image, trace, trace, steps=1, prior=torch.zeros(1, 3, D // 2, D // 2, D // 2))
 
