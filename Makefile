@@ -44,7 +44,7 @@ bench: $(STAMP) $(TEST_SET)
 	$(PY) benchmarks/bench_igtl.py
 	$(PY) benchmarks/bench_forecast.py
 	$(PY) benchmarks/bench_ldm.py
-	$(VENV)/bin/breathcast export --ldm breathcast/models/ldm64/model.pt --out packages/ldm64 --overwrite --sampling-steps 5
+	$(VENV)/bin/breathcast export --ldm breathcast/models/ldm64/model.pt --out packages/ldm64 --overwrite --sampling-steps 1
 	$(PY) benchmarks/bench_engine.py --package packages/ldm64 --patients 3 --windows 5
 	$(PY) benchmarks/bench_stream.py --package packages/ldm64 --cases distilled distilled_target_only --latency-s 60
 	$(PY) benchmarks/bench_response.py

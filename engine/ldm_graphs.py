@@ -18,6 +18,8 @@ tensors have batch 1 and are broadcast over N inside the graphs):
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -56,13 +58,34 @@ class DenoiseGraph(nn.Module):
         return self.model.denoise(x_t, condition.expand_as(x_t), t, b_f)
 
 
+class NearestUpsample2x(nn.Module):
+    """(N, C, D, H, W) -> (N, C, 2D, 2H, 2W), each voxel repeated: ``nn.Upsample(scale_factor=2, mode="nearest")``
+    as an expand and a reshape, which onnxruntime runs in a quarter of the time of its ``Resize`` on the CPU
+    (64³ ldm decode graph: 5.6 of its 21 ms)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, d, h, w = x.shape
+        return x[:, :, :, None, :, None, :, None].expand(n, c, d, 2, h, 2, w, 2).reshape(n, c, 2 * d, 2 * h, 2 * w)
+
+
+def with_reshape_upsampling(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose x2 nearest ``nn.Upsample`` layers are :class:`NearestUpsample2x` (same values)."""
+    module = copy.deepcopy(module)
+    for name, child in list(module.named_modules()):
+        if isinstance(child, nn.Upsample) and child.mode == "nearest" and child.size is None and child.scale_factor in (2, 2.0, (2.0,) * 3):
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(module.get_submodule(parent_name), attribute, NearestUpsample2x())
+    return module
+
+
 class DecodeGraph(nn.Module):
     """Denoised latents -> velocities at half resolution, the plan tensors (batch 1: the condition latent, moving
-    image, prior and b_m) broadcast."""
+    image, prior and b_m) broadcast. The velocity decoder is a copy with :func:`with_reshape_upsampling`."""
 
     def __init__(self, model: LDM) -> None:
         super().__init__()
-        self.model = model
+        self.velocity_decoder = with_reshape_upsampling(model.velocity_decoder)
+        self.latent_scale = model.latent_scale
 
     def forward(
         self, x0: torch.Tensor, condition: torch.Tensor, moving: torch.Tensor, prior: torch.Tensor | None = None,
@@ -73,4 +96,5 @@ class DecodeGraph(nn.Module):
         def batch(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.expand(n, *t.shape[1:])
 
-        return self.model.decode_velocity(x0, batch(condition), batch(moving), batch(prior), batch(b_m), b_f)
+        side = None if prior is None else (batch(prior), batch(b_m), b_f)
+        return self.velocity_decoder(x0, batch(condition), batch(moving), self.latent_scale, side)

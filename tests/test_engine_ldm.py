@@ -26,6 +26,7 @@ from breathcast.errors import BreathcastError
 from breathcast.geometry import Volume, hu_to_unit
 from breathcast.engine.ddim import ddim_sample, ddim_step, ddim_timesteps
 from breathcast.engine.export import LDM_PARITY_TOLERANCE
+from breathcast.engine.ldm_graphs import NearestUpsample2x, with_reshape_upsampling
 from breathcast.engine.package import PackageError, read_package
 from breathcast.engine.predictor import DistillationConfig, LDMNetwork, PredictorConfig, load_predictor
 from breathcast.engine.runtimes import RuntimeConfig, open_graph
@@ -106,6 +107,15 @@ def test_denoise_graph_matches_torch_at_any_batch(tiny_ldm_package, model, runti
         expected = model.denoise(torch.from_numpy(x_t), torch.from_numpy(condition).expand(3, -1, -1, -1, -1), torch.from_numpy(t), torch.from_numpy(b_f))
     assert (expected - torch.from_numpy(condition)).abs().max() > 0.1  # the U-Net's change is not ~0
     np.testing.assert_allclose(x0, expected.numpy(), rtol=0, atol=1e-4)
+
+
+def test_reshape_upsampling_repeats_voxels_as_nn_upsample(model):
+    upsample = torch.nn.Upsample(scale_factor=2, mode="nearest")
+    x = torch.randn(2, 3, 4, 5, 6)
+    assert torch.equal(NearestUpsample2x()(x), upsample(x))
+    decoder = with_reshape_upsampling(model.velocity_decoder)
+    assert not any(isinstance(m, torch.nn.Upsample) for m in decoder.modules())
+    assert any(isinstance(m, torch.nn.Upsample) for m in model.velocity_decoder.modules())  # the model is untouched
 
 
 # -- the predictor ------------------------------------------------------------------------------------------
