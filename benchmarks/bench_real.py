@@ -20,6 +20,9 @@ canonical frame, lung-centred model box, direct path.
   network's part from the prior's).
 - **Simulated test patients** (``--test-data``, held out): masked-MSE reduction (>= 60 %) and tumour error from
   the fields (<= 1.5 mm), by kind: cartoon, real-anatomy on the training CTs, real-anatomy on POPI (unseen CT).
+  Beside it, the same tumour error with the patient's breathing depth known (:class:`DepthKnown`, an oracle that
+  scales the model's field by one number per patient fitted on the true fields), which tells how much of the error
+  is the depth that one planning scan and a normalised trace do not reveal (the simulator draws 5-25 mm).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from breathcast.io.landmarks import read_dirlab_cases, read_popi
 from breathcast.model_box import check_plan, model_box_volume, resample_onto
 from breathcast.motion_prior import motion_prior
 from breathcast.segmentation import signed_distance_mm
+from breathcast.sim.anatomy import LUNG_LABELS
 from breathcast.warp import count_folds
 
 DATA = ROOT.parent / "shared" / "data"
@@ -221,8 +225,39 @@ def plausibility(package, name: str, volume: Volume, plan_amplitude: float, note
     return row
 
 
+class DepthKnown:
+    """An oracle, not a model: ``inner``'s field times one scale per patient, the least-squares fit of its
+    superior-inferior displacement in the lungs to the true one over the scans -> the patient's most inhaled scan.
+
+    Breathing depth (mm of motion per unit of the normalised trace) differs between patients; this is the
+    tumour error a model would have that knew it and nothing more.
+    """
+
+    name = "depth known"
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.scales: dict[str, float] = {}
+
+    def scale(self, patient) -> float:
+        if patient.patient_id not in self.scales:
+            lungs = np.isin(patient.labels, list(LUNG_LABELS))
+            fixed = int(np.argmax(patient.amplitude.mean(axis=1)))
+            num = den = 0.0
+            for k in (k for k in range(len(patient.images)) if k != fixed):
+                u = self.inner.predict(patient, k, patient.amplitude[fixed])[0][lungs[fixed]]
+                num += float(u @ patient.true_pair_field(k, fixed)[0][lungs[fixed]])
+                den += float(u @ u)
+            self.scales[patient.patient_id] = num / den
+        return self.scales[patient.patient_id]
+
+    def predict(self, patient, moving: int, fixed_amplitude: np.ndarray) -> np.ndarray:
+        return self.scale(patient) * self.inner.predict(patient, moving, fixed_amplitude)
+
+
 def simulated(model_path: Path, test_data: Path) -> list[dict]:
-    """Masked MSE reduction and tumour error from the fields on held-out simulated patients, by kind."""
+    """Masked MSE reduction and tumour error from the fields on held-out simulated patients, by kind; the tumour
+    error with the breathing depth known (:class:`DepthKnown`) and the range of its per-patient scales beside."""
     from breathcast.io.dataset import open_dataset, read_patient
     from breathcast.training.cvae import load_cvae
     from breathcast.training.data import load_patients
@@ -238,14 +273,20 @@ def simulated(model_path: Path, test_data: Path) -> list[dict]:
     model = load_cvae(model_path)
     rows = []
     for kind, ids in kinds.items():
-        patients = load_patients(dataset, ids, model.config.grid, with_truth=True, with_priors=model.config.prior_channels > 0)
-        result = evaluate([NoDeformation(), CVAEPredictor(model), TrueField()], patients, pairs_per_patient=10, seed=0, progress=False)
+        patients = load_patients(dataset, ids, model.config.grid, with_truth=True, with_priors=model.config.prior_channels > 0,
+                                 with_sliding_masks=model.config.sliding_mask)
+        depth_known = DepthKnown(CVAEPredictor(model))
+        result = evaluate([NoDeformation(), CVAEPredictor(model), depth_known, TrueField()], patients, pairs_per_patient=10,
+                          seed=0, progress=False)
         s = result.summary["cVAE"]
+        scales = list(depth_known.scales.values())
         rows.append({"patients": kind, "n": len(ids), "masked MSE reduction (%)": s.masked_mse_reduction_percent,
                      "true field's reduction (%)": result.summary["True field"].masked_mse_reduction_percent,
                      "tumour error, fields (mm)": s.tumour_motion_error_mm,
                      "no deformation tumour motion (mm)": result.summary["No Deformation"].tumour_motion_error_mm,
-                     "field error, lungs (mm)": s.epe_mm, "folded voxels": s.folded_voxels_total})
+                     "field error, lungs (mm)": s.epe_mm, "folded voxels": s.folded_voxels_total,
+                     "tumour error, depth known (mm)": result.summary[depth_known.name].tumour_motion_error_mm,
+                     "depth scale, min - max": f"{min(scales):.2f} - {max(scales):.2f}"})
     return rows
 
 

@@ -151,7 +151,8 @@ def _cmd_train_cvae(args: argparse.Namespace) -> int:
         data=args.data,
         simulate_patients=args.simulate,
         simulation_seed=args.seed,
-        model=CVAEConfig(grid=args.grid, channels=tuple(args.channels), prior_channels=PRIOR_CHANNELS if args.motion_prior else 0),
+        model=CVAEConfig(grid=args.grid, channels=tuple(args.channels), prior_channels=PRIOR_CHANNELS if args.motion_prior else 0,
+                         sliding_mask=args.sliding_mask),
         loss=LossWeights(kl=args.kl_weight, smooth=args.smooth_weight, multiscale=not args.single_scale, fov_margin_mm=args.fov_margin),
         steps=args.steps,
         batch_size=args.batch_size,
@@ -389,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="no image loss within MM of where a scan's field of view ends along z (default 25; 0: none)")
     cvae.add_argument("--motion-prior", action="store_true",
                       help="the decoder also sees each scan's anatomical motion prior (breathcast/motion_prior.py; the shipped model does)")
+    cvae.add_argument("--sliding-mask", action="store_true",
+                      help="train through the sliding mask the engine serves the model with (CVAEConfig.sliding_mask)")
     cvae.add_argument("--val-patients", type=_int_at_least(0), default=2, help="validation patients (default 2)")
     cvae.add_argument("--test-patients", type=_int_at_least(0), default=0, help="held-out test patients (default 0)")
     cvae.add_argument("--val-every", type=_int_at_least(1), default=250, help="validate and checkpoint every N steps")

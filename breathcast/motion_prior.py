@@ -17,10 +17,10 @@ import numpy as np
 
 from breathcast.geometry import Volume
 from breathcast.model_box import TYPICAL_LUNG_HEIGHT_MM, field_of_view_along_z
-from breathcast.segmentation import ThoraxSegmentation, extrapolated_dome_mm, segment_thorax
+from breathcast.segmentation import SLIDING_Z_SIGMA_MM, ThoraxSegmentation, extrapolated_dome_mm, segment_thorax, sliding_weight
 from breathcast.sim.realct import build_real_motion_field, population_motion
 
-__all__ = ["PRIOR_CHANNELS", "motion_prior", "uncut_lungs"]
+__all__ = ["PRIOR_CHANNELS", "motion_prior", "sliding_mask", "prior_and_sliding_mask", "uncut_lungs"]
 
 PRIOR_CHANNELS = 3  # the prior's (dz, dy, dx)
 
@@ -30,6 +30,10 @@ APEX_TO_DOME_MM = 170.0
 CUT_MARGIN_MM = 15.0
 """Lungs within this of where the field of view ends are cut there (the segmentation keeps lungs 2-3 voxels of a
 64³ grid off a cut)."""
+
+
+CUT_SLICES = 2
+""":func:`sliding_mask` continues the cavity past a field-of-view cut from this many slices inside it."""
 
 
 def uncut_lungs(seg: ThoraxSegmentation) -> ThoraxSegmentation:
@@ -76,11 +80,12 @@ def _continued_past(volume: np.ndarray, first: int | None, last: int | None) -> 
     return out
 
 
-def motion_prior(volume: Volume) -> np.ndarray:
+def motion_prior(volume: Volume, seg: ThoraxSegmentation | None = None) -> np.ndarray:
     """The prior at half the model grid's resolution, where the cVAE predicts its velocity.
 
     Args:
         volume: the CT (HU) on the model grid, canonical frame, each edge even (64³: 6.25 mm voxels).
+        seg: its :func:`~breathcast.segmentation.segment_thorax`, when already made.
 
     Returns:
         (3, Z/2, Y/2, X/2) float32, components (dz, dy, dx) in voxels of the *model* grid: the pull-back
@@ -91,5 +96,32 @@ def motion_prior(volume: Volume) -> np.ndarray:
         BreathcastError: when the CT has no lungs to build the prior on (:func:`segment_thorax`).
     """
     half = volume.grid.with_shape(tuple(n // 2 for n in volume.shape))
-    u_half = build_real_motion_field(uncut_lungs(segment_thorax(volume)), population_motion(), half).displacement(1.0, 0.0)
+    seg = segment_thorax(volume) if seg is None else seg
+    u_half = build_real_motion_field(uncut_lungs(seg), population_motion(), half).displacement(1.0, 0.0)
     return (2.0 * u_half).astype(np.float32)  # half-grid voxels -> model-grid voxels
+
+
+def sliding_mask(volume: Volume, seg: ThoraxSegmentation | None = None) -> np.ndarray:
+    """(Z, Y, X) float32 in [0, 1] on ``volume``'s grid: the weight a lung-centred model's displacement is multiplied
+    by where it is served (the engine's sliding mask; a model trained with ``CVAEConfig.sliding_mask`` is trained
+    through it): :func:`~breathcast.segmentation.sliding_weight` of the cavity, smoothed along z by
+    :data:`~breathcast.segmentation.SLIDING_Z_SIGMA_MM`, with the cavity continued past where the field of view
+    ends along z (its nearest slice in view), as the engine continues its mask past the plan's slices.
+
+    Args:
+        volume: the CT (HU), canonical frame (the model box in training).
+        seg: its :func:`~breathcast.segmentation.segment_thorax`, when already made.
+    """
+    seg = segment_thorax(volume) if seg is None else seg
+    first, last = field_of_view_along_z(seg.body.any(axis=(1, 2)))
+    # The slices at a cut are partial volumes the segmentation may miss: continue from CUT_SLICES inside it.
+    first = None if first is None else min(first + CUT_SLICES, volume.shape[0] - 1)
+    last = None if last is None else max(last - CUT_SLICES, 0)
+    continued = dataclasses.replace(seg, cavity=_continued_past(seg.cavity, first, last))
+    return sliding_weight(continued, z_sigma_mm=SLIDING_Z_SIGMA_MM)
+
+
+def prior_and_sliding_mask(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`motion_prior` and :func:`sliding_mask` of ``volume`` from one segmentation."""
+    seg = segment_thorax(volume)
+    return motion_prior(volume, seg), sliding_mask(volume, seg)

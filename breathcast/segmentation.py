@@ -22,10 +22,15 @@ from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, Volume
 from breathcast.sim.anatomy import Label
 
-__all__ = ["ThoraxSegmentation", "segment_thorax", "signed_distance_mm", "sliding_weight", "lung_bounding_box_mm", "extrapolated_dome_mm"]
+__all__ = ["ThoraxSegmentation", "segment_thorax", "signed_distance_mm", "sliding_weight", "SLIDING_Z_SIGMA_MM", "lung_bounding_box_mm", "extrapolated_dome_mm"]
 
 SLIDING_WIDTH_MM = 4.0
 """Width of the shear layer at the cavity's edge, where motion falls from the lungs' to the chest wall's."""
+
+SLIDING_Z_SIGMA_MM = 5.0
+"""The sliding mask a network's displacement is multiplied by is smoothed along z by this (:func:`sliding_weight`):
+its fall at a field-of-view cut or at the tilted edge behind the spine folded 12 voxels of 4D-Lung 0001's predicted
+motion unsmoothed (``benchmarks/bench_real.py``), none at 5 mm."""
 
 BODY_HU = -500.0
 AIR_HU = -400.0

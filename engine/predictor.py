@@ -44,7 +44,7 @@ from breathcast.errors import BreathcastError, PlanRejected
 from breathcast.geometry import Grid, Volume, hu_to_unit, resample_volume
 from breathcast.model_box import PlanCheck, model_box_volume, resample_onto
 from breathcast.motion_prior import motion_prior
-from breathcast.segmentation import sliding_weight
+from breathcast.segmentation import SLIDING_Z_SIGMA_MM, sliding_weight
 from breathcast.resize import FieldResizer, axis_weights, evaluate_polynomial, trilinear_corners, voxel_to_lps_matrix
 from breathcast.state_model import DISTILLED_TERMS, StateModel, Terms, design_matrix, fit_state_model
 from breathcast.traces import TraceConfig, synthetic_trace
@@ -70,10 +70,6 @@ __all__ = [
 ]
 
 _RATE_SMOOTHING_S = 0.2  # as breathcast.traces.rate
-MASK_Z_SIGMA_MM = 5.0
-"""The sliding mask is smoothed along z by this (:func:`~breathcast.segmentation.sliding_weight`): its fall at a
-field-of-view cut or at the tilted edge behind the spine folded 12 voxels of 4D-Lung 0001's predicted motion
-unsmoothed (``benchmarks/bench_real.py``), none at 5 mm."""
 
 
 class PredictorPath(str, Enum):
@@ -132,7 +128,7 @@ class PredictorConfig:
         sliding_mask: with a lung-centred package, multiply the network's displacement by the plan's sliding
             weight (:func:`breathcast.segmentation.sliding_weight`: 1 in the cavity that moves, 0 in the chest
             wall, ribs, spine and outside the body, a 4 mm step between, smoothed along z by
-            :data:`MASK_Z_SIGMA_MM`). The network's velocity lives on a half-resolution grid (12.5 mm voxels at
+            :data:`~breathcast.segmentation.SLIDING_Z_SIGMA_MM`). The network's velocity lives on a half-resolution grid (12.5 mm voxels at
             64³) that cannot hold the shear at the pleura by itself.
     """
 
@@ -438,7 +434,7 @@ class Predictor:
             model_volume, check = model_box_volume(canonical_plan, shape, tuple(box["extent_mm"]))
             self.plan_check = check
             if config.sliding_mask:
-                weight = Volume(sliding_weight(check.segmentation, z_sigma_mm=MASK_Z_SIGMA_MM), check.segmentation.grid)
+                weight = Volume(sliding_weight(check.segmentation, z_sigma_mm=SLIDING_Z_SIGMA_MM), check.segmentation.grid)
                 # Past the plan's slices the cavity continues (its nearest face), as the prior's does past a cut:
                 # a mask that stopped there would fold the motion the network continues.
                 self._motion_weight = resample_onto(weight, model_volume.grid, fill=None).array[None]

@@ -95,7 +95,7 @@ def test_the_sliding_mask_does_not_fold_a_superior_inferior_motion(tmp_path, sma
         return count_folds(u)
 
     assert folds() == 0
-    monkeypatch.setattr(predictor_module, "MASK_Z_SIGMA_MM", 0.0)
+    monkeypatch.setattr(predictor_module, "SLIDING_Z_SIGMA_MM", 0.0)
     assert folds() > 0
 
 

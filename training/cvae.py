@@ -53,6 +53,10 @@ class CVAEConfig:
         integration_steps: scaling and squaring steps (7 as the paper).
         prior_channels: channels of the anatomical motion prior the decoder sees (0: none, the paper's model;
             3: :func:`breathcast.motion_prior.motion_prior`).
+        sliding_mask: trained through the sliding mask it is served with: the displacement that warps the moving
+            scan in training is the network's times the scan's :func:`breathcast.motion_prior.sliding_mask`, so the
+            network need not stop the lungs' motion at the chest wall itself (it damped the motion in the lungs'
+            last 10-20 mm before the wall, where they move most).
     """
 
     grid: int = 64
@@ -61,6 +65,7 @@ class CVAEConfig:
     channels: tuple[int, int, int, int] = (16, 32, 32, 48)
     integration_steps: int = 7
     prior_channels: int = 0
+    sliding_mask: bool = False
 
     def __post_init__(self) -> None:
         if self.grid < 16 or self.grid % 16:
@@ -221,12 +226,15 @@ class CVAE(nn.Module):
         b_f: torch.Tensor,
         eps: torch.Tensor | None = None,
         prior: torch.Tensor | None = None,
+        motion_weight: torch.Tensor | None = None,
     ) -> CVAEOutput:
         """Training pass: encode the pair, sample z = mu + sigma * eps, decode, integrate, warp M.
 
         Args:
             eps: (N, latent_dim) standard normal noise; None draws it from torch's global generator.
             prior: the moving scan's motion prior (see the module docstring), for a model that takes one.
+            motion_weight: (N, 1, D, D, D) the moving scan's sliding mask, multiplied into the displacement
+                (``CVAEConfig.sliding_mask``); None: the network's displacement as it is.
         """
         self.check_inputs(moving, b_m, b_f, prior)
         mu, logvar = self.encoder(moving, fixed)
@@ -235,17 +243,22 @@ class CVAE(nn.Module):
         z = mu + torch.exp(0.5 * logvar) * eps
         velocity = self.decode_velocity(moving, b_m, b_f, z, prior)
         displacement = self.integrate(velocity)
+        if motion_weight is not None:
+            displacement = displacement * motion_weight
         return CVAEOutput(velocity, displacement, warp(moving, displacement), mu, logvar)
 
     @torch.no_grad()
     def predict(
-        self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor, z: torch.Tensor | None = None, prior: torch.Tensor | None = None
+        self, moving: torch.Tensor, b_m: torch.Tensor, b_f: torch.Tensor, z: torch.Tensor | None = None,
+        prior: torch.Tensor | None = None, motion_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Inference without the fixed image: displacement (N, 3, D, D, D) voxels; z = 0 unless given."""
+        """Inference without the fixed image: displacement (N, 3, D, D, D) voxels; z = 0 unless given;
+        ``motion_weight`` as in :meth:`forward`."""
         self.check_inputs(moving, b_m, b_f, prior)
         if z is None:
             z = moving.new_zeros(moving.shape[0], self.config.latent_dim)
-        return self.integrate(self.decode_velocity(moving, b_m, b_f, z, prior))
+        displacement = self.integrate(self.decode_velocity(moving, b_m, b_f, z, prior))
+        return displacement if motion_weight is None else displacement * motion_weight
 
 
 def save_cvae(model: CVAE, path: Path) -> None:

@@ -23,11 +23,11 @@ from breathcast.io.dataset import DatasetIndex, open_dataset, read_patient
 from breathcast.errors import BreathcastError, DatasetError
 from breathcast.geometry import Grid, Volume, hu_to_unit, resample_field, resample_volume, unit_to_hu
 from breathcast.model_box import field_of_view_along_z
-from breathcast.motion_prior import motion_prior
+from breathcast.motion_prior import motion_prior, prior_and_sliding_mask, sliding_mask
 from breathcast.segmentation import BODY_HU
 from breathcast.sim.simulator import SimulationConfig, pair_field, patient_seed, simulate_patient
 
-__all__ = ["PatientData", "Split", "split_patients", "load_patients", "simulate_patients", "motion_priors", "prior_pool", "field_of_view_weight", "PairBatch", "sample_pairs"]
+__all__ = ["PatientData", "Split", "split_patients", "load_patients", "simulate_patients", "motion_priors", "priors_and_sliding_masks", "prior_pool", "field_of_view_weight", "PairBatch", "sample_pairs"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class PatientData:
         reference_labels: (D, D, D) uint8 labels of the rest anatomy, or None.
         priors: (K, 3, D/2, D/2, D/2) float32 motion prior of each scan (:mod:`breathcast.motion_prior`), or
             None when the model takes none.
+        sliding_masks: (K, D, D, D) float16 sliding mask of each scan
+            (:func:`breathcast.motion_prior.sliding_mask`), or None when the model is not trained through one.
     """
 
     patient_id: str
@@ -53,6 +55,7 @@ class PatientData:
     fields: np.ndarray | None = None
     reference_labels: np.ndarray | None = None
     priors: np.ndarray | None = None
+    sliding_masks: np.ndarray | None = None
 
     @property
     def n_scans(self) -> int:
@@ -64,6 +67,12 @@ class PatientData:
         if self.priors is not None:
             return self.priors[scan]
         return motion_prior(Volume(unit_to_hu(self.images[scan]), self.grid))
+
+    def sliding_mask(self, scan: int) -> np.ndarray:
+        """(D, D, D) float32 the scan's sliding mask: stored, or made from its image (as :meth:`motion_prior`)."""
+        if self.sliding_masks is not None:
+            return self.sliding_masks[scan].astype(np.float32)
+        return sliding_mask(Volume(unit_to_hu(self.images[scan]), self.grid))
 
     def true_pair_field(self, moving: int, fixed: int) -> np.ndarray:
         """(3, D, D, D) voxels: the true field with ``fixed ≈ warp(moving, u)`` (simulated data only)."""
@@ -125,6 +134,20 @@ def motion_priors(volumes: list[Volume], pool: ProcessPoolExecutor | None = None
     return np.stack(list(pool.map(motion_prior, volumes, chunksize=4)))
 
 
+def priors_and_sliding_masks(
+    volumes: list[Volume], pool: ProcessPoolExecutor | None, with_priors: bool, with_masks: bool,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(K, 3, D/2, D/2, D/2) motion priors and (K, D, D, D) float16 sliding masks of each volume, each only when
+    asked for (else None), from one segmentation per volume, in ``pool``'s processes when given."""
+    if not with_masks:
+        return (motion_priors(volumes, pool) if with_priors else None), None
+    run = map if pool is None else (lambda f, v: pool.map(f, v, chunksize=4))
+    if not with_priors:
+        return None, np.stack([m.astype(np.float16) for m in run(sliding_mask, volumes)])
+    both = list(run(prior_and_sliding_mask, volumes))
+    return np.stack([p for p, _ in both]), np.stack([m.astype(np.float16) for _, m in both])
+
+
 def prior_pool(with_priors: bool = True) -> ProcessPoolExecutor | nullcontext:
     """One process per CPU core for the priors of every patient loaded (a context; None without priors).
 
@@ -137,12 +160,13 @@ def prior_pool(with_priors: bool = True) -> ProcessPoolExecutor | nullcontext:
 
 def _patient_from_arrays(
     patient_id, grid, images_hu, amplitude, labels, fields, reference_labels, grid_size, with_priors: bool = False,
-    pool: ProcessPoolExecutor | None = None,
+    pool: ProcessPoolExecutor | None = None, with_sliding_masks: bool = False,
 ) -> PatientData:
     model_grid = grid.with_shape((grid_size,) * 3)
     images_hu = [_to_model_grid(Volume(im, grid), grid_size) for im in images_hu]
     try:
-        priors = motion_priors([Volume(im, model_grid) for im in images_hu], pool) if with_priors else None
+        volumes = [Volume(im, model_grid) for im in images_hu]
+        priors, masks = priors_and_sliding_masks(volumes, pool, with_priors, with_sliding_masks)
     except BreathcastError as error:
         raise DatasetError(f"patient {patient_id}: no motion prior: {error}") from None
     images = np.stack([hu_to_unit(im) for im in images_hu])
@@ -153,19 +177,20 @@ def _patient_from_arrays(
         fields = np.stack([f if f.shape[1:] == model_grid.shape else resample_field(f, grid, model_grid.shape)[0] for f in fields])
     if reference_labels is not None:
         reference_labels = _to_model_grid(Volume(reference_labels, grid), grid_size, labels=True)
-    return PatientData(patient_id, images.astype(np.float32), amps, model_grid, labels, fields, reference_labels, priors)
+    return PatientData(patient_id, images.astype(np.float32), amps, model_grid, labels, fields, reference_labels, priors, masks)
 
 
 def load_patients(
     dataset: DatasetIndex | Path, patient_ids: list[str], grid_size: int, with_truth: bool = True, with_priors: bool = False,
-    progress: bool = False,
+    progress: bool = False, with_sliding_masks: bool = False,
 ) -> list[PatientData]:
     """Read patients from a dataset folder into memory at the model grid (resampled if the scans differ);
-    ``with_priors`` also computes each scan's motion prior (about 0.25 s per 64³ scan and core)."""
+    ``with_priors`` also computes each scan's motion prior (about 0.25 s per 64³ scan and core),
+    ``with_sliding_masks`` its sliding mask."""
     if not isinstance(dataset, DatasetIndex):
         dataset = open_dataset(Path(dataset))
     patients = []
-    with prior_pool(with_priors) as pool:
+    with prior_pool(with_priors or with_sliding_masks) as pool:
         for pid in tqdm(patient_ids, desc="loading patients", unit="patient", disable=not progress):
             record = read_patient(dataset, pid, with_fields=with_truth)
             if len(record.scans) < 2:
@@ -185,24 +210,26 @@ def load_patients(
                     grid_size,
                     with_priors,
                     pool,
+                    with_sliding_masks,
                 )
             )
     return patients
 
 
 def simulate_patients(
-    n: int, config: SimulationConfig, seed: int, grid_size: int, first: int = 0, with_priors: bool = False
+    n: int, config: SimulationConfig, seed: int, grid_size: int, first: int = 0, with_priors: bool = False,
+    with_sliding_masks: bool = False,
 ) -> list[PatientData]:
     """Patients straight from the simulator (no files), ids ``patient_{i:03d}`` as ``breathcast simulate`` names them."""
     patients = []
-    with prior_pool(with_priors) as pool:
+    with prior_pool(with_priors or with_sliding_masks) as pool:
         for i in range(first, first + n):
             p = simulate_patient(patient_seed(seed, i), config, patient_id=f"patient_{i:03d}")
             patients.append(
                 _patient_from_arrays(
                     p.patient_id, p.grid, [s.image_hu for s in p.scans], [s.amplitude for s in p.scans],
                     [s.labels for s in p.scans], [s.field for s in p.scans], p.reference_labels, grid_size,
-                    with_priors, pool,
+                    with_priors, pool, with_sliding_masks,
                 )
             )  # fmt: skip
     return patients
@@ -230,7 +257,8 @@ def field_of_view_weight(image: np.ndarray, slice_mm: float, margin_mm: float) -
 class PairBatch:
     """A batch of (moving, fixed) pairs as tensors: images (N, 1, D, D, D), traces (N, D), eps (N, latent),
     the moving scans' motion priors (N, 3, D/2, D/2, D/2) when the patients carry them (else None), and the
-    per-slice image-loss weights (N, D) when a field-of-view margin was asked for (else None)."""
+    per-slice image-loss weights (N, D) when a field-of-view margin was asked for (else None), and the moving
+    scans' sliding masks (N, 1, D, D, D) float32 when the patients carry them (else None)."""
 
     moving: torch.Tensor
     fixed: torch.Tensor
@@ -240,10 +268,11 @@ class PairBatch:
     pairs: list[tuple[str, int, int]]
     prior: torch.Tensor | None = None
     slice_weight: torch.Tensor | None = None
+    motion_weight: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> PairBatch:
         tensors = (self.moving, self.fixed, self.b_m, self.b_f, self.eps)
-        optional = tuple(None if t is None else t.to(device) for t in (self.prior, self.slice_weight))
+        optional = tuple(None if t is None else t.to(device) for t in (self.prior, self.slice_weight, self.motion_weight))
         return PairBatch(*(t.to(device) for t in tensors), self.pairs, *optional)
 
 
@@ -272,7 +301,7 @@ def sample_pairs(
         raise BreathcastError(f"batch size {batch_size} does not divide over {world_size} processes")
     rng = np.random.default_rng([seed, step])
     which = rng.integers(len(patients), size=batch_size)
-    pairs, moving, fixed, b_m, b_f, prior, slice_weight = [], [], [], [], [], [], []
+    pairs, moving, fixed, b_m, b_f, prior, slice_weight, motion_weight = [], [], [], [], [], [], [], []
     for p_index in which:
         patient = patients[p_index]
         k, j = rng.choice(patient.n_scans, size=2, replace=False)
@@ -280,6 +309,8 @@ def sample_pairs(
         moving.append(patient.images[k])
         if patient.priors is not None:
             prior.append(patient.priors[k])
+        if patient.sliding_masks is not None:
+            motion_weight.append(patient.sliding_masks[k].astype(np.float32))
         if fov_margin_mm > 0:
             slice_weight.append(field_of_view_weight(patient.images[k], patient.grid.spacing[2], fov_margin_mm))
         fixed.append(patient.images[j])
@@ -301,4 +332,5 @@ def sample_pairs(
         pairs=pairs[share],
         prior=tensor(prior) if len(prior) == len(moving) else None,
         slice_weight=tensor(slice_weight) if slice_weight else None,
+        motion_weight=tensor(motion_weight, image=True) if len(motion_weight) == len(moving) else None,
     )

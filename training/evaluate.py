@@ -139,7 +139,8 @@ class CVAEPredictor:
                 f"load the patients at grid {d}"
             )
         prior = patient.motion_prior(moving) if self.model.config.prior_channels else None
-        return predict_displacement(self.model, patient.images[moving], patient.amplitude[moving], fixed_amplitude, prior=prior)
+        u = predict_displacement(self.model, patient.images[moving], patient.amplitude[moving], fixed_amplitude, prior=prior)
+        return u * patient.sliding_mask(moving) if self.model.config.sliding_mask else u
 
 
 class LDMPredictor:

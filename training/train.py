@@ -135,18 +135,22 @@ def _init_distributed() -> _Distributed:
 def load_training_data(
     data: Path | None, grid: int, val_patients: int, test_patients: int, seed: int,
     simulate_patients: int = 8, simulation_seed: int = 0, with_priors: bool = False, progress: bool = False,
+    with_sliding_masks: bool = False,
 ) -> tuple[Split, list[PatientData], list[PatientData], dict]:
     """The patient split, the training and validation patients at the model grid, and a summary for the manifest.
 
     ``data`` is a dataset folder; None simulates ``simulate_patients`` patients in memory. Every model trained
     with the same (data, val_patients, test_patients, seed) holds out the same patients. ``with_priors``: each
-    scan's motion prior too, for a model that takes one.
+    scan's motion prior too, for a model that takes one; ``with_sliding_masks``: each scan's sliding mask, for a
+    model trained through it.
     """
     if data is not None:
         dataset = open_dataset(data)
         split = split_patients(dataset.patients, val_patients, test_patients, seed=seed)
-        train = load_patients(dataset, split.train, grid, with_truth=False, with_priors=with_priors, progress=progress)
-        val = load_patients(dataset, split.val, grid, with_truth=False, with_priors=with_priors, progress=progress)
+        train = load_patients(dataset, split.train, grid, with_truth=False, with_priors=with_priors, progress=progress,
+                              with_sliding_masks=with_sliding_masks)
+        val = load_patients(dataset, split.val, grid, with_truth=False, with_priors=with_priors, progress=progress,
+                            with_sliding_masks=with_sliding_masks)
         summary = {"source": str(Path(data).resolve()), "kind": dataset.kind, "patients": len(dataset.patients),
                    "generator": dataset.metadata.get("generator"),
                    "generator_real_anatomy": dataset.metadata.get("generator_real_anatomy")}
@@ -154,7 +158,8 @@ def load_training_data(
         sim = SimulationConfig(grid_size=grid)
         ids = [f"patient_{i:03d}" for i in range(simulate_patients)]
         split = split_patients(ids, val_patients, test_patients, seed=seed)
-        everyone = simulate_patients_in_memory(simulate_patients, sim, simulation_seed, grid, with_priors=with_priors)
+        everyone = simulate_patients_in_memory(simulate_patients, sim, simulation_seed, grid, with_priors=with_priors,
+                                               with_sliding_masks=with_sliding_masks)
         by_id = {p.patient_id: p for p in everyone}
         train, val = [by_id[i] for i in split.train], [by_id[i] for i in split.val]
         summary = {"source": "simulator (in memory)", "kind": "simulated", "patients": simulate_patients,
@@ -165,7 +170,8 @@ def load_training_data(
 
 def _load_data(config: TrainConfig, progress: bool) -> tuple[Split, list[PatientData], list[PatientData], dict]:
     return load_training_data(config.data, config.model.grid, config.val_patients, config.test_patients, config.seed,
-                              config.simulate_patients, config.simulation_seed, config.model.prior_channels > 0, progress)
+                              config.simulate_patients, config.simulation_seed, config.model.prior_channels > 0, progress,
+                              config.model.sliding_mask)
 
 
 def model_box_of_training_data(summary: dict) -> dict:
@@ -191,7 +197,9 @@ def validate(model: CVAE, patients: list[PatientData], pairs: int, seed: int, de
     predicted = no_deformation = 0.0
     for i, (pid, _, j) in enumerate(batch.pairs):
         prior = None if batch.prior is None else batch.prior[i : i + 1].to(device)
-        displacement = model.predict(batch.moving[i : i + 1].to(device), batch.b_m[i : i + 1].to(device), batch.b_f[i : i + 1].to(device), prior=prior)
+        weight = None if batch.motion_weight is None else batch.motion_weight[i : i + 1].to(device)
+        displacement = model.predict(batch.moving[i : i + 1].to(device), batch.b_m[i : i + 1].to(device), batch.b_f[i : i + 1].to(device),
+                                     prior=prior, motion_weight=weight)
         warped = warp(batch.moving[i : i + 1].to(device), displacement)[0, 0].cpu().numpy()
         mask = lung_region(by_id[pid], j)
         fixed, moving = batch.fixed[i, 0].numpy(), batch.moving[i, 0].numpy()
@@ -211,7 +219,7 @@ def training_step(network: torch.nn.Module, batch, weights: LossWeights):
 
     ``network`` is the :class:`CVAE` or its DistributedDataParallel wrapper (which averages gradients).
     """
-    output = network(batch.moving, batch.fixed, batch.b_m, batch.b_f, batch.eps, batch.prior)
+    output = network(batch.moving, batch.fixed, batch.b_m, batch.b_f, batch.eps, batch.prior, batch.motion_weight)
     terms = cvae_loss(output, batch.fixed, weights, batch.slice_weight)
     terms.total.backward()
     return terms
