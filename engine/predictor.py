@@ -460,12 +460,16 @@ class Predictor:
         elif config.path is PredictorPath.LINEAR5D:
             self._coefficients = np.ascontiguousarray(np.load(package.file("coefficients.npy")), dtype=np.float32)
             self._terms = tuple(tuple(t) for t in manifest.model["terms"])
+        self._unmasked = bool(manifest.model.get("sliding_mask")) and self._motion_weight is None
         self.load_s = time.perf_counter() - started
 
     @property
     def plan_warnings(self) -> tuple[str, ...]:
-        """One line each: what about the plan lies at the edge of what the model knows (empty: nothing)."""
-        return self.plan_check.warnings if self.plan_check else ()
+        """One line each: what about the plan lies at the edge of what the model knows, or how it is served
+        unlike it was trained (empty: nothing)."""
+        unmasked = ("served without the sliding mask the model was trained through: its motion outside the lungs is "
+                    "not a prediction",) if self._unmasked else ()
+        return (self.plan_check.warnings if self.plan_check else ()) + unmasked
 
     # -- the network ------------------------------------------------------------------------------------
 

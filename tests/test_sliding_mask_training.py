@@ -47,6 +47,20 @@ def test_the_training_mask_is_the_one_the_engine_serves_with():
     assert np.abs(trained - served).mean() < 0.04
 
 
+def test_a_mask_trained_model_served_without_its_mask_says_so(tmp_path, small_patient):
+    """The engine serves a mask-trained package with the mask silently, and without it with a warning."""
+    from breathcast.engine.export import export_cvae
+    from breathcast.engine.package import TraceSpec
+
+    model = CVAE(CVAEConfig(grid=D, latent_dim=4, trace_embedding_dim=4, channels=(4, 4, 4, 4), sliding_mask=True)).eval()
+    trace = TraceSpec(window_samples=448, sample_interval_s=2.3 / 447, slices=D)
+    package = export_cvae(model, tmp_path / "masked", trace=trace, training={"model_box": {"anchor": "lungs", "extent_mm": [400.0, 400.0, 320.0]}})
+    plan = Plan(Volume(small_patient.reference_hu, small_patient.grid), np.full(small_patient.grid.shape[0], 0.2))
+    assert not any("sliding mask" in w for w in load_predictor(package, plan, PredictorConfig(path="direct")).plan_warnings)
+    unmasked = load_predictor(package, plan, PredictorConfig(path="direct", sliding_mask=False))
+    assert any("without the sliding mask the model was trained through" in w for w in unmasked.plan_warnings)
+
+
 def test_batches_carry_each_moving_scans_mask_and_it_masks_the_warp(patients):
     """The stored mask is each scan's own (the one made from the [0, 1] image is the same); the batch's is the moving
     scan's; a zero mask leaves the moving image as it is, a mask of ones changes nothing."""
