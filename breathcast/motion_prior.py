@@ -6,7 +6,9 @@ own segmentation with the middle of every drawn range (:func:`~breathcast.sim.re
 pull-back from end-exhale to end-inhale (amplitude 1, rate 0) that the anatomy suggests. It is what makes a
 network see anatomy rather than the frame: the cVAE takes it as input channels (``CVAEConfig.prior_channels``)
 and learns what the prior misses, instead of learning where lungs sit in the box. It is computed the same
-way in training (each moving scan) and in the engine (the plan), on the model grid.
+way in training (each moving scan) and in the engine (the plan), on the model grid. Beside it, from the same
+segmentation, the sliding mask a model trained with ``CVAEConfig.sliding_mask`` is trained through
+(:func:`sliding_mask`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ APEX_TO_DOME_MM = 170.0
 CUT_MARGIN_MM = 15.0
 """Lungs within this of where the field of view ends are cut there (the segmentation keeps lungs 2-3 voxels of a
 64³ grid off a cut)."""
-
 
 CUT_SLICES = 2
 """:func:`sliding_mask` continues the cavity past a field-of-view cut from this many slices inside it."""
@@ -106,7 +107,8 @@ def sliding_mask(volume: Volume, seg: ThoraxSegmentation | None = None) -> np.nd
     by where it is served (the engine's sliding mask; a model trained with ``CVAEConfig.sliding_mask`` is trained
     through it): :func:`~breathcast.segmentation.sliding_weight` of the cavity, smoothed along z by
     :data:`~breathcast.segmentation.SLIDING_Z_SIGMA_MM`, with the cavity continued past where the field of view
-    ends along z (its nearest slice in view), as the engine continues its mask past the plan's slices.
+    ends along z (the slice :data:`CUT_SLICES` inside the cut, repeated), as the engine continues its mask past the
+    plan's slices.
 
     Args:
         volume: the CT (HU), canonical frame (the model box in training).
