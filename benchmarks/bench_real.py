@@ -241,12 +241,12 @@ class DepthKnown:
 
     def scale(self, patient) -> float:
         if patient.patient_id not in self.scales:
-            lungs = np.isin(patient.labels, list(LUNG_LABELS))
             fixed = int(np.argmax(patient.amplitude.mean(axis=1)))
+            lungs = np.isin(patient.labels[fixed], list(LUNG_LABELS))
             num = den = 0.0
-            for k in (k for k in range(len(patient.images)) if k != fixed):
-                u = self.inner.predict(patient, k, patient.amplitude[fixed])[0][lungs[fixed]]
-                num += float(u @ patient.true_pair_field(k, fixed)[0][lungs[fixed]])
+            for k in (k for k in range(patient.n_scans) if k != fixed):
+                u = self.inner.predict(patient, k, patient.amplitude[fixed])[0][lungs]
+                num += float(u @ patient.true_pair_field(k, fixed)[0][lungs])
                 den += float(u @ u)
             self.scales[patient.patient_id] = num / den
         return self.scales[patient.patient_id]

@@ -80,12 +80,11 @@ def with_reshape_upsampling(module: nn.Module) -> nn.Module:
 
 class DecodeGraph(nn.Module):
     """Denoised latents -> velocities at half resolution, the plan tensors (batch 1: the condition latent, moving
-    image, prior and b_m) broadcast. The velocity decoder is a copy with :func:`with_reshape_upsampling`."""
+    image, prior and b_m) broadcast; the model is a copy with :func:`with_reshape_upsampling`."""
 
     def __init__(self, model: LDM) -> None:
         super().__init__()
-        self.velocity_decoder = with_reshape_upsampling(model.velocity_decoder)
-        self.latent_scale = model.latent_scale
+        self.model = with_reshape_upsampling(model)
 
     def forward(
         self, x0: torch.Tensor, condition: torch.Tensor, moving: torch.Tensor, prior: torch.Tensor | None = None,
@@ -96,5 +95,4 @@ class DecodeGraph(nn.Module):
         def batch(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.expand(n, *t.shape[1:])
 
-        side = None if prior is None else (batch(prior), batch(b_m), b_f)
-        return self.velocity_decoder(x0, batch(condition), batch(moving), self.latent_scale, side)
+        return self.model.decode_velocity(x0, batch(condition), batch(moving), batch(prior), batch(b_m), b_f)

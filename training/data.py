@@ -13,6 +13,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -141,11 +142,11 @@ def priors_and_sliding_masks(
     asked for (else None), from one segmentation per volume, in ``pool``'s processes when given."""
     if not with_masks:
         return (motion_priors(volumes, pool) if with_priors else None), None
-    run = map if pool is None else (lambda f, v: pool.map(f, v, chunksize=4))
+    run = map if pool is None else partial(pool.map, chunksize=4)
     if not with_priors:
-        return None, np.stack([m.astype(np.float16) for m in run(sliding_mask, volumes)])
-    both = list(run(prior_and_sliding_mask, volumes))
-    return np.stack([p for p, _ in both]), np.stack([m.astype(np.float16) for _, m in both])
+        return None, np.stack(list(run(sliding_mask, volumes))).astype(np.float16)
+    priors, masks = zip(*run(prior_and_sliding_mask, volumes))
+    return np.stack(priors), np.stack(masks).astype(np.float16)
 
 
 def prior_pool(with_priors: bool = True) -> ProcessPoolExecutor | nullcontext:

@@ -902,7 +902,8 @@ def evaluate_models(
                 log.warning("%s: patient(s) %s were used for training or validation; they are not held out", path, ", ".join(seen))
     out = prepare_output_dir(Path(out_dir))
     with_priors = any(m.config.prior_channels for m in models)  # each scan's, once
-    patients = load_patients(dataset, patient_ids, grid, with_truth=True, with_priors=with_priors)
+    with_masks = any(isinstance(m, CVAE) and m.config.sliding_mask for m in models)
+    patients = load_patients(dataset, patient_ids, grid, with_truth=True, with_priors=with_priors, with_sliding_masks=with_masks)
     predictors: list[Predictor] = [NoDeformation()]
     for name, model, model_path in zip(names, models, model_paths):
         info = {"path": str(Path(model_path).resolve())}
