@@ -6,7 +6,11 @@ amplitude 1 (rate 0) sampled in the exhale lungs (:func:`breathcast.sim.motion_s
 Both go through the same statistics: mean |d| against normalised superior-inferior position (0 = lung base,
 1 = apex, by each sample's own 1st-99th percentile of exhale z) and anterior-posterior position (0 = anterior,
 1 = posterior, the same way), LR : AP : SI shares of mean |component|, signed
-means, the LR and AP expansion slopes, fraction above 10 mm, per-patient mean magnitude and its spread between patients.
+means, the LR and AP expansion slopes, the lungs' front-to-back shift with height and distance from the midline
+(:func:`~breathcast.sim.motion_statistics.lung_shift`), fraction above 10 mm, per-patient mean magnitude and its spread
+between patients. Beside them, the evidence that the shift is a population trait and not one case's
+(:func:`shift_leave_one_out`): each DIR-Lab case's front-back landmark motion predicted from the other nine cases'
+median shift, against predicting none.
 
 Writes ``benchmarks/results/motion_realism.json`` and ``.png`` and the README block ``motion_realism``, with a
 met/missed verdict per statistic (the criteria are :data:`CRITERIA`, also written to the JSON).
@@ -34,6 +38,8 @@ from breathcast.sim.motion_statistics import (  # noqa: E402
     PopulationStatistics,
     field_statistics,
     landmark_statistics,
+    lung_shift,
+    lung_shift_design,
     population_statistics,
 )
 from breathcast.sim.realct import build_realct_anatomy, load_anatomy_source  # noqa: E402
@@ -56,6 +62,7 @@ CRITERIA = {
     "profile": "in every position bin, the synthetic mean of (bin |d| / patient mean |d|) inside the DIR-Lab range",
     "ap_profile": "the same along anterior -> posterior",
     "expansion": "the synthetic mean LR and AP expansion slopes each within 0.10 of the real mean",
+    "lung_shift": "the synthetic mean shift coefficients (height, distance from the midline) each within 0.10 of the real mean",
     "fraction": "synthetic mean fraction of points above 10 mm within 0.10 of the real mean",
 }
 """What 'met' means for each statistic. The profiles use DIR-Lab only: POPI's 40 landmarks span ~110 mm of z, not
@@ -110,6 +117,22 @@ SOURCES: dict[str, SyntheticSource] = {"cartoon": cartoon_patients, "realct": re
 """Synthetic sources by kind; ``--kind`` picks among them."""
 
 
+def shift_leave_one_out(landmarks: Path) -> list[dict[str, object]]:
+    """Per DIR-Lab case: mean |d_y| error (mm) of no front-back motion and of d_y = |d_z| (c + a h + b l) with the
+    other nine cases' median (c, a, b) (:func:`~breathcast.sim.motion_statistics.lung_shift`; the case's own |d_z|)."""
+    cases = read_dirlab_cases(landmarks / "dirlab")
+    shifts = np.stack([lung_shift(c.exhale_mm, c.displacement_mm) for c in cases])
+    rows = []
+    for i, case in enumerate(cases):
+        coefficients = np.median(np.delete(shifts, i, axis=0), axis=0)
+        d = case.displacement_mm
+        predicted = lung_shift_design(case.exhale_mm, d) @ coefficients
+        rows.append({"case": case.name, "coefficients": coefficients.round(3).tolist(),
+                     "error_none_mm": round(float(np.abs(d[:, 1]).mean()), 3),
+                     "error_shift_mm": round(float(np.abs(d[:, 1] - predicted).mean()), 3)})
+    return rows
+
+
 def real_statistics(landmarks: Path) -> tuple[list[MotionStatistics], list[MotionStatistics]]:
     """(DIR-Lab cases, all real samples = DIR-Lab + POPI) statistics."""
     dirlab = [landmark_statistics(pairs) for pairs in read_dirlab_cases(landmarks / "dirlab")]
@@ -128,6 +151,7 @@ def verdicts(real: PopulationStatistics, dirlab: PopulationStatistics, synthetic
     in_ap_profile = (synthetic.ap_profile >= ap_low) & (synthetic.ap_profile <= ap_high)
     si_signs = np.array([s.signed_mean_mm[2] for s in samples])
     expansion_gap = np.abs(synthetic.expansion - real.expansion)
+    shift_gap = np.abs(synthetic.lung_shift[1:] - real.lung_shift[1:])  # (a, b); the constant depends on the frame
     return {
         "mean_range": {"value": synthetic.range_of_means_mm.round(2).tolist(), "real": [round(lo, 2), round(hi, 2)],
                        "met": bool(synthetic.range_of_means_mm[0] >= lo and synthetic.range_of_means_mm[1] <= hi)},
@@ -147,6 +171,8 @@ def verdicts(real: PopulationStatistics, dirlab: PopulationStatistics, synthetic
                        "met": bool(in_ap_profile.all())},
         "expansion": {"value": synthetic.expansion.round(2).tolist(), "real": real.expansion.round(2).tolist(),
                       "met": bool((expansion_gap <= EXPANSION_TOLERANCE).all())},
+        "lung_shift": {"value": synthetic.lung_shift[1:].round(2).tolist(), "real": real.lung_shift[1:].round(2).tolist(),
+                       "met": bool((shift_gap <= EXPANSION_TOLERANCE).all())},
         "fraction": {"value": round(synthetic.fraction_above, 3), "real": round(real.fraction_above, 3),
                      "met": bool(abs(synthetic.fraction_above - real.fraction_above) <= FRACTION_TOLERANCE)},
     }
@@ -177,6 +203,8 @@ def readme_table(real: PopulationStatistics, dirlab: PopulationStatistics, kinds
          lambda p: " ".join(f"{v:.2f}" for v in p.ap_profile)),
         ("expansion", "expansion LR, AP (slope of d_x, d_y across the lungs / mean \\|d_z\\|)",
          "{:.2f}, {:.2f}".format(*real.expansion), lambda p: "{:.2f}, {:.2f}".format(*p.expansion)),
+        ("lung_shift", "posterior shift on inhale per mm of SI motion: by height, by distance from the midline",
+         "{:.2f}, {:.2f}".format(*real.lung_shift[1:]), lambda p: "{:.2f}, {:.2f}".format(*p.lung_shift[1:])),
         ("fraction", "fraction of points > 10 mm", f"{real.fraction_above:.2f}", lambda p: f"{p.fraction_above:.2f}"),
     ]:
         row = {"statistic": label, "real": real_text}
@@ -273,6 +301,12 @@ def main() -> None:
         print(f"  {s.name:9s} mean {s.mean_magnitude_mm:6.2f}  shares {_shares(s.component_ratio)}  signed "
               f"{np.round(s.signed_mean_mm, 2).tolist()}  bins {np.round(s.bin_mean_magnitude_mm, 2).tolist()}  "
               f">10 mm {s.fraction_above:.2f}")
+    leave_one_out = shift_leave_one_out(args.landmarks)
+    none = np.mean([r["error_none_mm"] for r in leave_one_out])
+    shifted = np.mean([r["error_shift_mm"] for r in leave_one_out])
+    better = sum(r["error_shift_mm"] < r["error_none_mm"] for r in leave_one_out)
+    print(f"lung shift, DIR-Lab leave-one-out: front-back landmark error {none:.2f} mm with none, {shifted:.2f} mm with "
+          f"the other cases' median shift (better in {better} of {len(leave_one_out)} cases)")
     kinds: dict[str, dict] = {}
     for kind in args.kind or ["cartoon"]:
         patients = SOURCES[kind](args.patients, args.grid, args.seed)
@@ -295,6 +329,8 @@ def main() -> None:
         "ratio_tolerance": RATIO_TOLERANCE,
         "expansion_tolerance": EXPANSION_TOLERANCE,
         "fraction_tolerance": FRACTION_TOLERANCE,
+        "lung_shift_leave_one_out": {"cases": leave_one_out, "mean_error_none_mm": round(float(none), 3),
+                                     "mean_error_shift_mm": round(float(shifted), 3), "cases_better": int(better)},
         "real": {"population": real.to_dict(), "dirlab_population": dirlab.to_dict(),
                  "samples": [s.to_dict() for s in real_samples]},
         "synthetic": {kind: {"patients": args.patients, "grid": [args.grid] * 3, "points": args.points,

@@ -9,11 +9,14 @@ from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, field_to_lps_mm
 from breathcast.io.landmarks import LandmarkPairs, read_dirlab_case, read_popi
 from breathcast.sim.anatomy import LUNG_LABELS
+import dataclasses
+
 from breathcast.sim.motion import build_motion_field
 from breathcast.sim.motion_statistics import (
     N_BINS,
     field_statistics,
     landmark_statistics,
+    lung_shift,
     motion_statistics,
     population_statistics,
 )
@@ -164,3 +167,23 @@ def test_cartoon_patient_moves_like_lungs() -> None:
     stats = field_statistics(field, np.isin(patient.reference_labels, LUNG_LABELS), patient.grid)
     assert stats.signed_mean_mm[2] < 0 and stats.component_ratio[2] > 0.5
     assert stats.bin_mean_magnitude_mm[0] > 2 * stats.bin_mean_magnitude_mm[-1]
+
+
+@pytest.mark.parametrize("height, lateral", [(0.4, 0.0), (0.0, 0.4), (0.0, 0.0)])
+def test_the_cartoon_lung_shift_reads_back_through_the_statistic(height: float, lateral: float) -> None:
+    """A cartoon patient drawn with shift (a, b) moves its lungs front to back so that :func:`lung_shift` of its field
+    reads a and b back (within 0.1: the statistic normalises by where the lungs' points are, the simulator by its
+    lung base and apex), and reads ~0 where none is drawn."""
+    patient = simulate_patient(5, SimulationConfig(grid_size=32, n_scans=1, supersampling=1, noise_hu=0.0))
+    motion = dataclasses.replace(patient.motion, shift_height=height, shift_lateral=lateral)
+    field = field_to_lps_mm(build_motion_field(patient.anatomy, motion, patient.grid).displacement(1.0, 0.0), patient.grid)
+    stats = field_statistics(field, np.isin(patient.reference_labels, LUNG_LABELS), patient.grid)
+    np.testing.assert_allclose(stats.lung_shift[1:], [height, lateral], atol=0.1)
+
+
+def test_dirlab_lungs_shift_posterior_with_height_and_away_from_the_midline() -> None:
+    """Nine of DIR-Lab's ten cases have a height coefficient of :func:`lung_shift` of 0.21-0.55, seven a midline one
+    of 0.25-0.69; case 3's are 0.24 and 0.69: its upper and lateral lungs move posterior on inhale, its lower medial
+    lungs anterior."""
+    pairs = read_dirlab_case(shared_data_file("landmarks/dirlab/case03.csv"))
+    np.testing.assert_allclose(lung_shift(pairs.exhale_mm, pairs.displacement_mm), [-0.295, 0.235, 0.691], atol=0.005)

@@ -5,7 +5,8 @@ normalised superior-inferior position in the lungs (0 = lung base, 1 = apex) and
 anterior-posterior position (0 = anterior, 1 = posterior: real lungs move most at the back), the direction ratios
 mean |LR| : |AP| : |SI| and the signed means, the lungs' expansion (how the LR and AP components change across the
 lungs: a slope that the landmarks' zero-mean localisation error does not bias, as it biases the mean |component|
-shares), the fraction of points moving more than a threshold, and, over a population, each patient's mean
+shares), the lungs' front-to-back shift with height and distance from the midline (:func:`lung_shift`), the
+fraction of points moving more than a threshold, and, over a population, each patient's mean
 magnitude and its spread between patients.
 
 Every sample is a set of points in the lungs with their end-exhale position q (x, y, z) mm, x left, y posterior,
@@ -37,6 +38,8 @@ __all__ = [
     "landmark_statistics",
     "field_statistics",
     "population_statistics",
+    "lung_shift",
+    "lung_shift_design",
 ]
 
 N_BINS = 5
@@ -73,6 +76,8 @@ class MotionStatistics:
         expansion: (2,) least-squares slope of d_x against the normalised left-right position and of d_y against
             the normalised anterior-posterior position (each 0 to 1 by its own 1st-99th percentiles), divided by
             the mean |d_z|: how far the lungs widen and deepen on inhale per unit SI motion (0: they translate).
+        lung_shift: (3,) c, a, b of :func:`lung_shift`: posterior motion per mm of local SI motion, constant, per
+            unit of normalised height and per unit of distance from the midline.
     """
 
     name: str
@@ -91,6 +96,7 @@ class MotionStatistics:
     bin_mean_magnitude_mm: np.ndarray
     ap_bin_mean_magnitude_mm: np.ndarray
     expansion: np.ndarray
+    lung_shift: np.ndarray
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: floats rounded to 0.01 mm (0.0001 for shares), arrays as lists, NaN as None."""
@@ -125,6 +131,8 @@ class PopulationStatistics:
         ap_profile_range: (2, N_BINS) its min and max over samples.
         expansion: (2,) mean over samples of the LR and AP expansion slopes (:class:`MotionStatistics`).
         expansion_range: (2, 2) their min and max over samples.
+        lung_shift: (3,) mean over samples of :attr:`MotionStatistics.lung_shift` (c, a, b).
+        lung_shift_range: (2, 3) its min and max over samples.
         fraction_above: mean over samples of the fraction above the threshold.
         fraction_above_range: (2,) its min and max.
     """
@@ -142,6 +150,8 @@ class PopulationStatistics:
     ap_profile_range: np.ndarray
     expansion: np.ndarray
     expansion_range: np.ndarray
+    lung_shift: np.ndarray
+    lung_shift_range: np.ndarray
     fraction_above: float
     fraction_above_range: np.ndarray
 
@@ -221,7 +231,45 @@ def motion_statistics(
         bin_mean_magnitude_mm=per_bin,
         ap_bin_mean_magnitude_mm=per_ap_bin,
         expansion=expansion,
+        lung_shift=lung_shift(q, d),
     )
+
+
+def lung_shift(exhale_mm: np.ndarray, displacement_mm: np.ndarray) -> np.ndarray:
+    """(3,) c, a, b: the least-squares fit of d_y = |d_z| (c + a h + b l) over points in the lungs.
+
+    ``h`` is the normalised height (-1 at the 1st percentile of the points' exhale z, +1 at the 99th, clipped) and
+    ``l`` the normalised distance from the midline (|x - middle| over half the 1st-99th percentile width, clipped to
+    [0, 1]); d_y is the posterior motion on inhale. a and b are how the lungs' front-back motion per mm of SI motion
+    grows with height and with distance from the midline: the simulator's
+    :func:`~breathcast.sim.motion.lung_posterior_shift`. The constant c absorbs where the zero of h and l sits (a
+    sample's own 1st-99th percentiles are not the simulator's lung base and apex), so a and b compare between
+    landmarks and simulated fields.
+
+    Args:
+        exhale_mm: (N, 3) end-exhale positions (x, y, z) mm, x left, y posterior, z superior.
+        displacement_mm: (N, 3) exhale -> inhale displacements, same frame.
+
+    Example:
+        >>> q = np.array([[x, 0.0, z] for x in (-100.0, -50.0, 50.0, 100.0) for z in np.linspace(0.0, 200.0, 9)])
+        >>> h, l = (q[:, 2] - 100.0) / 100.0, np.abs(q[:, 0]) / 100.0
+        >>> d = np.stack([np.zeros(36), 10.0 * (0.1 + 0.3 * h + 0.2 * l), np.full(36, -10.0)], axis=1)
+        >>> lung_shift(q, d).round(3).tolist()
+        [0.1, 0.3, 0.2]
+    """
+    d = np.asarray(displacement_mm, dtype=np.float64)
+    return np.linalg.lstsq(lung_shift_design(exhale_mm, d), d[:, 1], rcond=None)[0]
+
+
+def lung_shift_design(exhale_mm: np.ndarray, displacement_mm: np.ndarray) -> np.ndarray:
+    """(N, 3) ``|d_z| (1, h, l)`` of :func:`lung_shift`: d_y = design @ (c, a, b)."""
+    q = np.asarray(exhale_mm, dtype=np.float64)
+    low, high = np.percentile(q, _EXTENT_PERCENTILES, axis=0)
+    half = np.maximum(0.5 * (high - low), 1e-9)
+    height = np.clip((q[:, 2] - 0.5 * (low[2] + high[2])) / half[2], -1.0, 1.0)
+    lateral = np.clip(np.abs(q[:, 0] - 0.5 * (low[0] + high[0])) / half[0], 0.0, 1.0)
+    si = np.abs(np.asarray(displacement_mm, dtype=np.float64)[:, 2])
+    return si[:, None] * np.stack([np.ones_like(height), height, lateral], axis=1)
 
 
 def _slope(x: np.ndarray, y: np.ndarray) -> float:
@@ -323,6 +371,7 @@ def population_statistics(samples: list[MotionStatistics]) -> PopulationStatisti
     ap_profiles = np.stack([s.ap_bin_mean_magnitude_mm / s.mean_magnitude_mm for s in samples])
     fractions = np.array([s.fraction_above for s in samples])
     expansions = np.stack([s.expansion for s in samples])
+    shifts = np.stack([s.lung_shift for s in samples])
     with warnings.catch_warnings():  # a bin empty in every sample is NaN, as documented
         warnings.simplefilter("ignore", RuntimeWarning)
         profile = np.nanmean(profiles, axis=0)
@@ -343,6 +392,8 @@ def population_statistics(samples: list[MotionStatistics]) -> PopulationStatisti
         ap_profile_range=ap_profile_range,
         expansion=expansions.mean(axis=0),
         expansion_range=np.stack([expansions.min(axis=0), expansions.max(axis=0)]),
+        lung_shift=shifts.mean(axis=0),
+        lung_shift_range=np.stack([shifts.min(axis=0), shifts.max(axis=0)]),
         fraction_above=float(fractions.mean()),
         fraction_above_range=np.array([fractions.min(), fractions.max()]),
     )

@@ -16,7 +16,8 @@ patient of it in the same dataset format, with the same scan protocol and ground
    the apex and into the abdomen (larger at the back than at the front, as in every DIR-Lab case:
    ``MotionParams.posterior_gain``), inside the cavity only (a 4 mm shear layer at its edge:
    the lungs slide along the pleura; chest wall, ribs and spine stay); the lungs' own anterior-posterior and lateral
-   expansion with it; an outward chest-wall and abdominal-wall expansion that is zero at the spine.
+   expansion with it, and their front-to-back motion that grows with height and distance from the midline
+   (:func:`~breathcast.sim.motion.lung_posterior_shift`); an outward chest-wall and abdominal-wall expansion that is zero at the spine.
    Magnitudes are drawn to match real lungs (DIR-Lab, POPI: ``benchmarks/bench_motion_realism.py``).
 """
 
@@ -37,7 +38,7 @@ from breathcast.io.dataset import describe_dataset, prepare_output_dir
 from breathcast.model_box import lung_centred_grid, resample_to_spacing
 from breathcast.segmentation import ThoraxSegmentation, lung_bounding_box_mm, segment_thorax, signed_distance_mm, sliding_weight
 from breathcast.sim.anatomy import Label
-from breathcast.sim.motion import MotionField, MotionParams, posterior_profile, smooth_step
+from breathcast.sim.motion import LUNG_SHIFT_RANGES, MotionField, MotionParams, lung_posterior_shift, posterior_profile, smooth_step
 from breathcast.sim.simulator import (
     SimulatedPatient,
     SimulationConfig,
@@ -239,6 +240,7 @@ REAL_MOTION_RANGES: dict[str, tuple[float, float]] = {
     "lung_ap_ratio": (0.0, 0.06),
     "lung_lr_ratio": (0.0, 0.22),
     "posterior_gain": (0.5, 1.1),
+    **LUNG_SHIFT_RANGES,
 }
 
 
@@ -302,7 +304,10 @@ def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, g
     # Pull-back, amplitude 1: the tissue seen at x came from further superior (+z) and nearer the lungs' centre.
     si_lps = np.zeros((3, nz, ny, nx), dtype=np.float32)
     si_lps[2] = si
-    si_lps[1] = -motion.lung_ap_ratio * si * np.clip((y - mid_y) / half_y, -1.0, 1.0)
+    base = float(np.percentile(seg.dome_z_mm[lungs.any(axis=0)], 2))  # the lowest lung point; completed past a cut
+    height = (z - 0.5 * (apex + base)) / max(0.5 * (apex - base), 40.0)
+    shift = lung_posterior_shift(height, np.abs(x - mid_x) / half_x, m)
+    si_lps[1] = -si * (motion.lung_ap_ratio * np.clip((y - mid_y) / half_y, -1.0, 1.0) + shift)
     si_lps[0] = -motion.lung_lr_ratio * si * np.clip((x - mid_x) / half_x, -1.0, 1.0)
 
     # Chest and abdominal wall: outward, growing towards the lower thorax, zero at the spine and behind it.
