@@ -87,7 +87,8 @@ def test_a_posterior_gain_moves_the_back_of_the_lungs_more(anatomy):
 
 def test_the_lungs_shift_posterior_with_height_and_away_from_the_midline(anatomy):
     """MotionParams.shift_height and shift_lateral of 0.4 read back through the landmark statistic
-    (:func:`~breathcast.sim.motion_statistics.lung_shift`) as about 0.4 more than without them."""
+    (:func:`~breathcast.sim.motion_statistics.lung_shift`) as 0.2-0.5 more than without them (~0.3: the shift tapers
+    to 0 at the pleura)."""
     f = CONFIG.supersampling
     lungs = anatomy.segmentation.lungs[f // 2 :: f, f // 2 :: f, f // 2 :: f]
 
@@ -96,7 +97,8 @@ def test_the_lungs_shift_posterior_with_height_and_away_from_the_midline(anatomy
         field = build_real_motion_field(anatomy.segmentation, dataclasses.replace(anatomy.motion, base=base), anatomy.grid)
         return field_statistics(field_to_lps_mm(field.displacement(1.0, 0.0), anatomy.grid), lungs, anatomy.grid).lung_shift
 
-    np.testing.assert_allclose(shift(0.4, 0.4)[1:] - shift(0.0, 0.0)[1:], [0.4, 0.4], atol=0.12)
+    gained = shift(0.4, 0.4)[1:] - shift(0.0, 0.0)[1:]
+    assert np.all((gained > 0.2) & (gained < 0.5)), gained
 
 
 def test_the_motion_moves_tissue_inferior_on_inhale(anatomy):

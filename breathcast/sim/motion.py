@@ -20,12 +20,13 @@ Shears and gentle gradients keep det(I + ∇u) well above 0 for amplitudes in th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from breathcast.sim.anatomy import AnatomyParams
 from breathcast.geometry import Grid, field_from_lps_mm
+from breathcast.warp import smooth_folds
 
 __all__ = [
     "MotionParams",
@@ -36,6 +37,9 @@ __all__ = [
     "smooth_step",
     "LUNG_SHIFT_RANGES",
     "lung_posterior_shift",
+    "SHIFT_TAPER_MM",
+    "FOLD_FREE_AMPLITUDES",
+    "without_folds",
 ]
 
 
@@ -74,11 +78,12 @@ class MotionParams:
 
 
 LUNG_SHIFT_RANGES: dict[str, tuple[float, float]] = {
-    "shift_height": (0.15, 0.55),
-    "shift_lateral": (0.05, 0.65),
+    "shift_height": (0.2, 0.62),
+    "shift_lateral": (0.1, 0.72),
 }
-"""Uniform ranges of :attr:`MotionParams.shift_height` and ``shift_lateral``, both kinds: around DIR-Lab's, a tenth
-above them because the statistic reads 0.85-0.95 of the drawn coefficients back from a simulated field. Fitted per
+"""Uniform ranges of :attr:`MotionParams.shift_height` and ``shift_lateral``, both kinds: DIR-Lab's, raised by the
+~0.7 of the drawn coefficients that the statistic reads back from a simulated field (the shift tapers to 0 at the
+pleura, where the landmarks are not). Fitted per
 DIR-Lab case (:func:`breathcast.sim.motion_statistics.lung_shift` of its 300 landmark pairs) the height coefficient is
 0.21-0.55 (one case -0.13; mean 0.30), the midline one -0.11-0.69 (mean 0.29); POPI's are 0.22 and 0.41. Each DIR-Lab
 case's front-back landmark motion is predicted better by the other nine's median than by none, on average
@@ -146,18 +151,40 @@ def posterior_profile(t: np.ndarray, gain: float) -> np.ndarray:
     return np.exp(gain * t) * (gain / np.sinh(gain) if gain else 1.0)
 
 
-def lung_posterior_shift(height: np.ndarray, lateral: np.ndarray, motion: MotionParams) -> np.ndarray:
+SHIFT_TAPER_MM = 3.0
+""":func:`lung_posterior_shift` rises from ~0 at the cavity's edge to half at twice this depth and full at four times."""
+
+
+def lung_posterior_shift(
+    height: np.ndarray, lateral: np.ndarray, depth_mm: np.ndarray, motion: MotionParams
+) -> np.ndarray:
     """The lungs' posterior motion on inhale per mm of their local superior-inferior motion (dimensionless).
 
     ``shift_height · height + shift_lateral · lateral``, with ``height`` the normalised height in the lungs (clipped
-    to [-1, 1]: base to apex) and ``lateral`` the normalised distance from the midline (clipped to [0, 1]).
+    to [-1, 1]: base to apex) and ``lateral`` the normalised distance from the midline (clipped to [0, 1]), tapered to
+    ~0 at the edge of the moving cavity (``depth_mm`` inside it; :data:`SHIFT_TAPER_MM`). The lungs slide along the
+    pleura but do not leave it: a front-back motion as sharp at the edge as the sliding layer would compress the
+    layer into folds.
     """
-    return motion.shift_height * np.clip(height, -1.0, 1.0) + motion.shift_lateral * np.clip(lateral, 0.0, 1.0)
+    shift = motion.shift_height * np.clip(height, -1.0, 1.0) + motion.shift_lateral * np.clip(lateral, 0.0, 1.0)
+    return shift * smooth_step(np.asarray(depth_mm) - 2.0 * SHIFT_TAPER_MM, SHIFT_TAPER_MM)
 
 
 def smooth_step(distance_mm: np.ndarray, width_mm: float) -> np.ndarray:
     """0 -> 1 across 0 mm: ``0.5 * (1 + tanh(distance / width))``, elementwise."""
     return 0.5 * (1.0 + np.tanh(distance_mm / width_mm))
+
+
+FOLD_FREE_AMPLITUDES = (-0.5, 1.0, 1.7)
+"""Breathing amplitudes at which the superior-inferior basis is made fold-free (:func:`without_folds`)."""
+
+
+def without_folds(field: MotionField) -> MotionField:
+    """``field`` with its superior-inferior basis smoothed where it folds at an amplitude of
+    :data:`FOLD_FREE_AMPLITUDES` (:func:`~breathcast.warp.smooth_folds`); unchanged where it folds nowhere."""
+    c_si, _ = field.coefficients(np.array(FOLD_FREE_AMPLITUDES), np.zeros(len(FOLD_FREE_AMPLITUDES)))
+    si_basis, _ = smooth_folds(field.si, scales=tuple(float(c) for c in c_si))
+    return replace(field, si=si_basis)
 
 
 def build_motion_field(anatomy: AnatomyParams, motion: MotionParams, grid: Grid) -> MotionField:
@@ -187,7 +214,8 @@ def build_motion_field(anatomy: AnatomyParams, motion: MotionParams, grid: Grid)
     u_si = motion.si_amplitude_mm * profile * inside * (1.0 - spine) * heart_damping * side * back
     low = float(np.min(anatomy.dome_z))
     height = (z - 0.5 * (anatomy.apex_z + low)) / (0.5 * (anatomy.apex_z - low))
-    u_shift = -u_si * lung_posterior_shift(height, np.abs(x) / cax, motion)  # pull-back: came from further anterior
+    lateral = np.abs(x) / (anatomy.lung_center_x(1) + anatomy.lung_half_width)  # 1 at the lungs' lateral extreme
+    u_shift = -u_si * lung_posterior_shift(height, lateral, depth, motion)  # pull-back: came from further anterior
 
     # Chest wall: anterior and lateral expansion growing towards the lower thorax.
     lower = 0.5 + 0.5 * np.clip((anatomy.apex_z - z) / (anatomy.apex_z - dome), 0.0, 1.0)
@@ -202,8 +230,9 @@ def build_motion_field(anatomy: AnatomyParams, motion: MotionParams, grid: Grid)
     cw_lps = np.zeros(shape, dtype=np.float32)
     cw_lps[0] = np.broadcast_to(u_lr, shape[1:])
     cw_lps[1] = np.broadcast_to(u_ap, shape[1:])
-    return MotionField(
+    # The front-back shift, tapered at the rib cage, can still compress the lungs' lateral edge into a fold.
+    return without_folds(MotionField(
         si=field_from_lps_mm(si_lps, grid),
         chest_wall=field_from_lps_mm(cw_lps, grid),
         params=motion,
-    )
+    ))

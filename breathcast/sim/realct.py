@@ -23,7 +23,7 @@ patient of it in the same dataset format, with the same scan protocol and ground
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
 
@@ -38,7 +38,15 @@ from breathcast.io.dataset import describe_dataset, prepare_output_dir
 from breathcast.model_box import lung_centred_grid, resample_to_spacing
 from breathcast.segmentation import ThoraxSegmentation, lung_bounding_box_mm, segment_thorax, signed_distance_mm, sliding_weight
 from breathcast.sim.anatomy import Label
-from breathcast.sim.motion import LUNG_SHIFT_RANGES, MotionField, MotionParams, lung_posterior_shift, posterior_profile, smooth_step
+from breathcast.sim.motion import (
+    LUNG_SHIFT_RANGES,
+    MotionField,
+    MotionParams,
+    lung_posterior_shift,
+    posterior_profile,
+    smooth_step,
+    without_folds,
+)
 from breathcast.sim.simulator import (
     SimulatedPatient,
     SimulationConfig,
@@ -48,7 +56,6 @@ from breathcast.sim.simulator import (
     save_patient,
     scanner_fov,
 )
-from breathcast.warp import smooth_folds
 
 __all__ = [
     "AnatomySource",
@@ -266,10 +273,6 @@ def _block_mean(u: np.ndarray, factor: int) -> np.ndarray:
     return u.reshape(c, z // factor, factor, y // factor, factor, x // factor, factor).mean(axis=(2, 4, 6))
 
 
-FOLD_FREE_AMPLITUDES = (-0.5, 1.0, 1.7)
-"""Breathing amplitudes at which the superior-inferior basis is made fold-free (:func:`~breathcast.warp.smooth_folds`)."""
-
-
 def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, grid: Grid) -> MotionField:
     """The patient's two motion bases on the scan ``grid``, built on ``seg`` (a finer grid over the same box).
 
@@ -306,7 +309,7 @@ def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, g
     si_lps[2] = si
     base = float(np.percentile(seg.dome_z_mm[lungs.any(axis=0)], 2))  # the lowest lung point; completed past a cut
     height = (z - 0.5 * (apex + base)) / max(0.5 * (apex - base), 40.0)
-    shift = lung_posterior_shift(height, np.abs(x - mid_x) / half_x, m)
+    shift = lung_posterior_shift(height, np.abs(x - mid_x) / half_x, signed_distance_mm(seg.cavity, sp), m)
     si_lps[1] = -si * (motion.lung_ap_ratio * np.clip((y - mid_y) / half_y, -1.0, 1.0) + shift)
     si_lps[0] = -motion.lung_lr_ratio * si * np.clip((x - mid_x) / half_x, -1.0, 1.0)
 
@@ -331,9 +334,7 @@ def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, g
         params=m,
     )
     # The sliding layer folds where the cavity's edge is slanted or stepped along z and the motion is large.
-    c_si, _ = field.coefficients(np.array(FOLD_FREE_AMPLITUDES), np.zeros(len(FOLD_FREE_AMPLITUDES)))
-    si_basis, _ = smooth_folds(field.si, scales=tuple(float(c) for c in c_si))
-    return replace(field, si=si_basis)
+    return without_folds(field)
 
 
 def _add_tumour(hu: np.ndarray, labels: np.ndarray, seg: ThoraxSegmentation, rng: np.random.Generator) -> tuple[np.ndarray, float]:
