@@ -225,7 +225,7 @@ def plot(path: Path, dirlab: list[MotionStatistics], popi: MotionStatistics, kin
     import matplotlib.pyplot as plt
 
     colours = ["tab:orange", "tab:blue", "tab:green", "tab:purple"]
-    fig, axes = plt.subplots(1, 6, figsize=(25, 4.2))
+    fig, axes = plt.subplots(1, 7, figsize=(29, 4.2))
     centres = 0.5 * (dirlab[0].bin_edges[1:] + dirlab[0].bin_edges[:-1])
     for ax, normalise, along, title, xlabel in [
         (axes[0], False, "bin_mean_magnitude_mm", "mean |d| (mm)", "normalised SI position in the lungs (0 base, 1 apex)"),
@@ -275,6 +275,15 @@ def plot(path: Path, dirlab: list[MotionStatistics], popi: MotionStatistics, kin
     axes[5].set_xlabel("LR expansion (slope of d_x / mean |d_z|)")
     axes[5].set_ylabel("AP expansion (slope of d_y / mean |d_z|)")
     axes[5].legend(fontsize=7)
+    real_shift = np.stack([s.lung_shift for s in dirlab])
+    axes[6].scatter(real_shift[:, 1], real_shift[:, 2], color="0.35", s=16, label="DIR-Lab")
+    axes[6].scatter(*popi.lung_shift[1:], color="k", marker="x", s=30, label="POPI")
+    for colour, (kind, result) in zip(colours, kinds.items()):
+        shift = np.stack([s.lung_shift for s in result["samples"]])
+        axes[6].scatter(shift[:, 1], shift[:, 2], color=colour, s=10, alpha=0.7, label=kind)
+    axes[6].set_xlabel("posterior shift per mm SI, by height (a)")
+    axes[6].set_ylabel("... by distance from the midline (b)")
+    axes[6].legend(fontsize=7)
     fig.suptitle("End-exhale -> end-inhale lung motion: real landmarks against simulated patients")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
