@@ -266,24 +266,20 @@ def plot(path: Path, dirlab: list[MotionStatistics], popi: MotionStatistics, kin
         axes[4].scatter(g + jitter, values, color=colour, s=14)
     axes[4].set_xticks(range(len(means)), [m[0] for m in means])
     axes[4].set_ylabel("per-patient mean |d| (mm)")
-    real_expansion = np.stack([s.expansion for s in dirlab])
-    axes[5].scatter(real_expansion[:, 0], real_expansion[:, 1], color="0.35", s=16, label="DIR-Lab")
-    axes[5].scatter(*popi.expansion, color="k", marker="x", s=30, label="POPI")
-    for colour, (kind, result) in zip(colours, kinds.items()):
-        e = np.stack([s.expansion for s in result["samples"]])
-        axes[5].scatter(e[:, 0], e[:, 1], color=colour, s=10, alpha=0.7, label=kind)
-    axes[5].set_xlabel("LR expansion (slope of d_x / mean |d_z|)")
-    axes[5].set_ylabel("AP expansion (slope of d_y / mean |d_z|)")
-    axes[5].legend(fontsize=7)
-    real_shift = np.stack([s.lung_shift for s in dirlab])
-    axes[6].scatter(real_shift[:, 1], real_shift[:, 2], color="0.35", s=16, label="DIR-Lab")
-    axes[6].scatter(*popi.lung_shift[1:], color="k", marker="x", s=30, label="POPI")
-    for colour, (kind, result) in zip(colours, kinds.items()):
-        shift = np.stack([s.lung_shift for s in result["samples"]])
-        axes[6].scatter(shift[:, 1], shift[:, 2], color=colour, s=10, alpha=0.7, label=kind)
-    axes[6].set_xlabel("posterior shift per mm SI, by height (a)")
-    axes[6].set_ylabel("... by distance from the midline (b)")
-    axes[6].legend(fontsize=7)
+    pairs = [(axes[5], lambda s: s.expansion, "LR expansion (slope of d_x / mean |d_z|)",
+              "AP expansion (slope of d_y / mean |d_z|)"),
+             (axes[6], lambda s: s.lung_shift[1:], "posterior shift per mm SI, by height (a)",
+              "... by distance from the midline (b)")]
+    for ax, pair, xlabel, ylabel in pairs:
+        real_pairs = np.stack([pair(s) for s in dirlab])
+        ax.scatter(real_pairs[:, 0], real_pairs[:, 1], color="0.35", s=16, label="DIR-Lab")
+        ax.scatter(*pair(popi), color="k", marker="x", s=30, label="POPI")
+        for colour, (kind, result) in zip(colours, kinds.items()):
+            synthetic = np.stack([pair(s) for s in result["samples"]])
+            ax.scatter(synthetic[:, 0], synthetic[:, 1], color=colour, s=10, alpha=0.7, label=kind)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
     fig.suptitle("End-exhale -> end-inhale lung motion: real landmarks against simulated patients")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
