@@ -60,7 +60,7 @@ def case_input(four_dct: FourDCT, period_s: float) -> FourDCTInput:
 
 
 def predict_network(model, patient, reference: int, phase: int) -> np.ndarray:
-    prior = patient.motion_prior(reference) if model.config.prior_channels else None
+    prior = patient.motion_prior(reference, model.config.prior_version) if model.config.prior_channels else None
     return predict_displacement(model, patient.images[reference], patient.amplitude[reference], patient.amplitude[phase], prior=prior)
 
 

@@ -116,14 +116,14 @@ def popi_landmarks(package) -> tuple[dict, tuple]:
         "moved (25, -20, 30) mm": (shifted(full, SHIFT_MM), SHIFT_MM),
     }
     invariance = {}
-    prior_full = prior_motion(full, inhale)
+    prior_full = prior_motion(full, inhale, package.prior_version)
     for name, (volume, shift) in variants.items():
         z0, z1 = volume.grid.origin[2], volume.grid.origin[2] + volume.grid.spacing[2] * (volume.shape[0] - 1)
         inside = (inhale[:, 2] + shift[2] >= z0) & (inhale[:, 2] + shift[2] <= z1)
         p = predictor_for(package, volume, 1.0, inhale[inside] + shift)
         _, d = p.target_positions(field_at(p, 0.0))
         change = np.linalg.norm(d - moved[inside], axis=1)
-        prior_change = np.linalg.norm(prior_motion(volume, inhale[inside] + shift) - prior_full[inside], axis=1)
+        prior_change = np.linalg.norm(prior_motion(volume, inhale[inside] + shift, package.prior_version) - prior_full[inside], axis=1)
         invariance[name] = {"landmarks": int(inside.sum()), "mean_change_mm": float(change.mean()),
                             "prior_mean_change_mm": float(prior_change.mean()),
                             "max_change_mm": float(change.max()),
@@ -166,13 +166,13 @@ def landmark_error_parts(plan_points: np.ndarray, predicted: np.ndarray, real: n
     }
 
 
-def prior_motion(volume: Volume, inhale: np.ndarray) -> np.ndarray:
-    """(N, 3) LPS mm: the motion prior read as the motion of the landmarks ``inhale`` (N, 3): p -> p + prior(p)
+def prior_motion(volume: Volume, inhale: np.ndarray, version: int) -> np.ndarray:
+    """(N, 3) LPS mm: the motion prior of ``version`` read as the motion of the landmarks ``inhale`` (N, 3): p -> p + prior(p)
     (the prior is the pull-back to amplitude 1 of the anatomy it is built on: where the tissue at p of an inhaled CT
     lies on exhale)."""
     box, _ = model_box_volume(volume, (64, 64, 64))
     half = box.grid.with_shape((32, 32, 32))
-    u_mm = field_to_lps_mm(0.5 * motion_prior(box), half)  # model-grid voxels -> half-grid voxels -> mm
+    u_mm = field_to_lps_mm(0.5 * motion_prior(box, version=version), half)  # model-grid voxels -> half-grid voxels -> mm
     points = half.lps_to_index(inhale).T
     return np.stack([ndimage.map_coordinates(u_mm[c], points, order=1, mode="nearest") for c in range(3)], axis=1)
 

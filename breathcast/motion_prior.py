@@ -9,6 +9,10 @@ and learns what the prior misses, instead of learning where lungs sit in the box
 way in training (each moving scan) and in the engine (the plan), on the model grid. Beside it, from the same
 segmentation, the sliding mask a model trained with ``CVAEConfig.sliding_mask`` is trained through
 (:func:`sliding_mask`).
+
+The prior is a model input: a model is served the prior it was trained with. Its definition has a version
+(:data:`PRIOR_VERSION`, recorded as ``prior_version`` in a model's config and its package's manifest; a model saved
+before versions existed is version 1), and :func:`motion_prior` makes any version.
 """
 
 from __future__ import annotations
@@ -17,14 +21,34 @@ import dataclasses
 
 import numpy as np
 
+from breathcast.errors import BreathcastError
 from breathcast.geometry import Volume
 from breathcast.model_box import TYPICAL_LUNG_HEIGHT_MM, field_of_view_along_z
 from breathcast.segmentation import SLIDING_Z_SIGMA_MM, ThoraxSegmentation, extrapolated_dome_mm, segment_thorax, sliding_weight
-from breathcast.sim.realct import build_real_motion_field, population_motion
+from breathcast.sim.realct import RealMotionParams, build_real_motion_field, population_motion
 
-__all__ = ["PRIOR_CHANNELS", "motion_prior", "sliding_mask", "prior_and_sliding_mask", "uncut_lungs"]
+__all__ = ["PRIOR_CHANNELS", "PRIOR_VERSION", "motion_prior", "prior_motion_params", "sliding_mask", "prior_and_sliding_mask", "uncut_lungs"]
 
 PRIOR_CHANNELS = 3  # the prior's (dz, dy, dx)
+
+PRIOR_VERSION = 2
+"""The prior models are trained with now. 1: the population motion without the lungs' front-back shift
+(:func:`~breathcast.sim.motion.lung_posterior_shift`, added to the simulator on 2026-12-06); 2: with it."""
+
+
+def prior_motion_params(version: int = PRIOR_VERSION) -> RealMotionParams:
+    """The motion the prior of ``version`` is built with: :func:`~breathcast.sim.realct.population_motion` (version 1
+    without the lung shift).
+
+    Raises:
+        BreathcastError: an unknown version.
+    """
+    if version not in (1, 2):
+        raise BreathcastError(f"unknown motion prior version {version} (this breathcast makes 1..{PRIOR_VERSION})")
+    motion = population_motion()
+    if version == 1:
+        return dataclasses.replace(motion, base=dataclasses.replace(motion.base, shift_height=0.0, shift_lateral=0.0))
+    return motion
 
 APEX_TO_DOME_MM = 170.0
 """Lung apex to the mean lung base (the dome over the lungs' columns): 170.3 mm on POPI, 170.8 on 4D-Lung 0103."""
@@ -81,12 +105,13 @@ def _continued_past(volume: np.ndarray, first: int | None, last: int | None) -> 
     return out
 
 
-def motion_prior(volume: Volume, seg: ThoraxSegmentation | None = None) -> np.ndarray:
+def motion_prior(volume: Volume, seg: ThoraxSegmentation | None = None, version: int = PRIOR_VERSION) -> np.ndarray:
     """The prior at half the model grid's resolution, where the cVAE predicts its velocity.
 
     Args:
         volume: the CT (HU) on the model grid, canonical frame, each edge even (64³: 6.25 mm voxels).
         seg: its :func:`~breathcast.segmentation.segment_thorax`, when already made.
+        version: the prior's definition (:data:`PRIOR_VERSION`): the model's ``prior_version``.
 
     Returns:
         (3, Z/2, Y/2, X/2) float32, components (dz, dy, dx) in voxels of the *model* grid: the pull-back
@@ -94,11 +119,13 @@ def motion_prior(volume: Volume, seg: ThoraxSegmentation | None = None) -> np.nd
         view cuts completed (:func:`uncut_lungs`).
 
     Raises:
-        BreathcastError: when the CT has no lungs to build the prior on (:func:`segment_thorax`).
+        BreathcastError: when the CT has no lungs to build the prior on (:func:`segment_thorax`), or an unknown
+            version.
     """
+    motion = prior_motion_params(version)
     half = volume.grid.with_shape(tuple(n // 2 for n in volume.shape))
     seg = segment_thorax(volume) if seg is None else seg
-    u_half = build_real_motion_field(uncut_lungs(seg), population_motion(), half).displacement(1.0, 0.0)
+    u_half = build_real_motion_field(uncut_lungs(seg), motion, half).displacement(1.0, 0.0)
     return (2.0 * u_half).astype(np.float32)  # half-grid voxels -> model-grid voxels
 
 

@@ -178,6 +178,13 @@ class ModelPackage:
     def model_id(self) -> str:
         return self.manifest.model_id
 
+    @property
+    def prior_version(self) -> int:
+        """The motion prior's version the model takes (:data:`breathcast.motion_prior.PRIOR_VERSION`): its config's
+        ``prior_version``, 1 for a package made before versions existed."""
+        model = self.manifest.model
+        return int(model.get("ldm", model).get("prior_version", 1))
+
 
 def _model_id(kind: str, files: dict[str, str]) -> str:
     combined = hashlib.sha256("".join(f"{name}:{files[name]};" for name in sorted(files)).encode()).hexdigest()

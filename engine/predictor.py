@@ -297,10 +297,11 @@ class _Integrator:
         return np.stack([self._upsample(integrate_velocity(v, self.steps)) for v in velocity])
 
 
-def _plan_motion_prior(model_volume: Volume) -> np.ndarray:
-    """(1, 3, D/2, D/2, D/2) the plan's motion prior on the model grid; a plan without one is refused."""
+def _plan_motion_prior(model_volume: Volume, package: ModelPackage) -> np.ndarray:
+    """(1, 3, D/2, D/2, D/2) the plan's motion prior on the model grid, of the version the package's model was
+    trained with (:attr:`~breathcast.engine.package.ModelPackage.prior_version`); a plan without one is refused."""
     try:
-        return motion_prior(model_volume)[None]
+        return motion_prior(model_volume, version=package.prior_version)[None]
     except BreathcastError as error:
         raise PlanRejected(f"plan rejected: no motion prior on the model grid: {error}") from None
 
@@ -317,7 +318,7 @@ class CVAENetwork:
         plan = open_graph(package, "plan", config.runtime)
         feed = {"moving": hu_to_unit(model_volume.array)[None, None].astype(np.float32), "b_m": b_m[None]}
         if manifest.model.get("prior_channels"):
-            feed["prior"] = _plan_motion_prior(model_volume)
+            feed["prior"] = _plan_motion_prior(model_volume, package)
         outputs = plan.run(feed)
         self._plan_tensors = dict(zip((spec.name for spec in manifest.graphs["plan"].outputs), outputs))
         self._b_m = b_m[None]
@@ -354,7 +355,7 @@ class LDMNetwork:
         (self._condition,) = encode.run({"moving": self._moving, "b_m": b_m[None]})
         self._plan = {"condition": self._condition, "moving": self._moving}
         if model["ldm"].get("prior_channels"):
-            self._plan |= {"prior": _plan_motion_prior(model_volume), "b_m": b_m[None]}
+            self._plan |= {"prior": _plan_motion_prior(model_volume, package), "b_m": b_m[None]}
         self._noise = np.ascontiguousarray(np.load(package.file("noise.npy")), dtype=np.float32)
         if self._noise.shape != (1, *model["latent_shape"]):
             raise PackageError(f"{package.path}: noise.npy has shape {self._noise.shape}, the latent {model['latent_shape']}")

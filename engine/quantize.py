@@ -52,7 +52,7 @@ def frame_feeds(package: ModelPackage, data: QuantizationData) -> list[dict[str,
         b_m = b_m[None].astype(np.float32)
         feed = {"moving": moving[None, None].astype(np.float32), "b_m": b_m}
         if takes_prior:
-            feed["prior"] = motion_prior(Volume(unit_to_hu(moving), box))[None]
+            feed["prior"] = motion_prior(Volume(unit_to_hu(moving), box), version=package.prior_version)[None]
         plan = dict(zip(plan_names, plan_session.run(feed)))
         for window in data.arrays["windows"]:
             a, _ = window_states(window, manifest.trace, d, WindowMode.WINDOW)

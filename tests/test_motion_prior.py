@@ -17,11 +17,11 @@ from breathcast.errors import BreathcastError
 from breathcast.geometry import HU_MIN, Volume, hu_to_unit, unit_to_hu
 from breathcast.io.dicom_io import read_ct_series
 from breathcast.model_box import model_box_volume
-from breathcast.motion_prior import PRIOR_CHANNELS, motion_prior, uncut_lungs
+from breathcast.motion_prior import PRIOR_CHANNELS, PRIOR_VERSION, motion_prior, uncut_lungs
 from breathcast.segmentation import segment_thorax
 from breathcast.sim.simulator import SimulationConfig
-from breathcast.training.cvae import CVAE, CVAEConfig
-from breathcast.training.data import motion_priors, prior_pool, sample_pairs, simulate_patients
+from breathcast.training.cvae import CVAE, CVAEConfig, load_cvae, save_cvae
+from breathcast.training.data import check_training_prior_version, motion_priors, prior_pool, sample_pairs, simulate_patients
 from breathcast.training.inference import predict_displacement
 
 from tests.conftest import shared_data_file
@@ -159,17 +159,66 @@ def test_the_engine_gives_the_network_the_plans_prior(prior_model, patients, sma
     assert np.abs(other - expected).max() > 10 * np.abs(served - expected).max()
 
 
+def test_prior_version_1_is_the_prior_without_the_lungs_front_back_shift(small_patient):
+    """Version 2 adds the lungs' front-back shift to version 1: the same superior-inferior motion, another front-back
+    one; an unknown version is refused."""
+    volume = Volume(small_patient.reference_hu, small_patient.grid)
+    first, second = motion_prior(volume, version=1), motion_prior(volume, version=2)
+    assert np.abs(first[0] - second[0]).mean() < 0.01  # dz, model-grid voxels; smoothed where the shift would fold
+    assert np.abs(first[1] - second[1]).max() > 0.2  # dy
+    np.testing.assert_array_equal(motion_prior(volume), second)
+    with pytest.raises(BreathcastError, match="unknown motion prior version 3"):
+        motion_prior(volume, version=3)
+
+
+def test_a_model_saved_before_prior_versions_takes_version_1(prior_model, tmp_path):
+    """A model file without ``prior_version`` (every model before 2026-12-06) loads as version 1; a new one is
+    :data:`PRIOR_VERSION`, and training refuses to make any other."""
+    assert prior_model.config.prior_version == PRIOR_VERSION
+    save_cvae(prior_model, tmp_path / "model.pt")
+    payload = torch.load(tmp_path / "model.pt", weights_only=True)
+    del payload["config"]["prior_version"]
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_cvae(tmp_path / "old.pt").config.prior_version == 1
+    assert load_cvae(tmp_path / "model.pt").config.prior_version == PRIOR_VERSION
+    with pytest.raises(BreathcastError, match="version 1"):
+        check_training_prior_version(PRIOR_CHANNELS, 1)
+    check_training_prior_version(0, 1)  # no prior, nothing to check
+
+
+def test_the_engine_serves_a_package_the_prior_of_its_version(prior_model, small_patient, tmp_path):
+    """A package of a version-1 model is served the version-1 prior: its field is the torch model's with that prior,
+    not with today's."""
+    import dataclasses
+
+    old = CVAE(dataclasses.replace(prior_model.config, prior_version=1))
+    old.load_state_dict(prior_model.state_dict())
+    trace = TraceSpec(window_samples=448, sample_interval_s=2.3 / 447, slices=D)
+    package = export_cvae(old.eval(), tmp_path / "v1", trace=trace, training={"model_box": BOX})
+    assert package.prior_version == 1
+    plan = Plan(Volume(small_patient.reference_hu, small_patient.grid), np.full(small_patient.grid.shape[0], 0.2))
+    predictor = load_predictor(package, plan, PredictorConfig(path="direct", sliding_mask=False))
+    b_f = np.full((1, D), 0.9, np.float32)
+    served = predictor.network_displacements(b_f)[0]
+    box, _ = model_box_volume(plan.volume, (D, D, D), tuple(BOX["extent_mm"]))
+    unit = hu_to_unit(box.array)
+    expected = predict_displacement(old, unit, predictor.b_m, b_f[0], prior=motion_prior(box, version=1))
+    today = predict_displacement(old, unit, predictor.b_m, b_f[0], prior=motion_prior(box, version=PRIOR_VERSION))
+    np.testing.assert_allclose(served, expected, atol=1e-4)
+    assert np.abs(today - expected).max() > 10 * np.abs(served - expected).max()
+
+
 def test_train_cvae_with_the_motion_prior_records_it(tmp_path):
     """`breathcast train cvae --motion-prior` trains on the scans' priors and says so in the model's manifest."""
     import json
 
     from breathcast.cli import main
-    from breathcast.training.cvae import load_cvae
 
     out = tmp_path / "run"
     assert main(["train", "cvae", "--simulate", "3", "--grid", "32", "--channels", "4", "4", "4", "4", "--steps", "2",
                  "--val-patients", "1", "--val-every", "2", "--motion-prior", "--out", str(out), "-q"]) == 0
-    assert json.loads((out / "manifest.json").read_text())["model"]["prior_channels"] == PRIOR_CHANNELS
+    model = json.loads((out / "manifest.json").read_text())["model"]
+    assert (model["prior_channels"], model["prior_version"]) == (PRIOR_CHANNELS, PRIOR_VERSION)
     assert load_cvae(out / "model.pt").config.prior_channels == PRIOR_CHANNELS
 
 

@@ -112,7 +112,8 @@ def adapt_cvae(
     weights = {s: _weights(patient, s, config.lung_margin_weight) for s in scans}
     order = np.random.default_rng(config.seed).integers(len(pairs), size=config.steps)
     z = torch.zeros(1, model.config.latent_dim)
-    priors = {s: torch.from_numpy(patient.motion_prior(s))[None] for s in scans} if model.config.prior_channels else {}
+    version = model.config.prior_version
+    priors = {s: torch.from_numpy(patient.motion_prior(s, version))[None] for s in scans} if model.config.prior_channels else {}
     losses: list[float] = []
     started = time.perf_counter()
     for step in tqdm(range(config.steps), desc=f"adapting to {patient.patient_id}", unit="step", disable=not progress):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from breathcast.errors import BreathcastError
+from breathcast.motion_prior import PRIOR_VERSION
 from breathcast.warp_torch import integrate_velocity, warp
 
 __all__ = ["CVAEConfig", "CVAE", "CVAEOutput", "GRID_PRESETS", "save_cvae", "load_cvae", "check_prior", "pool_to", "trace_channels"]
@@ -53,6 +54,8 @@ class CVAEConfig:
         integration_steps: scaling and squaring steps (7 as the paper).
         prior_channels: channels of the anatomical motion prior the decoder sees (0: none, the paper's model;
             3: :func:`breathcast.motion_prior.motion_prior`).
+        prior_version: the prior's definition the model is trained and served with
+            (:data:`breathcast.motion_prior.PRIOR_VERSION`; 1 for a model saved without one).
         sliding_mask: trained through the sliding mask it is served with: the displacement that warps the moving
             scan in training is the network's times the scan's :func:`breathcast.motion_prior.sliding_mask`, so the
             network need not stop the lungs' motion at the chest wall itself (it damped the motion in the lungs'
@@ -65,6 +68,7 @@ class CVAEConfig:
     channels: tuple[int, int, int, int] = (16, 32, 32, 48)
     integration_steps: int = 7
     prior_channels: int = 0
+    prior_version: int = PRIOR_VERSION
     sliding_mask: bool = False
 
     def __post_init__(self) -> None:
@@ -280,7 +284,7 @@ def load_cvae(path: Path) -> CVAE:
         raise BreathcastError(f"{path}: not a readable breathcast model ({exc})") from None
     if not isinstance(payload, dict) or payload.get("kind") != "cvae":
         raise BreathcastError(f"{path}: not a breathcast cVAE model file")
-    config = CVAEConfig(**{**payload["config"], "channels": tuple(payload["config"]["channels"])})
+    config = CVAEConfig(**{"prior_version": 1, **payload["config"], "channels": tuple(payload["config"]["channels"])})
     model = CVAE(config)
     model.load_state_dict(payload["state_dict"])
     return model.eval()

@@ -24,11 +24,11 @@ from breathcast.io.dataset import DatasetIndex, open_dataset, read_patient
 from breathcast.errors import BreathcastError, DatasetError
 from breathcast.geometry import Grid, Volume, hu_to_unit, resample_field, resample_volume, unit_to_hu
 from breathcast.model_box import field_of_view_along_z
-from breathcast.motion_prior import motion_prior, prior_and_sliding_mask, sliding_mask
+from breathcast.motion_prior import PRIOR_VERSION, motion_prior, prior_and_sliding_mask, sliding_mask
 from breathcast.segmentation import BODY_HU
 from breathcast.sim.simulator import SimulationConfig, pair_field, patient_seed, simulate_patient
 
-__all__ = ["PatientData", "Split", "split_patients", "load_patients", "simulate_patients", "motion_priors", "priors_and_sliding_masks", "prior_pool", "field_of_view_weight", "PairBatch", "sample_pairs"]
+__all__ = ["PatientData", "check_training_prior_version", "Split", "split_patients", "load_patients", "simulate_patients", "motion_priors", "priors_and_sliding_masks", "prior_pool", "field_of_view_weight", "PairBatch", "sample_pairs"]
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,13 @@ class PatientData:
     def n_scans(self) -> int:
         return self.images.shape[0]
 
-    def motion_prior(self, scan: int) -> np.ndarray:
-        """(3, D/2, D/2, D/2) the scan's motion prior: stored, or made from its image (the prior's thresholds
-        lie inside the [0, 1] image's HU range, so this equals the prior of the scan in HU)."""
-        if self.priors is not None:
+    def motion_prior(self, scan: int, version: int = PRIOR_VERSION) -> np.ndarray:
+        """(3, D/2, D/2, D/2) the scan's motion prior of ``version`` (a model's ``prior_version``): stored (the
+        stored ones are :data:`~breathcast.motion_prior.PRIOR_VERSION`'s), or made from its image (the prior's
+        thresholds lie inside the [0, 1] image's HU range, so this equals the prior of the scan in HU)."""
+        if self.priors is not None and version == PRIOR_VERSION:
             return self.priors[scan]
-        return motion_prior(Volume(unit_to_hu(self.images[scan]), self.grid))
+        return motion_prior(Volume(unit_to_hu(self.images[scan]), self.grid), version=version)
 
     def sliding_mask(self, scan: int) -> np.ndarray:
         """(D, D, D) float32 the scan's sliding mask: stored, or made from its image (as :meth:`motion_prior`)."""
@@ -125,6 +126,13 @@ def _trace_to_model_grid(values: np.ndarray, grid_size: int) -> np.ndarray:
     source = (np.arange(n) + 0.5) / n
     target = (np.arange(grid_size) + 0.5) / grid_size
     return np.interp(target, source, values).astype(np.float32)
+
+
+def check_training_prior_version(prior_channels: int, version: int) -> None:
+    """Training feeds the priors stored with the patients, which are :data:`~breathcast.motion_prior.PRIOR_VERSION`'s:
+    a model with a prior of another version cannot be trained here."""
+    if prior_channels and version != PRIOR_VERSION:
+        raise BreathcastError(f"training makes motion priors of version {PRIOR_VERSION} only; the model asks for version {version}")
 
 
 def motion_priors(volumes: list[Volume], pool: ProcessPoolExecutor | None = None) -> np.ndarray:

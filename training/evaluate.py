@@ -138,7 +138,7 @@ class CVAEPredictor:
                 f"{self.name} works on a {d}³ grid; patient {patient.patient_id} is on {patient.images.shape[1:]}: "
                 f"load the patients at grid {d}"
             )
-        prior = patient.motion_prior(moving) if self.model.config.prior_channels else None
+        prior = patient.motion_prior(moving, self.model.config.prior_version) if self.model.config.prior_channels else None
         u = predict_displacement(self.model, patient.images[moving], patient.amplitude[moving], fixed_amplitude, prior=prior)
         return u * patient.sliding_mask(moving) if self.model.config.sliding_mask else u
 
@@ -166,7 +166,8 @@ class LDMPredictor:
         image = torch.from_numpy(patient.images[moving])[None, None]
         b_m = torch.from_numpy(np.asarray(patient.amplitude[moving], dtype=np.float32))[None]
         b_f = torch.from_numpy(np.asarray(fixed_amplitude, dtype=np.float32))[None]
-        prior = torch.from_numpy(patient.motion_prior(moving))[None] if self.model.config.prior_channels else None
+        config = self.model.config
+        prior = torch.from_numpy(patient.motion_prior(moving, config.prior_version))[None] if config.prior_channels else None
         return self.model.predict(image, b_m, b_f, steps=self.steps, seed=self.seed, prior=prior)[0].numpy()
 
 

@@ -160,7 +160,7 @@ def demo_prediction(patient: SimulatedPatient, model: CVAE, out_dir: Path) -> De
     k, j = int(np.argmin(means)), int(np.argmax(means))
     moving, fixed = patient.scans[k], patient.scans[j]
     m, f = hu_to_unit(moving.image_hu), hu_to_unit(fixed.image_hu)
-    prior = motion_prior(Volume(moving.image_hu, patient.grid)) if model.config.prior_channels else None
+    prior = motion_prior(Volume(moving.image_hu, patient.grid), version=model.config.prior_version) if model.config.prior_channels else None
     u = predict_displacement(model, m, moving.amplitude, fixed.amplitude, prior=prior)
     predicted = warp_image(m, u)
     grid = patient.grid

@@ -45,6 +45,7 @@ from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
 from breathcast.errors import BreathcastError
+from breathcast.motion_prior import PRIOR_VERSION
 from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder
 from breathcast.training.cvae import check_prior, pool_to, trace_channels
 from breathcast.warp_torch import integrate_velocity, warp
@@ -68,6 +69,8 @@ class LDMConfig:
         integration_steps: scaling and squaring steps.
         prior_channels: channels of the anatomical motion prior the velocity decoder sees, with both traces
             (0: none, the paper's model; 3: :func:`breathcast.motion_prior.motion_prior`).
+        prior_version: the prior's definition (:data:`breathcast.motion_prior.PRIOR_VERSION`; 1 for a model saved
+            without one).
     """
 
     channels: tuple[int, ...] = (32, 64, 64, 64)
@@ -81,6 +84,7 @@ class LDMConfig:
     beta_end: float = 0.0195
     integration_steps: int = 7
     prior_channels: int = 0
+    prior_version: int = PRIOR_VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -374,6 +378,6 @@ def load_ldm(path: Path) -> LDM:
         raise BreathcastError(f"{path}: not a breathcast LDM model file")
     ae = payload["autoencoder"]
     model = LDM(CTAutoencoder(AutoencoderConfig(**{**ae, "channels": tuple(ae["channels"])})), payload["latent_scale"],
-                LDMConfig(**payload["config"]))
+                LDMConfig(**{"prior_version": 1, **payload["config"]}))
     model.load_state_dict(payload["state_dict"])
     return model.eval()

@@ -36,7 +36,7 @@ from breathcast.checksums import sha256_file
 from breathcast.io.dataset import prepare_output_dir
 from breathcast.errors import BreathcastError
 from breathcast.training.autoencoder import AutoencoderConfig, CTAutoencoder, autoencoder_loss, load_autoencoder, save_autoencoder
-from breathcast.training.data import PatientData, sample_pairs
+from breathcast.training.data import PatientData, check_training_prior_version, sample_pairs
 from breathcast.training.ldm import LDM, LDMConfig, save_ldm
 from breathcast.training.losses import image_loss, smoothness
 from breathcast.training.train import load_training_data, lung_region, model_box_of_training_data
@@ -380,6 +380,7 @@ def train_ldm(config: LDMTrainConfig) -> Path:
     """Train the latent diffusion model as ``config`` says; returns the output folder (module docstring)."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    check_training_prior_version(config.model.prior_channels, config.model.prior_version)
     out = prepare_output_dir(config.out)
     autoencoder, scale = read_autoencoder(config.autoencoder)
     src = config.source

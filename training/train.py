@@ -38,7 +38,7 @@ from breathcast.metrics import lung_region_mask
 from breathcast.model_box import model_box_of_simulation
 from breathcast.sim.simulator import SimulationConfig
 from breathcast.training.cvae import CVAE, CVAEConfig, save_cvae
-from breathcast.training.data import PatientData, Split, load_patients, sample_pairs, split_patients
+from breathcast.training.data import PatientData, Split, check_training_prior_version, load_patients, sample_pairs, split_patients
 from breathcast.training.data import simulate_patients as simulate_patients_in_memory
 from breathcast.training.losses import LossWeights, cvae_loss
 from breathcast.warp_torch import warp
@@ -272,6 +272,7 @@ def train(config: TrainConfig) -> Path:
     env = _init_distributed()
     if config.threads:
         torch.set_num_threads(config.threads)
+    check_training_prior_version(config.model.prior_channels, config.model.prior_version)
     out = prepare_output_dir(config.out) if env.main else Path(config.out)
     split, train_patients, val_patients, summary = _load_data(config, config.progress and env.main)
     torch.manual_seed(config.seed)
