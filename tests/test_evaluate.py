@@ -48,7 +48,7 @@ def test_oracle_beats_no_deformation(result):
     Deformation's EPE is the motion. (The label-map tumour error is not compared: these tumours move 1-5 mm, under a
     third of a 12.5 mm voxel, and the warped label maps mostly equal the unwarped ones.)"""
     base, oracle = result.summary["No Deformation"], result.summary["True field"]
-    assert oracle.masked_mse < 0.35 * base.masked_mse  # 0.27 here: composing the truth at 12.5 mm voxels is not exact
+    assert oracle.masked_mse < 0.35 * base.masked_mse  # 0.25-0.27 on these draws: noise, the truth composed at 12.5 mm
     assert oracle.epe_mm < 0.2 < 1.0 < base.epe_mm
     assert oracle.tumour_motion_error_mm < 0.1 < 1.0 < base.tumour_motion_error_mm
     assert oracle.ms_ssim > base.ms_ssim and oracle.mse < base.mse

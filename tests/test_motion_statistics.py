@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -9,8 +11,6 @@ from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, field_to_lps_mm
 from breathcast.io.landmarks import LandmarkPairs, read_dirlab_case, read_popi
 from breathcast.sim.anatomy import LUNG_LABELS
-import dataclasses
-
 from breathcast.sim.motion import build_motion_field
 from breathcast.sim.motion_statistics import (
     N_BINS,

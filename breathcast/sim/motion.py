@@ -81,13 +81,13 @@ LUNG_SHIFT_RANGES: dict[str, tuple[float, float]] = {
     "shift_height": (0.2, 0.62),
     "shift_lateral": (0.1, 0.72),
 }
-"""Uniform ranges of :attr:`MotionParams.shift_height` and ``shift_lateral``, both kinds: DIR-Lab's, raised by the
-~0.7 of the drawn coefficients that the statistic reads back from a simulated field (the shift tapers to 0 at the
-pleura, where the landmarks are not). Fitted per
-DIR-Lab case (:func:`breathcast.sim.motion_statistics.lung_shift` of its 300 landmark pairs) the height coefficient is
-0.21-0.55 (one case -0.13; mean 0.30), the midline one -0.11-0.69 (mean 0.29); POPI's are 0.22 and 0.41. Each DIR-Lab
-case's front-back landmark motion is predicted better by the other nine's median than by none, on average
-(``benchmarks/bench_motion_realism.py`` prints and records it)."""
+"""Uniform ranges of :attr:`MotionParams.shift_height` and ``shift_lateral``, both kinds. Fitted per DIR-Lab case
+(:func:`breathcast.sim.motion_statistics.lung_shift` of its 300 landmark pairs) the height coefficient is 0.21-0.55
+(one case -0.13; mean 0.30), the midline one -0.11-0.69 (mean 0.29); POPI's are 0.22 and 0.41. The ranges' middles
+(0.41) are DIR-Lab's means divided by the ~0.7 that the same statistic reads back from a simulated field (the shift
+tapers to 0 at the pleura, which landmarks do not reach), so that the simulated patients' statistic matches DIR-Lab's
+(``benchmarks/bench_motion_realism.py``; it also shows that each DIR-Lab case's front-back landmark motion is
+predicted better by the other nine's median than by none, on average)."""
 
 
 def sample_motion(rng: np.random.Generator) -> MotionParams:
