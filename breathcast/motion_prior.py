@@ -43,7 +43,7 @@ def prior_motion_params(version: int = PRIOR_VERSION) -> RealMotionParams:
     Raises:
         BreathcastError: an unknown version.
     """
-    if version not in (1, 2):
+    if not 1 <= version <= PRIOR_VERSION:
         raise BreathcastError(f"unknown motion prior version {version} (this breathcast makes 1..{PRIOR_VERSION})")
     motion = population_motion()
     if version == 1:

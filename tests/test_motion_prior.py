@@ -141,21 +141,28 @@ def prior_model():
     return model.eval()
 
 
+def _served(model: CVAE, small_patient, folder) -> tuple:
+    """Export ``model`` and serve it (direct path, no sliding mask) on the cartoon plan at amplitude 0.2, asked for
+    amplitude 0.9: (package, served displacement, the plan's model box, b_m, b_f)."""
+    trace = TraceSpec(window_samples=448, sample_interval_s=2.3 / 447, slices=D)
+    package = export_cvae(model, folder, trace=trace, training={"model_box": BOX})
+    plan = Plan(Volume(small_patient.reference_hu, small_patient.grid), np.full(small_patient.grid.shape[0], 0.2))
+    predictor = load_predictor(package, plan, PredictorConfig(path="direct", sliding_mask=False))
+    b_f = np.full(D, 0.9, np.float32)
+    served = predictor.network_displacements(b_f[None])[0]
+    box, _ = model_box_volume(plan.volume, (D, D, D), tuple(BOX["extent_mm"]))
+    return package, served, box, predictor.b_m, b_f
+
+
 def test_the_engine_gives_the_network_the_plans_prior(prior_model, patients, small_patient, tmp_path):
     """Export (parity checked against torch), then the predictor on a plan: its field is the torch model's on the
     plan's model box with that box's prior; another prior would give another field."""
-    trace = TraceSpec(window_samples=448, sample_interval_s=2.3 / 447, slices=D)
-    package = export_cvae(prior_model, tmp_path / "prior", trace=trace, training={"model_box": BOX})
+    package, served, box, b_m, b_f = _served(prior_model, small_patient, tmp_path / "prior")
     assert [s.name for s in package.manifest.graphs["plan"].inputs] == ["moving", "b_m", "prior"]
-    plan = Plan(Volume(small_patient.reference_hu, small_patient.grid), np.full(small_patient.grid.shape[0], 0.2))
-    predictor = load_predictor(package, plan, PredictorConfig(path="direct", sliding_mask=False))
-    b_f = np.full((1, D), 0.9, np.float32)
-    served = predictor.network_displacements(b_f)[0]
-    box, _ = model_box_volume(plan.volume, (D, D, D), tuple(BOX["extent_mm"]))
     prior = motion_prior(box)
-    expected = predict_displacement(prior_model, hu_to_unit(box.array), predictor.b_m, b_f[0], prior=prior)
+    expected = predict_displacement(prior_model, hu_to_unit(box.array), b_m, b_f, prior=prior)
     np.testing.assert_allclose(served, expected, atol=1e-4)
-    other = predict_displacement(prior_model, hu_to_unit(box.array), predictor.b_m, b_f[0], prior=np.zeros_like(prior))
+    other = predict_displacement(prior_model, hu_to_unit(box.array), b_m, b_f, prior=np.zeros_like(prior))
     assert np.abs(other - expected).max() > 10 * np.abs(served - expected).max()
 
 
@@ -193,17 +200,11 @@ def test_the_engine_serves_a_package_the_prior_of_its_version(prior_model, small
 
     old = CVAE(dataclasses.replace(prior_model.config, prior_version=1))
     old.load_state_dict(prior_model.state_dict())
-    trace = TraceSpec(window_samples=448, sample_interval_s=2.3 / 447, slices=D)
-    package = export_cvae(old.eval(), tmp_path / "v1", trace=trace, training={"model_box": BOX})
+    package, served, box, b_m, b_f = _served(old.eval(), small_patient, tmp_path / "v1")
     assert package.prior_version == 1
-    plan = Plan(Volume(small_patient.reference_hu, small_patient.grid), np.full(small_patient.grid.shape[0], 0.2))
-    predictor = load_predictor(package, plan, PredictorConfig(path="direct", sliding_mask=False))
-    b_f = np.full((1, D), 0.9, np.float32)
-    served = predictor.network_displacements(b_f)[0]
-    box, _ = model_box_volume(plan.volume, (D, D, D), tuple(BOX["extent_mm"]))
     unit = hu_to_unit(box.array)
-    expected = predict_displacement(old, unit, predictor.b_m, b_f[0], prior=motion_prior(box, version=1))
-    today = predict_displacement(old, unit, predictor.b_m, b_f[0], prior=motion_prior(box, version=PRIOR_VERSION))
+    expected = predict_displacement(old, unit, b_m, b_f, prior=motion_prior(box, version=1))
+    today = predict_displacement(old, unit, b_m, b_f, prior=motion_prior(box, version=PRIOR_VERSION))
     np.testing.assert_allclose(served, expected, atol=1e-4)
     assert np.abs(today - expected).max() > 10 * np.abs(served - expected).max()
 

@@ -36,7 +36,7 @@ from breathcast.errors import BreathcastError
 from breathcast.geometry import HU_MIN, Grid, Volume, field_from_lps_mm
 from breathcast.io.dataset import describe_dataset, prepare_output_dir
 from breathcast.model_box import lung_centred_grid, resample_to_spacing
-from breathcast.segmentation import ThoraxSegmentation, lung_bounding_box_mm, segment_thorax, signed_distance_mm, sliding_weight
+from breathcast.segmentation import ThoraxSegmentation, lung_bounding_box_mm, segment_thorax, signed_distance_mm
 from breathcast.sim.anatomy import Label
 from breathcast.sim.motion import (
     LUNG_SHIFT_RANGES,
@@ -298,7 +298,8 @@ def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, g
     above = np.clip((apex - z) / np.maximum(apex - dome, 30.0), 0.0, 1.0) ** m.apex_exponent
     below = 1.0 - 0.5 * np.clip((dome - z) / 150.0, 0.0, 1.0)
     profile = np.where(z > dome, above, below)
-    inside = sliding_weight(seg, m.sliding_width_mm)
+    depth = signed_distance_mm(seg.cavity, sp)  # mm inside the moving cavity
+    inside = smooth_step(depth, m.sliding_width_mm)  # = sliding_weight(seg, width), from the depth computed once
     right = smooth_step(mid_x - x, 20.0)  # LPS: the patient's right is -x
     side = m.right_to_left * right + (1.0 - right)
     back = posterior_profile((y - mid_y) / half_y, m.posterior_gain)
@@ -309,7 +310,7 @@ def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, g
     si_lps[2] = si
     base = float(np.percentile(seg.dome_z_mm[lungs.any(axis=0)], 2))  # the lowest lung point; completed past a cut
     height = (z - 0.5 * (apex + base)) / max(0.5 * (apex - base), 40.0)
-    shift = lung_posterior_shift(height, np.abs(x - mid_x) / half_x, signed_distance_mm(seg.cavity, sp), m)
+    shift = lung_posterior_shift(height, np.abs(x - mid_x) / half_x, depth, m)
     si_lps[1] = -si * (motion.lung_ap_ratio * np.clip((y - mid_y) / half_y, -1.0, 1.0) + shift)
     si_lps[0] = -motion.lung_lr_ratio * si * np.clip((x - mid_x) / half_x, -1.0, 1.0)
 
