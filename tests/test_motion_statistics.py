@@ -184,6 +184,24 @@ def test_the_cartoon_lungs_shift_front_to_back_as_drawn() -> None:
     assert np.all(read_back(0.4, 0.4) - read_back(0.0, 0.0) > 0.15)
 
 
+def test_the_cartoon_height_shift_is_centred_on_its_lungs() -> None:
+    """The height shift alone (0.4) reads back mostly as the height coefficient, not as a constant front-back shift:
+    the cartoon measures height from its lungs' lowest point (the dome's rim), as realct from its lungs' 2nd
+    percentile. Measured from the dome's centre, its lungs sat ~1/4 of their height too high and the constant was as
+    large as the coefficient (-0.26 against 0.29), moving the cartoon's lungs anterior on inhale where DIR-Lab's
+    move neither way (constant -0.04)."""
+    patient = simulate_patient(5, SimulationConfig(grid_size=32, n_scans=1, supersampling=1, noise_hu=0.0))
+    lungs = np.isin(patient.reference_labels, LUNG_LABELS)
+
+    def read_back(height: float) -> np.ndarray:
+        motion = dataclasses.replace(patient.motion, shift_height=height, shift_lateral=0.0)
+        field = build_motion_field(patient.anatomy, motion, patient.grid).displacement(1.0, 0.0)
+        return field_statistics(field_to_lps_mm(field, patient.grid), lungs, patient.grid).lung_shift
+
+    constant, height, _ = read_back(0.4) - read_back(0.0)
+    assert height > 0.2 and abs(constant) < 0.5 * height
+
+
 def test_dirlab_lungs_shift_posterior_with_height_and_away_from_the_midline() -> None:
     """Nine of DIR-Lab's ten cases have a height coefficient of :func:`lung_shift` of 0.21-0.55, seven a midline one
     of 0.25-0.69; case 3's are 0.24 and 0.69: its upper and lateral lungs move posterior on inhale, its lower medial

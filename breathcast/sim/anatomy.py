@@ -70,6 +70,9 @@ DICE_BUCKETS: dict[str, tuple[int, ...]] = {
     "Trachea Bronchia": (Label.TRACHEA_BRONCHI,),
 }
 
+DOME_RIM_DROP_MM = 45.0
+"""How much lower the diaphragm sits at a lung's rim (its costophrenic recess) than at its dome centre, mm."""
+
 LUNG_LABELS: tuple[int, ...] = (Label.LUNG_LEFT, Label.LUNG_RIGHT, Label.LUNG_VESSELS, Label.TUMOUR)
 """The labels that make the lung mask of the paper's masked MSE (before its 10 mm dilation)."""
 
@@ -129,6 +132,11 @@ class AnatomyParams:
             self.body_half_depth - self.fat_thickness - 14.0,
         )
 
+    @property
+    def lung_base_z(self) -> float:
+        """z of the lungs' lowest point: the lower dome's rim."""
+        return min(self.dome_z) - DOME_RIM_DROP_MM
+
     def lung_center_x(self, side: int) -> float:
         """x of the lung centre; side -1 is the patient's right (x < 0), +1 the left."""
         return side * (0.13 * self.body_half_width + self.lung_half_width)
@@ -179,11 +187,11 @@ def _sample_tumour(rng: np.random.Generator, params: AnatomyParams) -> Tumour:
 
 
 def _dome_surface(params: AnatomyParams, x: np.ndarray, y: np.ndarray, side: int) -> np.ndarray:
-    """z of the diaphragm under each (x, y): a paraboloid dome, 45 mm lower at the lung's rim."""
+    """z of the diaphragm under each (x, y): a paraboloid dome, :data:`DOME_RIM_DROP_MM` lower at the lung's rim."""
     dome = params.dome_z[0] if side < 0 else params.dome_z[1]
     rx = (x - params.lung_center_x(side)) / params.lung_half_width
     ry = y / params.lung_half_depth
-    return dome - 45.0 * (rx**2 + ry**2)
+    return dome - DOME_RIM_DROP_MM * (rx**2 + ry**2)
 
 
 def _lung_depth_mm(params: AnatomyParams, points: np.ndarray, side: int) -> np.ndarray:

@@ -101,7 +101,7 @@ def sample_motion(rng: np.random.Generator) -> MotionParams:
         hysteresis_s=rng.uniform(0.08, 0.25),
         right_to_left=rng.uniform(0.85, 1.15),
         apex_exponent=rng.uniform(1.2, 1.8),
-        posterior_gain=rng.uniform(0.5, 1.1),
+        posterior_gain=rng.uniform(0.4, 1.0),
         **{name: rng.uniform(low, high) for name, (low, high) in LUNG_SHIFT_RANGES.items()},
     )
 
@@ -212,8 +212,8 @@ def build_motion_field(anatomy: AnatomyParams, motion: MotionParams, grid: Grid)
     side = motion.right_to_left * right + (1.0 - right)
     back = posterior_profile(y / cay, motion.posterior_gain)
     u_si = motion.si_amplitude_mm * profile * inside * (1.0 - spine) * heart_damping * side * back
-    low = float(np.min(anatomy.dome_z))
-    height = (z - 0.5 * (anatomy.apex_z + low)) / (0.5 * (anatomy.apex_z - low))
+    base = anatomy.lung_base_z
+    height = (z - 0.5 * (anatomy.apex_z + base)) / (0.5 * (anatomy.apex_z - base))
     lateral = np.abs(x) / (anatomy.lung_center_x(1) + anatomy.lung_half_width)  # 1 at the lungs' lateral extreme
     u_shift = -u_si * lung_posterior_shift(height, lateral, depth, motion)  # pull-back: came from further anterior
 
