@@ -172,6 +172,8 @@ def verdicts(real: PopulationStatistics, dirlab: PopulationStatistics, synthetic
         "expansion": {"value": synthetic.expansion.round(2).tolist(), "real": real.expansion.round(2).tolist(),
                       "met": bool((expansion_gap <= EXPANSION_TOLERANCE).all())},
         "lung_shift": {"value": synthetic.lung_shift[1:].round(2).tolist(), "real": real.lung_shift[1:].round(2).tolist(),
+                       "constant": round(float(synthetic.lung_shift[0]), 3),
+                       "real_constant": round(float(real.lung_shift[0]), 3),
                        "met": bool((shift_gap <= EXPANSION_TOLERANCE).all())},
         "fraction": {"value": round(synthetic.fraction_above, 3), "real": round(real.fraction_above, 3),
                      "met": bool(abs(synthetic.fraction_above - real.fraction_above) <= FRACTION_TOLERANCE)},
@@ -321,7 +323,8 @@ def main() -> None:
         kinds[kind] = {"samples": samples, "population": population,
                        "verdicts": verdicts(real, dirlab, population, samples)}
         print(f"{kind}: per-patient mean {np.round(population.per_patient_mean_mm, 2).tolist()}; shares "
-              f"{_shares(population.component_ratio)}; profile {np.round(population.bin_profile, 2).tolist()}")
+              f"{_shares(population.component_ratio)}; profile {np.round(population.bin_profile, 2).tolist()}; "
+              f"lung-shift constant {population.lung_shift[0]:.3f} (real {real.lung_shift[0]:.3f})")
         for key, verdict in kinds[kind]["verdicts"].items():
             print(f"  {key:10s} {'met' if verdict['met'] else 'MISSED'}: {verdict['value']} (real {verdict['real']})")
 
