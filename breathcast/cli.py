@@ -153,7 +153,8 @@ def _cmd_train_cvae(args: argparse.Namespace) -> int:
         simulation_seed=args.seed,
         model=CVAEConfig(grid=args.grid, channels=tuple(args.channels), prior_channels=PRIOR_CHANNELS if args.motion_prior else 0,
                          sliding_mask=args.sliding_mask),
-        loss=LossWeights(kl=args.kl_weight, smooth=args.smooth_weight, multiscale=not args.single_scale, fov_margin_mm=args.fov_margin),
+        loss=LossWeights(kl=args.kl_weight, smooth=args.smooth_weight, multiscale=not args.single_scale, fov_margin_mm=args.fov_margin,
+                        field=args.field_weight),
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -388,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     cvae.add_argument("--single-scale", action="store_true", help="image loss at full resolution only (the paper's)")
     cvae.add_argument("--fov-margin", type=_non_negative_float, default=25.0, metavar="MM",
                       help="no image loss within MM of where a scan's field of view ends along z (default 25; 0: none)")
+    cvae.add_argument("--field-weight", type=_non_negative_float, default=0.0,
+                      help="weight of the squared end-point error against the simulator's true field (default 0: image loss "
+                           "only, the paper's; needs simulated data with true fields)")
     cvae.add_argument("--motion-prior", action="store_true",
                       help="the decoder also sees each scan's anatomical motion prior (breathcast/motion_prior.py; the shipped model does)")
     cvae.add_argument("--sliding-mask", action="store_true",

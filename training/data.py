@@ -12,7 +12,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -27,8 +27,9 @@ from breathcast.model_box import field_of_view_along_z
 from breathcast.motion_prior import PRIOR_VERSION, motion_prior, prior_and_sliding_mask, sliding_mask
 from breathcast.segmentation import BODY_HU
 from breathcast.sim.simulator import SimulationConfig, pair_field, patient_seed, simulate_patient
+from breathcast.warp import compose, invert
 
-__all__ = ["PatientData", "check_training_prior_version", "Split", "split_patients", "load_patients", "simulate_patients", "motion_priors", "priors_and_sliding_masks", "prior_pool", "field_of_view_weight", "PairBatch", "sample_pairs"]
+__all__ = ["PatientData", "check_training_prior_version", "Split", "split_patients", "load_patients", "simulate_patients", "motion_priors", "priors_and_sliding_masks", "prior_pool", "field_of_view_weight", "PairBatch", "sample_pairs", "with_pair_truth"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class PatientData:
             None when the model takes none.
         sliding_masks: (K, D, D, D) float16 sliding mask of each scan
             (:func:`breathcast.motion_prior.sliding_mask`), or None when the model is not trained through one.
+        inverse_fields: (K, 3, D, D, D) the inverses of ``fields`` (:func:`with_pair_truth`), or None: they make
+            :meth:`true_pair_field` one composition.
     """
 
     patient_id: str
@@ -57,6 +60,7 @@ class PatientData:
     reference_labels: np.ndarray | None = None
     priors: np.ndarray | None = None
     sliding_masks: np.ndarray | None = None
+    inverse_fields: np.ndarray | None = None
 
     @property
     def n_scans(self) -> int:
@@ -80,7 +84,22 @@ class PatientData:
         """(3, D, D, D) voxels: the true field with ``fixed ≈ warp(moving, u)`` (simulated data only)."""
         if self.fields is None:
             raise BreathcastError(f"patient {self.patient_id} has no ground-truth fields (real data)")
+        if self.inverse_fields is not None:
+            return compose(self.inverse_fields[moving].astype(np.float32), self.fields[fixed].astype(np.float32))
         return pair_field(self.fields[moving], self.fields[fixed])
+
+
+def with_pair_truth(patient: PatientData) -> PatientData:
+    """``patient`` with its true fields and their inverses stored as float16 (2 x 0.8 MB per 64³ scan; float16
+    keeps ~0.005 voxels at 5 voxels), so that a training pair's true field is one composition.
+
+    Raises:
+        DatasetError: the patient has no true fields (real data cannot train a field loss).
+    """
+    if patient.fields is None:
+        raise DatasetError(f"patient {patient.patient_id} has no ground-truth fields: the field loss needs simulated patients")
+    inverses = np.stack([invert(f.astype(np.float32)) for f in patient.fields]).astype(np.float16)
+    return replace(patient, fields=patient.fields.astype(np.float16), inverse_fields=inverses)
 
 
 @dataclass(frozen=True)
@@ -266,8 +285,9 @@ def field_of_view_weight(image: np.ndarray, slice_mm: float, margin_mm: float) -
 class PairBatch:
     """A batch of (moving, fixed) pairs as tensors: images (N, 1, D, D, D), traces (N, D), eps (N, latent),
     the moving scans' motion priors (N, 3, D/2, D/2, D/2) when the patients carry them (else None), and the
-    per-slice image-loss weights (N, D) when a field-of-view margin was asked for (else None), and the moving
-    scans' sliding masks (N, 1, D, D, D) float32 when the patients carry them (else None)."""
+    per-slice image-loss weights (N, D) when a field-of-view margin was asked for (else None), the moving
+    scans' sliding masks (N, 1, D, D, D) float32 when the patients carry them (else None), and the pairs' true
+    fields (N, 3, D, D, D) voxels when asked for (else None)."""
 
     moving: torch.Tensor
     fixed: torch.Tensor
@@ -278,10 +298,12 @@ class PairBatch:
     prior: torch.Tensor | None = None
     slice_weight: torch.Tensor | None = None
     motion_weight: torch.Tensor | None = None
+    true_field: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> PairBatch:
         tensors = (self.moving, self.fixed, self.b_m, self.b_f, self.eps)
-        optional = tuple(None if t is None else t.to(device) for t in (self.prior, self.slice_weight, self.motion_weight))
+        optional = tuple(None if t is None else t.to(device)
+                         for t in (self.prior, self.slice_weight, self.motion_weight, self.true_field))
         return PairBatch(*(t.to(device) for t in tensors), self.pairs, *optional)
 
 
@@ -294,6 +316,7 @@ def sample_pairs(
     rank: int = 0,
     world_size: int = 1,
     fov_margin_mm: float = 0.0,
+    with_truth: bool = False,
 ) -> PairBatch:
     """The global batch of ``step`` (a pure function of seed and step), and this rank's share of it.
 
@@ -305,12 +328,13 @@ def sample_pairs(
         rank, world_size: this process's slice of the global batch.
         fov_margin_mm: > 0 adds each pair's per-slice image-loss weight (:func:`field_of_view_weight` of the
             moving scan: both scans of a patient share its field of view).
+        with_truth: add each pair's true field (:meth:`PatientData.true_pair_field`).
     """
     if batch_size % world_size:
         raise BreathcastError(f"batch size {batch_size} does not divide over {world_size} processes")
     rng = np.random.default_rng([seed, step])
     which = rng.integers(len(patients), size=batch_size)
-    pairs, moving, fixed, b_m, b_f, prior, slice_weight, motion_weight = [], [], [], [], [], [], [], []
+    pairs, moving, fixed, b_m, b_f, prior, slice_weight, motion_weight, truth = [], [], [], [], [], [], [], [], []
     for p_index in which:
         patient = patients[p_index]
         k, j = rng.choice(patient.n_scans, size=2, replace=False)
@@ -325,6 +349,8 @@ def sample_pairs(
         fixed.append(patient.images[j])
         b_m.append(patient.amplitude[k])
         b_f.append(patient.amplitude[j])
+        if with_truth:
+            truth.append(patient.true_pair_field(int(k), int(j)))
     eps = rng.standard_normal((batch_size, latent_dim)).astype(np.float32)
     share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
 
@@ -342,4 +368,5 @@ def sample_pairs(
         prior=tensor(prior) if len(prior) == len(moving) else None,
         slice_weight=tensor(slice_weight) if slice_weight else None,
         motion_weight=tensor(motion_weight, image=True) if len(motion_weight) == len(moving) else None,
+        true_field=tensor(truth) if with_truth else None,
     )

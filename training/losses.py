@@ -4,7 +4,9 @@ Image terms are means over voxels (images in [0, 1]); KL is summed over latent d
 the batch. ``multiscale`` adds the same squared error on 2x and 4x average-pooled images (equal weights), which
 widens the capture range of the image gradient beyond a voxel; with ``multiscale=False`` the loss is exactly
 the paper's. An image weight (the field-of-view margin, an adapted patient's lungs) makes every scale a
-weighted mean.
+weighted mean. On simulated patients ``field`` > 0 adds the mean squared end-point error of the predicted
+displacement against the true one (:func:`field_loss`): the image term barely constrains motion inside the
+low-texture lungs (their front-back motion least), the simulator's truth does.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossWeights", "LossTerms", "image_loss", "kl_divergence", "smoothness", "cvae_loss"]
+__all__ = ["LossWeights", "LossTerms", "image_loss", "kl_divergence", "smoothness", "field_loss", "cvae_loss"]
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,15 @@ class LossWeights:
             image loss (0: every slice counts). Tissue that moved in from beyond a cut is not in the moving
             scan, so matching images there would teach the network to stop the motion at the cut; 25 mm is
             more than the largest motion at the diaphragm (21 mm).
+        field: weight of :func:`field_loss` against the simulator's true pair field (0: none, the paper's loss;
+            training then needs every patient's true fields).
     """
 
     kl: float = 1e-4
     smooth: float = 0.01
     multiscale: bool = True
     fov_margin_mm: float = 25.0
+    field: float = 0.0
 
 
 @dataclass
@@ -43,6 +48,7 @@ class LossTerms:
     image: torch.Tensor
     kl: torch.Tensor
     smooth: torch.Tensor
+    field: torch.Tensor
 
 
 def image_loss(warped: torch.Tensor, fixed: torch.Tensor, multiscale: bool = True, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,11 +81,27 @@ def smoothness(velocity: torch.Tensor) -> torch.Tensor:
     return (dz.pow(2).mean() + dy.pow(2).mean() + dx.pow(2).mean()) / 3.0
 
 
-def cvae_loss(output, fixed: torch.Tensor, weights: LossWeights, slice_weight: torch.Tensor | None = None) -> LossTerms:
+def field_loss(displacement: torch.Tensor, true_field: torch.Tensor) -> torch.Tensor:
+    """Mean over voxels of the squared end-point error |u - u_true|², both (N, 3, D, D, D) model-grid voxels."""
+    return (displacement - true_field).pow(2).sum(dim=1).mean()
+
+
+def cvae_loss(
+    output, fixed: torch.Tensor, weights: LossWeights, slice_weight: torch.Tensor | None = None,
+    true_field: torch.Tensor | None = None,
+) -> LossTerms:
     """All terms for a :class:`~breathcast.training.cvae.CVAEOutput` against the fixed image; ``slice_weight``
-    (N, D) weighs the image terms per slice (the field-of-view margin, :func:`~breathcast.training.data.field_of_view_weight`)."""
+    (N, D) weighs the image terms per slice (the field-of-view margin, :func:`~breathcast.training.data.field_of_view_weight`);
+    ``true_field`` (N, 3, D, D, D) voxels is the pairs' true field, needed when ``weights.field`` > 0."""
     weight = None if slice_weight is None else slice_weight[:, None, :, None, None]
     image = image_loss(output.warped, fixed, weights.multiscale, weight)
     kl = kl_divergence(output.mu, output.logvar)
     smooth = smoothness(output.velocity)
-    return LossTerms(image + weights.kl * kl + weights.smooth * smooth, image, kl, smooth)
+    total = image + weights.kl * kl + weights.smooth * smooth
+    field = torch.zeros((), dtype=image.dtype, device=image.device)
+    if weights.field > 0:
+        if true_field is None:
+            raise ValueError("the field loss needs the pairs' true fields")
+        field = field_loss(output.displacement, true_field)
+        total = total + weights.field * field
+    return LossTerms(total, image, kl, smooth, field)

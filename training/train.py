@@ -38,7 +38,9 @@ from breathcast.metrics import lung_region_mask
 from breathcast.model_box import model_box_of_simulation
 from breathcast.sim.simulator import SimulationConfig
 from breathcast.training.cvae import CVAE, CVAEConfig, save_cvae
-from breathcast.training.data import PatientData, Split, check_training_prior_version, load_patients, sample_pairs, split_patients
+from breathcast.training.data import (
+    PatientData, Split, check_training_prior_version, load_patients, sample_pairs, split_patients, with_pair_truth,
+)
 from breathcast.training.data import simulate_patients as simulate_patients_in_memory
 from breathcast.training.losses import LossWeights, cvae_loss
 from breathcast.warp_torch import warp
@@ -135,19 +137,20 @@ def _init_distributed() -> _Distributed:
 def load_training_data(
     data: Path | None, grid: int, val_patients: int, test_patients: int, seed: int,
     simulate_patients: int = 8, simulation_seed: int = 0, with_priors: bool = False, progress: bool = False,
-    with_sliding_masks: bool = False,
+    with_sliding_masks: bool = False, with_truth: bool = False,
 ) -> tuple[Split, list[PatientData], list[PatientData], dict]:
     """The patient split, the training and validation patients at the model grid, and a summary for the manifest.
 
     ``data`` is a dataset folder; None simulates ``simulate_patients`` patients in memory. Every model trained
     with the same (data, val_patients, test_patients, seed) holds out the same patients. ``with_priors``: each
     scan's motion prior too, for a model that takes one; ``with_sliding_masks``: each scan's sliding mask, for a
-    model trained through it.
+    model trained through it; ``with_truth``: the training patients' true fields and their inverses
+    (:func:`~breathcast.training.data.with_pair_truth`), for the field loss.
     """
     if data is not None:
         dataset = open_dataset(data)
         split = split_patients(dataset.patients, val_patients, test_patients, seed=seed)
-        train = load_patients(dataset, split.train, grid, with_truth=False, with_priors=with_priors, progress=progress,
+        train = load_patients(dataset, split.train, grid, with_truth=with_truth, with_priors=with_priors, progress=progress,
                               with_sliding_masks=with_sliding_masks)
         val = load_patients(dataset, split.val, grid, with_truth=False, with_priors=with_priors, progress=progress,
                             with_sliding_masks=with_sliding_masks)
@@ -164,6 +167,8 @@ def load_training_data(
         train, val = [by_id[i] for i in split.train], [by_id[i] for i in split.val]
         summary = {"source": "simulator (in memory)", "kind": "simulated", "patients": simulate_patients,
                    "simulation": dataclasses.asdict(sim), "simulation_seed": simulation_seed}
+    if with_truth:
+        train = [with_pair_truth(p) for p in tqdm(train, desc="inverting true fields", unit="patient", disable=not progress)]
     summary.update(split=dataclasses.asdict(split), scans=int(sum(p.n_scans for p in train)))
     return split, train, val, summary
 
@@ -171,7 +176,7 @@ def load_training_data(
 def _load_data(config: TrainConfig, progress: bool) -> tuple[Split, list[PatientData], list[PatientData], dict]:
     return load_training_data(config.data, config.model.grid, config.val_patients, config.test_patients, config.seed,
                               config.simulate_patients, config.simulation_seed, config.model.prior_channels > 0, progress,
-                              config.model.sliding_mask)
+                              config.model.sliding_mask, config.loss.field > 0)
 
 
 def model_box_of_training_data(summary: dict) -> dict:
@@ -220,7 +225,7 @@ def training_step(network: torch.nn.Module, batch, weights: LossWeights):
     ``network`` is the :class:`CVAE` or its DistributedDataParallel wrapper (which averages gradients).
     """
     output = network(batch.moving, batch.fixed, batch.b_m, batch.b_f, batch.eps, batch.prior, batch.motion_weight)
-    terms = cvae_loss(output, batch.fixed, weights, batch.slice_weight)
+    terms = cvae_loss(output, batch.fixed, weights, batch.slice_weight, batch.true_field)
     terms.total.backward()
     return terms
 
@@ -289,7 +294,7 @@ def train(config: TrainConfig) -> Path:
             log.info("resuming from %s at step %d", checkpoint_path, start_step)
     network = torch.nn.parallel.DistributedDataParallel(model) if env.world_size > 1 else model
     metrics_path = out / "metrics.csv"
-    fields = ["step", "loss", "image", "kl", "smooth", "seconds_per_step", "val_masked_mse",
+    fields = ["step", "loss", "image", "kl", "smooth", "field", "seconds_per_step", "val_masked_mse",
               "val_masked_mse_no_deformation", "val_masked_mse_reduction"]
     if env.main and not (metrics_path.is_file() and start_step > 0):
         with metrics_path.open("w", newline="") as f:
@@ -301,7 +306,7 @@ def train(config: TrainConfig) -> Path:
     tick, tick_step = time.perf_counter(), start_step
     for step in bar:
         batch = sample_pairs(train_patients, config.batch_size, config.model.latent_dim, config.seed, step,
-                             env.rank, env.world_size, config.loss.fov_margin_mm).to(env.device)
+                             env.rank, env.world_size, config.loss.fov_margin_mm, config.loss.field > 0).to(env.device)
         optimizer.zero_grad(set_to_none=True)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(config, step)
@@ -311,7 +316,7 @@ def train(config: TrainConfig) -> Path:
         if env.main and (done % config.val_every == 0 or done == config.steps):
             elapsed = (time.perf_counter() - tick) / (done - tick_step)
             row = {"step": done, "loss": terms.total.item(), "image": terms.image.item(), "kl": terms.kl.item(),
-                   "smooth": terms.smooth.item(), "seconds_per_step": elapsed}
+                   "smooth": terms.smooth.item(), "field": terms.field.item(), "seconds_per_step": elapsed}
             row.update(validate(model, val_patients, config.val_pairs, config.seed, env.device))
             last = row
             with metrics_path.open("a", newline="") as f:
