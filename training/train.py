@@ -167,8 +167,9 @@ def load_training_data(
         train, val = [by_id[i] for i in split.train], [by_id[i] for i in split.val]
         summary = {"source": "simulator (in memory)", "kind": "simulated", "patients": simulate_patients,
                    "simulation": dataclasses.asdict(sim), "simulation_seed": simulation_seed}
-    if with_truth:
-        train = [with_pair_truth(p) for p in tqdm(train, desc="inverting true fields", unit="patient", disable=not progress)]
+    if with_truth:  # one patient at a time, so that its float32 fields are freed before the next is converted
+        for i in tqdm(range(len(train)), desc="inverting true fields", unit="patient", disable=not progress):
+            train[i] = with_pair_truth(train[i])
     summary.update(split=dataclasses.asdict(split), scans=int(sum(p.n_scans for p in train)))
     return split, train, val, summary
 
