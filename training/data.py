@@ -335,7 +335,7 @@ def sample_pairs(
         raise BreathcastError(f"batch size {batch_size} does not divide over {world_size} processes")
     rng = np.random.default_rng([seed, step])
     which = rng.integers(len(patients), size=batch_size)
-    pairs, moving, fixed, b_m, b_f, prior, slice_weight, motion_weight, truth = [], [], [], [], [], [], [], [], []
+    pairs, moving, fixed, b_m, b_f, prior, slice_weight, motion_weight = [], [], [], [], [], [], [], []
     for p_index in which:
         patient = patients[p_index]
         k, j = rng.choice(patient.n_scans, size=2, replace=False)
@@ -350,8 +350,6 @@ def sample_pairs(
         fixed.append(patient.images[j])
         b_m.append(patient.amplitude[k])
         b_f.append(patient.amplitude[j])
-        if with_truth:
-            truth.append(patient.true_pair_field(int(k), int(j)))
     eps = rng.standard_normal((batch_size, latent_dim)).astype(np.float32)
     share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
 
@@ -359,6 +357,9 @@ def sample_pairs(
         t = torch.from_numpy(np.stack(values[share]) if isinstance(values, list) else values[share])
         return t[:, None] if image else t
 
+    truth = None
+    if with_truth:  # only this rank's pairs: a pair's truth is a composition, the batch's costliest part
+        truth = [patients[p].true_pair_field(k, j) for p, (_, k, j) in zip(which[share], pairs[share])]
     return PairBatch(
         moving=tensor(moving, image=True),
         fixed=tensor(fixed, image=True),
@@ -369,5 +370,5 @@ def sample_pairs(
         prior=tensor(prior) if len(prior) == len(moving) else None,
         slice_weight=tensor(slice_weight) if slice_weight else None,
         motion_weight=tensor(motion_weight, image=True) if len(motion_weight) == len(moving) else None,
-        true_field=tensor(truth) if with_truth else None,
+        true_field=None if truth is None else torch.from_numpy(np.stack(truth)),
     )
