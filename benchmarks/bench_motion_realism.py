@@ -63,6 +63,8 @@ CRITERIA = {
     "ap_profile": "the same along anterior -> posterior",
     "expansion": "the synthetic mean LR and AP expansion slopes each within 0.10 of the real mean",
     "lung_shift": "the synthetic mean shift coefficients (height, distance from the midline) each within 0.10 of the real mean",
+    "signed_ap": "synthetic mean of the per-patient signed mean AP motion within the real mean's standard error "
+                 "(real SD / sqrt(cases)): the lungs as a whole move neither more anterior nor more posterior",
     "fraction": "synthetic mean fraction of points above 10 mm within 0.10 of the real mean",
 }
 """What 'met' means for each statistic. The profiles use DIR-Lab only: POPI's 40 landmarks span ~110 mm of z, not
@@ -175,6 +177,9 @@ def verdicts(real: PopulationStatistics, dirlab: PopulationStatistics, synthetic
                        "constant": round(float(synthetic.lung_shift[0]), 3),
                        "real_constant": round(float(real.lung_shift[0]), 3),
                        "met": bool((shift_gap <= EXPANSION_TOLERANCE).all())},
+        "signed_ap": {"value": round(float(synthetic.signed_ap_mm[0]), 2), "real": real.signed_ap_mm.round(2).tolist(),
+                      "met": bool(abs(synthetic.signed_ap_mm[0] - real.signed_ap_mm[0])
+                                  <= real.signed_ap_mm[1] / np.sqrt(len(real.names)))},
         "fraction": {"value": round(synthetic.fraction_above, 3), "real": round(real.fraction_above, 3),
                      "met": bool(abs(synthetic.fraction_above - real.fraction_above) <= FRACTION_TOLERANCE)},
     }
@@ -207,6 +212,8 @@ def readme_table(real: PopulationStatistics, dirlab: PopulationStatistics, kinds
          "{:.2f}, {:.2f}".format(*real.expansion), lambda p: "{:.2f}, {:.2f}".format(*p.expansion)),
         ("lung_shift", "posterior shift on inhale per mm of SI motion: by height, by distance from the midline",
          "{:.2f}, {:.2f}".format(*real.lung_shift[1:]), lambda p: "{:.2f}, {:.2f}".format(*p.lung_shift[1:])),
+        ("signed_ap", "mean AP motion on inhale (mm, + posterior)", "{:+.2f} ± {:.2f}".format(*real.signed_ap_mm),
+         lambda p: f"{p.signed_ap_mm[0]:+.2f}"),
         ("fraction", "fraction of points > 10 mm", f"{real.fraction_above:.2f}", lambda p: f"{p.fraction_above:.2f}"),
     ]:
         row = {"statistic": label, "real": real_text}

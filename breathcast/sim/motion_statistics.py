@@ -135,6 +135,8 @@ class PopulationStatistics:
         lung_shift_range: (2, 3) its min and max over samples.
         fraction_above: mean over samples of the fraction above the threshold.
         fraction_above_range: (2,) its min and max.
+        signed_ap_mm: (2,) mean and standard deviation (ddof 0) over samples of the signed mean AP motion
+            (``signed_mean_mm[1]``; + = posterior on inhale), mm.
     """
 
     names: tuple[str, ...]
@@ -154,6 +156,7 @@ class PopulationStatistics:
     lung_shift_range: np.ndarray
     fraction_above: float
     fraction_above_range: np.ndarray
+    signed_ap_mm: np.ndarray
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready, rounded to 0.001 (mm or share)."""
@@ -372,6 +375,7 @@ def population_statistics(samples: list[MotionStatistics]) -> PopulationStatisti
     fractions = np.array([s.fraction_above for s in samples])
     expansions = np.stack([s.expansion for s in samples])
     shifts = np.stack([s.lung_shift for s in samples])
+    signed_ap = np.array([s.signed_mean_mm[1] for s in samples])
     with warnings.catch_warnings():  # a bin empty in every sample is NaN, as documented
         warnings.simplefilter("ignore", RuntimeWarning)
         profile = np.nanmean(profiles, axis=0)
@@ -396,4 +400,5 @@ def population_statistics(samples: list[MotionStatistics]) -> PopulationStatisti
         lung_shift_range=np.stack([shifts.min(axis=0), shifts.max(axis=0)]),
         fraction_above=float(fractions.mean()),
         fraction_above_range=np.array([fractions.min(), fractions.max()]),
+        signed_ap_mm=np.array([signed_ap.mean(), signed_ap.std()]),
     )
