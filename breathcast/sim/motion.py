@@ -14,7 +14,7 @@ coefficients, so that it is deliberately *not* the linear 5D model of Low et al.
   lateral lungs move posterior, the lower medial lungs anterior.
 * chest wall ``chest_wall``: anterior and lateral expansion, larger in the lower thorax; inside the rib cage the
   front-back part is centred on the cavity, so the lungs expand front to back without moving anterior as a whole
-  (DIR-Lab's lungs move 0.4 mm posterior on inhale on average, mostly through the lung shift). Coefficient
+  (DIR-Lab's lungs move 0.4 mm posterior on inhale on average). Coefficient
   ``c_cw(A, Ȧ) = A + τ·Ȧ``: the chest wall leads the diaphragm, which gives hysteresis loops.
 
 Shears and gentle gradients keep det(I + ∇u) well above 0 for amplitudes in the physiological range.
