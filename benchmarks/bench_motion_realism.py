@@ -61,14 +61,17 @@ CRITERIA = {
     "si_sign": "every synthetic patient moves inferior on inhale (signed mean SI < 0), as every real case does",
     "profile": "in every position bin, the synthetic mean of (bin |d| / patient mean |d|) inside the DIR-Lab range",
     "ap_profile": "the same along anterior -> posterior",
+    "si_ap_gradient": "synthetic mean of the back-over-front gradient of |d_z| at equal height (si_ap_gradient) within "
+                      "DIR-Lab's mean's standard error (SD / sqrt(cases))",
     "expansion": "the synthetic mean LR and AP expansion slopes each within 0.10 of the real mean",
     "lung_shift": "the synthetic mean shift coefficients (height, distance from the midline) each within 0.10 of the real mean",
     "signed_ap": "synthetic mean of the per-patient signed mean AP motion within the real mean's standard error "
                  "(real SD / sqrt(cases)): the lungs as a whole move neither more anterior nor more posterior",
     "fraction": "synthetic mean fraction of points above 10 mm within 0.10 of the real mean",
 }
-"""What 'met' means for each statistic. The profiles use DIR-Lab only: POPI's 40 landmarks span ~110 mm of z, not
-the lungs from base to apex, so its own-extent normalisation does not map to base and apex."""
+"""What 'met' means for each statistic. The profiles and the gradient at equal height use DIR-Lab only: POPI's 40
+landmarks span ~110 mm of z, not the lungs from base to apex, so its own-extent normalisation does not map to base and
+apex."""
 
 RATIO_TOLERANCE = 0.05
 EXPANSION_TOLERANCE = 0.10
@@ -171,6 +174,10 @@ def verdicts(real: PopulationStatistics, dirlab: PopulationStatistics, synthetic
         "ap_profile": {"value": synthetic.ap_profile.round(2).tolist(),
                        "real": dirlab.ap_profile_range.round(2).tolist(),
                        "met": bool(in_ap_profile.all())},
+        "si_ap_gradient": {"value": round(float(synthetic.si_ap_gradient[0]), 2),
+                           "real": dirlab.si_ap_gradient.round(2).tolist(),
+                           "met": bool(abs(synthetic.si_ap_gradient[0] - dirlab.si_ap_gradient[0])
+                                       <= dirlab.si_ap_gradient[1] / np.sqrt(len(dirlab.names)))},
         "expansion": {"value": synthetic.expansion.round(2).tolist(), "real": real.expansion.round(2).tolist(),
                       "met": bool((expansion_gap <= EXPANSION_TOLERANCE).all())},
         "lung_shift": {"value": synthetic.lung_shift[1:].round(2).tolist(), "real": real.lung_shift[1:].round(2).tolist(),
@@ -208,6 +215,8 @@ def readme_table(real: PopulationStatistics, dirlab: PopulationStatistics, kinds
          lambda p: " ".join(f"{v:.2f}" for v in p.bin_profile)),
         ("ap_profile", "\\|d\\| / mean, anterior -> posterior (5 bins)", " ".join(f"{v:.2f}" for v in dirlab.ap_profile),
          lambda p: " ".join(f"{v:.2f}" for v in p.ap_profile)),
+        ("si_ap_gradient", "\\|d_z\\| back over front at equal height (per mean \\|d_z\\|)",
+         "{:.2f} ± {:.2f}".format(*dirlab.si_ap_gradient), lambda p: f"{p.si_ap_gradient[0]:.2f}"),
         ("expansion", "expansion LR, AP (slope of d_x, d_y across the lungs / mean \\|d_z\\|)",
          "{:.2f}, {:.2f}".format(*real.expansion), lambda p: "{:.2f}, {:.2f}".format(*p.expansion)),
         ("lung_shift", "posterior shift on inhale per mm of SI motion: by height, by distance from the midline",

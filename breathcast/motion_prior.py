@@ -31,14 +31,18 @@ __all__ = ["PRIOR_CHANNELS", "PRIOR_VERSION", "motion_prior", "prior_motion_para
 
 PRIOR_CHANNELS = 3  # the prior's (dz, dy, dx)
 
-PRIOR_VERSION = 2
+PRIOR_VERSION = 3
 """The prior models are trained with now. 1: the population motion without the lungs' front-back shift
-(:func:`~breathcast.sim.motion.lung_posterior_shift`, added to the simulator on 2026-12-06); 2: with it."""
+(:func:`~breathcast.sim.motion.lung_posterior_shift`, added to the simulator on 2026-12-06); 2: with it; 3: with the
+steeper front-back gain of the superior-inferior motion (``posterior_gain`` 1.1, the middle of its range since
+2026-12-06; 0.8 in versions 1 and 2)."""
+
+_POSTERIOR_GAIN_BEFORE_VERSION_3 = 0.8
 
 
 def prior_motion_params(version: int = PRIOR_VERSION) -> RealMotionParams:
-    """The motion the prior of ``version`` is built with: :func:`~breathcast.sim.realct.population_motion` (version 1
-    without the lung shift).
+    """The motion the prior of ``version`` is built with: :func:`~breathcast.sim.realct.population_motion` (versions 1
+    and 2 with the front-back gain of before version 3, version 1 also without the lung shift).
 
     Raises:
         BreathcastError: an unknown version.
@@ -46,6 +50,8 @@ def prior_motion_params(version: int = PRIOR_VERSION) -> RealMotionParams:
     if not 1 <= version <= PRIOR_VERSION:
         raise BreathcastError(f"unknown motion prior version {version} (this breathcast makes 1..{PRIOR_VERSION})")
     motion = population_motion()
+    if version < 3:
+        motion = dataclasses.replace(motion, base=dataclasses.replace(motion.base, posterior_gain=_POSTERIOR_GAIN_BEFORE_VERSION_3))
     if version == 1:
         return dataclasses.replace(motion, base=dataclasses.replace(motion.base, shift_height=0.0, shift_lateral=0.0))
     return motion

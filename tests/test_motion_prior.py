@@ -166,16 +166,22 @@ def test_the_engine_gives_the_network_the_plans_prior(prior_model, patients, sma
     assert np.abs(other - expected).max() > 10 * np.abs(served - expected).max()
 
 
-def test_prior_version_1_is_the_prior_without_the_lungs_front_back_shift(small_patient):
+def test_prior_versions_differ_as_their_definitions_say(small_patient):
     """Version 2 adds the lungs' front-back shift to version 1: the same superior-inferior motion, another front-back
-    one; an unknown version is refused."""
+    one. Version 3 steepens the superior-inferior motion's front-back gain: the back of the lungs moves more than in
+    version 2, the front less. An unknown version is refused."""
     volume = Volume(small_patient.reference_hu, small_patient.grid)
-    first, second = motion_prior(volume, version=1), motion_prior(volume, version=2)
+    first, second, third = (motion_prior(volume, version=v) for v in (1, 2, 3))
     assert np.abs(first[0] - second[0]).mean() < 0.01  # dz, model-grid voxels; smoothed where the shift would fold
     assert np.abs(first[1] - second[1]).max() > 0.2  # dy
-    np.testing.assert_array_equal(motion_prior(volume), second)
-    with pytest.raises(BreathcastError, match="unknown motion prior version 3"):
-        motion_prior(volume, version=3)
+    lungs = _half(segment_thorax(volume).lungs)
+    y = np.argwhere(lungs)[:, 1]
+    back, front = y > np.percentile(y, 75), y < np.percentile(y, 25)  # LPS: y grows towards the back
+    gain = np.abs(third[0][lungs]) - np.abs(second[0][lungs])  # dz, half-grid voxels
+    assert gain[back].mean() > 0.05 and gain[front].mean() < -0.05
+    np.testing.assert_array_equal(motion_prior(volume), third)
+    with pytest.raises(BreathcastError, match="unknown motion prior version 4"):
+        motion_prior(volume, version=4)
 
 
 def test_a_model_saved_before_prior_versions_takes_version_1(prior_model, tmp_path):

@@ -92,6 +92,12 @@ tapers to 0 at the pleura, which landmarks do not reach), so that the simulated 
 predicted better by the other nine's median than by none, on average)."""
 
 
+CARTOON_POSTERIOR_GAIN = (0.5, 1.3)
+"""Uniform range of the cartoon's :attr:`MotionParams.posterior_gain`, set so that its lungs' back moves more than
+their front at the same height as much as DIR-Lab's do (``si_ap_gradient`` in
+:mod:`breathcast.sim.motion_statistics`: 1.53 real; 1.24 with the range (0.4, 1.0) it had before 2026-12-06)."""
+
+
 def sample_motion(rng: np.random.Generator) -> MotionParams:
     """Draw one patient's motion: 5-25 mm superior-inferior at the diaphragm, and the rest around it."""
     si = rng.uniform(5.0, 25.0)
@@ -103,7 +109,7 @@ def sample_motion(rng: np.random.Generator) -> MotionParams:
         hysteresis_s=rng.uniform(0.08, 0.25),
         right_to_left=rng.uniform(0.85, 1.15),
         apex_exponent=rng.uniform(1.2, 1.8),
-        posterior_gain=rng.uniform(0.4, 1.0),
+        posterior_gain=rng.uniform(*CARTOON_POSTERIOR_GAIN),
         **{name: rng.uniform(low, high) for name, (low, high) in LUNG_SHIFT_RANGES.items()},
     )
 
