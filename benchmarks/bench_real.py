@@ -148,8 +148,8 @@ def landmark_error_parts(plan_points: np.ndarray, predicted: np.ndarray, real: n
 
     Per component (LR, AP, SI): mean |predicted|, mean |real|, their signed means and the mean |error|; the right/left
     ratio of SI motion and how much more the back moves than the front at equal height
-    (:func:`~breathcast.sim.motion_statistics.si_ap_gradient`, at the plan positions), predicted and real; the mean TRE after the best single scale s of the predicted motion
-    (least squares, s = <p, r> / <p, p>); and, over DIR-Lab's 10 cases (exhale -> inhale, the same measures), the
+    (:func:`~breathcast.sim.motion_statistics.si_ap_gradient`, at the plan positions), predicted and real; the mean
+    TRE after the best single scale s of the predicted motion (least squares, s = <p, r> / <p, p>); and, over DIR-Lab's 10 cases (exhale -> inhale, the same measures), the
     range of the signed mean AP and of the right/left SI ratio: how far these differ between patients.
     """
     scale = float((predicted * real).sum() / max(float((predicted * predicted).sum()), 1e-12))
@@ -162,7 +162,8 @@ def landmark_error_parts(plan_points: np.ndarray, predicted: np.ndarray, real: n
         "predicted_signed_mean_mm": predicted.mean(axis=0).tolist(), "real_signed_mean_mm": real.mean(axis=0).tolist(),
         "mean_abs_error_mm": np.abs(predicted - real).mean(axis=0).tolist(),
         "right_left_si_ratio": {"predicted": _right_left_si(plan_points, predicted), "real": _right_left_si(plan_points, real)},
-        "si_ap_gradient": {"predicted": si_ap_gradient(plan_points, predicted), "real": si_ap_gradient(plan_points, real)},
+        "si_ap_gradient": {"predicted": si_ap_gradient(plan_points, predicted),
+                           "real": si_ap_gradient(plan_points, real)},
         "best_scale": scale, "tre_mean_mm_at_best_scale": float(np.linalg.norm(scale * predicted - real, axis=1).mean()),
         "dirlab_signed_mean_ap_mm_range": [min(signed_ap), max(signed_ap)],
         "dirlab_right_left_si_ratio_range": [min(right_left), max(right_left)],
@@ -410,8 +411,9 @@ def main() -> None:
         ["POPI landmark motion (mm)", "predicted mean abs", "real mean abs", "predicted signed mean", "real signed mean", "mean abs error"])
     rl = parts["right_left_si_ratio"]
     table += (f"\n\nInhale -> exhale, LPS (x left, y posterior, z superior). Right/left ratio of SI motion: predicted "
-              f"{rl['predicted']:.2f}, real {rl['real']:.2f}. Back over front at equal height (SI, per mean |SI|): predicted "
-              f"{parts['si_ap_gradient']['predicted']:.2f}, real {parts['si_ap_gradient']['real']:.2f}. TRE at the best single scale of the predicted motion "
+              f"{rl['predicted']:.2f}, real {rl['real']:.2f}. Back over front at equal height (SI, per mean |SI|): "
+              f"predicted {parts['si_ap_gradient']['predicted']:.2f}, real {parts['si_ap_gradient']['real']:.2f}. "
+              f"TRE at the best single scale of the predicted motion "
               f"({parts['best_scale']:.2f}): {parts['tre_mean_mm_at_best_scale']:.2f} mm. DIR-Lab's 10 cases (exhale -> inhale): "
               f"signed mean AP {parts['dirlab_signed_mean_ap_mm_range'][0]:.2f} to {parts['dirlab_signed_mean_ap_mm_range'][1]:.2f} mm, "
               f"right/left SI ratio {parts['dirlab_right_left_si_ratio_range'][0]:.2f} to {parts['dirlab_right_left_si_ratio_range'][1]:.2f}.")

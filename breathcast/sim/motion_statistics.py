@@ -5,9 +5,9 @@ normalised superior-inferior position in the lungs (0 = lung base, 1 = apex) and
 anterior-posterior position (0 = anterior, 1 = posterior: real lungs move most at the back), the direction ratios
 mean |LR| : |AP| : |SI| and the signed means, the lungs' expansion (how the LR and AP components change across the
 lungs: a slope that the landmarks' zero-mean localisation error does not bias, as it biases the mean |component|
-shares), the lungs' front-to-back shift with height and distance from the midline (:func:`lung_shift`), how much more the back of the lungs moves than
-their front at the same height (:func:`si_ap_gradient`: the anterior-posterior profile alone mixes that with the
-height, since the lungs reach lowest at the back), the fraction of points moving more than a threshold, and, over a population, each patient's mean
+shares), the lungs' front-to-back shift with height and distance from the midline (:func:`lung_shift`), how much
+more the back of the lungs moves than their front at the same height (:func:`si_ap_gradient`, the height's share
+fitted out), the fraction of points moving more than a threshold, and, over a population, each patient's mean
 magnitude and its spread between patients.
 
 Every sample is a set of points in the lungs with their end-exhale position q (x, y, z) mm, x left, y posterior,
