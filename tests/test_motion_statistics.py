@@ -9,7 +9,7 @@ import pytest
 
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, field_to_lps_mm
-from breathcast.io.landmarks import LandmarkPairs, read_dirlab_case, read_popi
+from breathcast.io.landmarks import LandmarkPairs, read_dirlab_case, read_dirlab_cases, read_popi
 from breathcast.sim.anatomy import LUNG_LABELS
 from breathcast.sim.motion import build_motion_field
 from breathcast.sim.motion_statistics import (
@@ -114,8 +114,6 @@ def test_si_ap_gradient_tells_the_back_moving_more_from_the_back_reaching_lower(
 def test_dirlab_lungs_move_more_at_the_back_at_equal_height() -> None:
     """Every DIR-Lab case moves more at the back of its lungs than at their front at equal height: 1.53 of the mean
     |d_z| on average (SD 0.58), the number the simulators' front-back gain is set to (bench_motion_realism)."""
-    from breathcast.io.landmarks import read_dirlab_cases
-
     gradients = [si_ap_gradient(c.exhale_mm, c.displacement_mm)
                  for c in read_dirlab_cases(shared_data_file("landmarks/dirlab"))]
     assert min(gradients) > 0.5
