@@ -48,8 +48,8 @@ from breathcast.io.landmarks import read_dirlab_cases, read_popi
 from breathcast.model_box import check_plan, model_box_volume, resample_onto
 from breathcast.motion_prior import motion_prior
 from breathcast.segmentation import signed_distance_mm
-from breathcast.sim.motion_statistics import si_ap_gradient
 from breathcast.sim.anatomy import LUNG_LABELS
+from breathcast.sim.motion_statistics import si_ap_gradient
 from breathcast.warp import count_folds
 
 DATA = ROOT.parent / "shared" / "data"
@@ -149,8 +149,9 @@ def landmark_error_parts(plan_points: np.ndarray, predicted: np.ndarray, real: n
     Per component (LR, AP, SI): mean |predicted|, mean |real|, their signed means and the mean |error|; the right/left
     ratio of SI motion and how much more the back moves than the front at equal height
     (:func:`~breathcast.sim.motion_statistics.si_ap_gradient`, at the plan positions), predicted and real; the mean
-    TRE after the best single scale s of the predicted motion (least squares, s = <p, r> / <p, p>); and, over DIR-Lab's 10 cases (exhale -> inhale, the same measures), the
-    range of the signed mean AP and of the right/left SI ratio: how far these differ between patients.
+    TRE after the best single scale s of the predicted motion (least squares, s = <p, r> / <p, p>); and, over DIR-Lab's
+    10 cases (exhale -> inhale, the same measures), the range of the signed mean AP and of the right/left SI ratio: how
+    far these differ between patients.
     """
     scale = float((predicted * real).sum() / max(float((predicted * predicted).sum()), 1e-12))
     dirlab = read_dirlab_cases(DATA / "landmarks" / "dirlab")

@@ -51,7 +51,8 @@ def prior_motion_params(version: int = PRIOR_VERSION) -> RealMotionParams:
         raise BreathcastError(f"unknown motion prior version {version} (this breathcast makes 1..{PRIOR_VERSION})")
     motion = population_motion()
     if version < 3:
-        motion = dataclasses.replace(motion, base=dataclasses.replace(motion.base, posterior_gain=_POSTERIOR_GAIN_BEFORE_VERSION_3))
+        base = dataclasses.replace(motion.base, posterior_gain=_POSTERIOR_GAIN_BEFORE_VERSION_3)
+        motion = dataclasses.replace(motion, base=base)
     if version == 1:
         return dataclasses.replace(motion, base=dataclasses.replace(motion.base, shift_height=0.0, shift_lateral=0.0))
     return motion

@@ -218,8 +218,7 @@ def motion_statistics(
         raise BreathcastError(f"{name}: the points have no superior-inferior extent (all at z = {z_lo:.1f} mm)")
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     counts, per_bin = _binned_means((q[:, 2] - z_lo) / (z_hi - z_lo), magnitude, n_bins)
-    low, high = np.percentile(q, _EXTENT_PERCENTILES, axis=0)
-    position = (q - low) / np.maximum(high - low, 1e-9)  # (N, 3) normalised x, y, z
+    position = _normalised_position(q)
     _, per_ap_bin = _binned_means(position[:, 1], magnitude, n_bins)
     mean_abs = np.abs(d).mean(axis=0)
     expansion = np.array([_slope(position[:, a], d[:, a]) for a in (0, 1)]) / max(mean_abs[2], 1e-9)
@@ -291,11 +290,9 @@ def si_ap_gradient(exhale_mm: np.ndarray, displacement_mm: np.ndarray) -> float:
         >>> round(si_ap_gradient(q, d), 3)  # 5 mm over a mean |d_z| of 8.5 mm
         0.588
     """
-    q = np.asarray(exhale_mm, dtype=np.float64)
     si = np.abs(np.asarray(displacement_mm, dtype=np.float64)[:, 2])
-    low, high = np.percentile(q, _EXTENT_PERCENTILES, axis=0)
-    position = np.clip((q - low) / np.maximum(high - low, 1e-9), 0.0, 1.0)
-    design = np.stack([np.ones(len(q)), position[:, 2], position[:, 1]], axis=1)
+    position = np.clip(_normalised_position(np.asarray(exhale_mm, dtype=np.float64)), 0.0, 1.0)
+    design = np.stack([np.ones(len(si)), position[:, 2], position[:, 1]], axis=1)
     return float(np.linalg.lstsq(design, si / max(float(si.mean()), 1e-9), rcond=None)[0][2])
 
 
@@ -308,6 +305,12 @@ def lung_shift_design(exhale_mm: np.ndarray, displacement_mm: np.ndarray) -> np.
     lateral = np.clip(np.abs(q[:, 0] - 0.5 * (low[0] + high[0])) / half[0], 0.0, 1.0)
     si = np.abs(np.asarray(displacement_mm, dtype=np.float64)[:, 2])
     return si[:, None] * np.stack([np.ones_like(height), height, lateral], axis=1)
+
+
+def _normalised_position(q: np.ndarray) -> np.ndarray:
+    """(N, 3) each coordinate of the points ``q`` (N, 3) mm, 0 at its 1st percentile and 1 at its 99th (unclipped)."""
+    low, high = np.percentile(q, _EXTENT_PERCENTILES, axis=0)
+    return (q - low) / np.maximum(high - low, 1e-9)
 
 
 def _slope(x: np.ndarray, y: np.ndarray) -> float:

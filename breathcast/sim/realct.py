@@ -246,7 +246,7 @@ REAL_MOTION_RANGES: dict[str, tuple[float, float]] = {
     "apex_exponent": (1.0, 1.6),
     "lung_ap_ratio": (0.0, 0.06),
     "lung_lr_ratio": (0.0, 0.22),
-    "posterior_gain": (0.7, 1.5),  # (0.5, 1.1) before 2026-12-06: the front-back gradient at equal height 1.02, real 1.53
+    "posterior_gain": (0.7, 1.5),  # (0.5, 1.1) before 2026-12-06: gradient at equal height 1.02, DIR-Lab 1.53
     **LUNG_SHIFT_RANGES,
 }
 
