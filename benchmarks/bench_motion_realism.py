@@ -60,6 +60,8 @@ CRITERIA = {
     "ratio": "each LR, AP, SI share of mean |component| within 0.05 of the real mean share",
     "si_sign": "every synthetic patient moves inferior on inhale (signed mean SI < 0), as every real case does",
     "profile": "in every position bin, the synthetic mean of (bin |d| / patient mean |d|) inside the DIR-Lab range",
+    "profile_level": "in every position bin, the synthetic mean of (bin |d| / patient mean |d|) within 2 standard errors "
+                     "of DIR-Lab's mean (SD / sqrt(cases)): the typical decay from base to apex, not only its extremes",
     "ap_profile": "the same along anterior -> posterior",
     "si_ap_gradient": "synthetic mean of the back-over-front gradient of |d_z| at equal height (si_ap_gradient) within "
                       "DIR-Lab's mean's standard error (SD / sqrt(cases))",
@@ -152,6 +154,8 @@ def verdicts(real: PopulationStatistics, dirlab: PopulationStatistics, synthetic
     spread = synthetic.std_of_means_mm / real.std_of_means_mm
     low, high = dirlab.bin_profile_range
     in_profile = (synthetic.bin_profile >= low) & (synthetic.bin_profile <= high)
+    profile_se = dirlab.bin_profile_sd / np.sqrt(len(dirlab.names))
+    profile_gap = np.abs(synthetic.bin_profile - dirlab.bin_profile) / profile_se
     ap_low, ap_high = dirlab.ap_profile_range
     in_ap_profile = (synthetic.ap_profile >= ap_low) & (synthetic.ap_profile <= ap_high)
     si_signs = np.array([s.signed_mean_mm[2] for s in samples])
@@ -171,6 +175,10 @@ def verdicts(real: PopulationStatistics, dirlab: PopulationStatistics, synthetic
         "profile": {"value": synthetic.bin_profile.round(2).tolist(),
                     "real": dirlab.bin_profile_range.round(2).tolist(),
                     "met": bool(in_profile.all())},
+        "profile_level": {"value": synthetic.bin_profile.round(2).tolist(),
+                          "real": [dirlab.bin_profile.round(2).tolist(), profile_se.round(3).tolist()],
+                          "standard_errors_off": profile_gap.round(1).tolist(),
+                          "met": bool((profile_gap <= 2.0).all())},
         "ap_profile": {"value": synthetic.ap_profile.round(2).tolist(),
                        "real": dirlab.ap_profile_range.round(2).tolist(),
                        "met": bool(in_ap_profile.all())},
@@ -213,6 +221,10 @@ def readme_table(real: PopulationStatistics, dirlab: PopulationStatistics, kinds
         ("si_sign", "moves inferior on inhale", f"{len(real.names)} of {len(real.names)}", None),
         ("profile", "\\|d\\| / mean, base -> apex (5 bins)", " ".join(f"{v:.2f}" for v in dirlab.bin_profile),
          lambda p: " ".join(f"{v:.2f}" for v in p.bin_profile)),
+        ("profile_level", "the same, standard errors from DIR-Lab's mean per bin",
+         "± " + " ".join(f"{v:.2f}" for v in dirlab.bin_profile_sd / np.sqrt(len(dirlab.names))),
+         lambda p: " ".join(f"{v:.1f}" for v in np.abs(p.bin_profile - dirlab.bin_profile)
+                            / (dirlab.bin_profile_sd / np.sqrt(len(dirlab.names))))),
         ("ap_profile", "\\|d\\| / mean, anterior -> posterior (5 bins)", " ".join(f"{v:.2f}" for v in dirlab.ap_profile),
          lambda p: " ".join(f"{v:.2f}" for v in p.ap_profile)),
         ("si_ap_gradient", "\\|d_z\\| back over front at equal height (per mean \\|d_z\\|)",

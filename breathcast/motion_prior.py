@@ -31,18 +31,21 @@ __all__ = ["PRIOR_CHANNELS", "PRIOR_VERSION", "motion_prior", "prior_motion_para
 
 PRIOR_CHANNELS = 3  # the prior's (dz, dy, dx)
 
-PRIOR_VERSION = 3
+PRIOR_VERSION = 4
 """The prior models are trained with now. 1: the population motion without the lungs' front-back shift
 (:func:`~breathcast.sim.motion.lung_posterior_shift`, added to the simulator on 2026-12-06); 2: with it; 3: with the
 steeper front-back gain of the superior-inferior motion (``posterior_gain`` 1.1, the middle of its range since
-2026-12-06; 0.8 in versions 1 and 2)."""
+2026-12-06; 0.8 in versions 1 and 2); 4: with the decay from base to apex calibrated to DIR-Lab's
+(``apex_exponent`` 1.5 and ``apex_fraction`` 0.1, the middles of their ranges; 1.3 and 0 in versions 1-3)."""
 
 _POSTERIOR_GAIN_BEFORE_VERSION_3 = 0.8
+_APEX_EXPONENT_BEFORE_VERSION_4 = 1.3
 
 
 def prior_motion_params(version: int = PRIOR_VERSION) -> RealMotionParams:
-    """The motion the prior of ``version`` is built with: :func:`~breathcast.sim.realct.population_motion` (versions 1
-    and 2 with the front-back gain of before version 3, version 1 also without the lung shift).
+    """The motion the prior of ``version`` is built with: :func:`~breathcast.sim.realct.population_motion` (versions 1-3
+    with the decay to the apex of before version 4, versions 1 and 2 with the front-back gain of before version 3,
+    version 1 also without the lung shift).
 
     Raises:
         BreathcastError: an unknown version.
@@ -50,6 +53,9 @@ def prior_motion_params(version: int = PRIOR_VERSION) -> RealMotionParams:
     if not 1 <= version <= PRIOR_VERSION:
         raise BreathcastError(f"unknown motion prior version {version} (this breathcast makes 1..{PRIOR_VERSION})")
     motion = population_motion()
+    if version < 4:
+        base = dataclasses.replace(motion.base, apex_exponent=_APEX_EXPONENT_BEFORE_VERSION_4, apex_fraction=0.0)
+        motion = dataclasses.replace(motion, base=base)
     if version < 3:
         base = dataclasses.replace(motion.base, posterior_gain=_POSTERIOR_GAIN_BEFORE_VERSION_3)
         motion = dataclasses.replace(motion, base=base)

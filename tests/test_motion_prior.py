@@ -169,9 +169,10 @@ def test_the_engine_gives_the_network_the_plans_prior(prior_model, patients, sma
 def test_prior_versions_differ_as_their_definitions_say(small_patient):
     """Version 2 adds the lungs' front-back shift to version 1: the same superior-inferior motion, another front-back
     one. Version 3 steepens the superior-inferior motion's front-back gain: the back of the lungs moves more than in
-    version 2, the front less. An unknown version is refused."""
+    version 2, the front less. Version 4 leaves motion at the apex: the top of the lungs moves more than in version 3.
+    An unknown version is refused."""
     volume = Volume(small_patient.reference_hu, small_patient.grid)
-    first, second, third = (motion_prior(volume, version=v) for v in (1, 2, 3))
+    first, second, third, fourth = (motion_prior(volume, version=v) for v in (1, 2, 3, 4))
     assert np.abs(first[0] - second[0]).mean() < 0.01  # dz, model-grid voxels; smoothed where the shift would fold
     assert np.abs(first[1] - second[1]).max() > 0.2  # dy
     lungs = _half(segment_thorax(volume).lungs)
@@ -179,9 +180,12 @@ def test_prior_versions_differ_as_their_definitions_say(small_patient):
     back, front = y > np.percentile(y, 75), y < np.percentile(y, 25)  # LPS: y grows towards the back
     gain = np.abs(third[0][lungs]) - np.abs(second[0][lungs])  # dz, half-grid voxels
     assert gain[back].mean() > 0.05 and gain[front].mean() < -0.05
-    np.testing.assert_array_equal(motion_prior(volume), third)
-    with pytest.raises(BreathcastError, match="unknown motion prior version 4"):
-        motion_prior(volume, version=4)
+    z = np.argwhere(lungs)[:, 0]
+    top = z > np.percentile(z, 80)
+    assert (np.abs(fourth[0][lungs]) - np.abs(third[0][lungs]))[top].mean() > 0.05
+    np.testing.assert_array_equal(motion_prior(volume), fourth)
+    with pytest.raises(BreathcastError, match="unknown motion prior version 5"):
+        motion_prior(volume, version=5)
 
 
 def test_a_model_saved_before_prior_versions_takes_version_1(prior_model, tmp_path):

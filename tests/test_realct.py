@@ -39,13 +39,18 @@ def anatomy(source):
 
 def _mean_motion(anatomy, mask_fine: np.ndarray, amplitude: float = 1.0) -> float:
     u = field_to_lps_mm(anatomy.motion_field.displacement(amplitude, 0.0), anatomy.grid)
-    f = CONFIG.supersampling
+    f = mask_fine.shape[0] // anatomy.grid.shape[0]
     mask = mask_fine[f // 2 :: f, f // 2 :: f, f // 2 :: f]
     return float(np.linalg.norm(u[:, mask], axis=0).mean())
 
 
-def test_the_spine_stays_while_the_lung_base_moves(anatomy):
-    """Sliding at the pleura: the vertebrae move < 1 mm at amplitude 1 while the lowest lung fifth moves > 3 mm."""
+def test_the_spine_stays_while_the_lung_base_moves(source):
+    """Sliding at the pleura: the vertebrae move < 1 mm at amplitude 1 while the lowest lung fifth moves > 3 mm.
+
+    On the 64³ grid the models use (6.25 mm voxels): on a 32³ one the vertebrae's voxels reach into the lungs'
+    shear layer and read up to 1.4 mm on some patients."""
+    config = dataclasses.replace(CONFIG, grid_size=64)
+    anatomy = build_realct_anatomy(source, np.random.default_rng(3), config)
     seg = anatomy.segmentation
     lungs = seg.lungs
     slices = np.flatnonzero(lungs.any(axis=(1, 2)))

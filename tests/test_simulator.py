@@ -10,7 +10,14 @@ from breathcast.sim.anatomy import DICE_BUCKETS, LUNG_LABELS, Label, render_phan
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid, field_to_lps_mm, hu_to_unit
 from breathcast.metrics import lung_region_mask, masked_mse
-from breathcast.sim.motion import build_motion_field, posterior_profile, sample_motion
+from breathcast.sim.motion import (
+    APEX_TAPER_MM,
+    MotionParams,
+    build_motion_field,
+    posterior_profile,
+    sample_motion,
+    si_height_profile,
+)
 from breathcast.sim.simulator import SimulationConfig, pair_field, simulate_patient
 from breathcast.traces import axial_slice_positions_mm
 from breathcast.warp import compose, count_folds, integrate_velocity, invert, warp_image
@@ -32,7 +39,7 @@ def test_phantom_has_every_dice_bucket_and_a_tumour_in_a_lung():
 
 def test_motion_is_largest_at_the_diaphragm_and_slides_at_the_chest_wall():
     """SI motion at amplitude 1 peaks near the diaphragm at the configured size (times the front-to-back gain at
-    the back), fades to the apex, spares the spine."""
+    the back), fades to its apex fraction at the apex and to nothing above it, spares the spine."""
     rng = np.random.default_rng(5)
     anatomy, motion = sample_anatomy(rng), sample_motion(rng)
     grid = Grid.centered((48, 48, 48), (400.0, 400.0, 320.0))
@@ -43,9 +50,22 @@ def test_motion_is_largest_at_the_diaphragm_and_slides_at_the_chest_wall():
     assert motion.si_amplitude_mm * 0.95 <= peak <= motion.si_amplitude_mm * ratio * 1.05
     z = axial_slice_positions_mm(grid)
     cx = grid.shape[2] // 2 + 8  # inside the left lung
-    assert si_mm[z > anatomy.apex_z, :, cx].max() < 0.1 * peak
+    assert si_mm[z > anatomy.apex_z + APEX_TAPER_MM, :, cx].max() < 0.01 * peak
     spine = grid.lps_to_index(np.array([0.0, anatomy.spine_y, 0.0])).round().astype(int)
     assert abs(si_mm[:, spine[1], spine[2]]).max() < 0.1 * peak
+
+
+def test_the_height_profile_runs_from_the_diaphragm_to_the_apex_fraction_and_fades_above_the_apex():
+    """1 on the diaphragm, falling with height to ``apex_fraction`` at the apex, then to 0 within
+    :data:`APEX_TAPER_MM` above it; with ``apex_fraction`` 0 the power law of before."""
+    motion = MotionParams(10.0, 1.0, 1.0, 0.3, 0.1, 1.0, apex_exponent=1.5, apex_fraction=0.2)
+    z = np.array([-100.0, -50.0, 0.0, 100.0, 100.0 + APEX_TAPER_MM / 2, 100.0 + APEX_TAPER_MM, 200.0])
+    profile = si_height_profile(z, np.full_like(z, -100.0), 100.0, motion)
+    np.testing.assert_allclose(profile[[0, 3, 4, 5, 6]], [1.0, 0.2, 0.1, 0.0, 0.0], atol=1e-12)
+    assert np.all(np.diff(profile) <= 0)
+    np.testing.assert_allclose(profile[2], 0.2 + 0.8 * 0.5**1.5)
+    before = si_height_profile(z, np.full_like(z, -100.0), 100.0, MotionParams(10.0, 1.0, 1.0, 0.3, 0.1, 1.0, 1.5))
+    np.testing.assert_allclose(before, np.clip((100.0 - z) / 200.0, 0.0, 1.0) ** 1.5)
 
 
 @pytest.mark.parametrize("amplitude, rate", [(1.0, 0.0), (1.8, 1.5), (-0.3, -1.5)])

@@ -194,6 +194,12 @@ def _dome_surface(params: AnatomyParams, x: np.ndarray, y: np.ndarray, side: int
     return dome - DOME_RIM_DROP_MM * (rx**2 + ry**2)
 
 
+def diaphragm_z(params: AnatomyParams, x: np.ndarray, y: np.ndarray, side: int) -> np.ndarray:
+    """z (mm) of one side's diaphragm under each (x, y) inside that lung's outline; beyond its rim, the rim's height."""
+    dome = params.dome_z[0] if side < 0 else params.dome_z[1]
+    return np.maximum(_dome_surface(params, x, y, side), dome - DOME_RIM_DROP_MM)
+
+
 def _lung_depth_mm(params: AnatomyParams, points: np.ndarray, side: int) -> np.ndarray:
     """Approximate distance (mm) inside one lung for points (N, 3); negative outside."""
     x, y, z = points[:, 0], points[:, 1], points[:, 2]

@@ -132,6 +132,7 @@ class PopulationStatistics:
         bin_profile: (N_BINS,) mean over samples of each sample's bin magnitude divided by its own mean |d|
             (shape of the magnitude along base -> apex, amplitude removed); NaN in a bin empty in every sample.
         bin_profile_range: (2, N_BINS) min and max of that ratio over samples.
+        bin_profile_sd: (N_BINS,) its standard deviation (ddof 0) over samples.
         ap_profile: (N_BINS,) the same along anterior (0) -> posterior (1).
         ap_profile_range: (2, N_BINS) its min and max over samples.
         expansion: (2,) mean over samples of the LR and AP expansion slopes (:class:`MotionStatistics`).
@@ -155,6 +156,7 @@ class PopulationStatistics:
     component_ratio_range: np.ndarray
     bin_profile: np.ndarray
     bin_profile_range: np.ndarray
+    bin_profile_sd: np.ndarray
     ap_profile: np.ndarray
     ap_profile_range: np.ndarray
     expansion: np.ndarray
@@ -419,6 +421,7 @@ def population_statistics(samples: list[MotionStatistics]) -> PopulationStatisti
         warnings.simplefilter("ignore", RuntimeWarning)
         profile = np.nanmean(profiles, axis=0)
         profile_range = np.stack([np.nanmin(profiles, axis=0), np.nanmax(profiles, axis=0)])
+        profile_sd = np.nanstd(profiles, axis=0)
         ap_profile = np.nanmean(ap_profiles, axis=0)
         ap_profile_range = np.stack([np.nanmin(ap_profiles, axis=0), np.nanmax(ap_profiles, axis=0)])
     return PopulationStatistics(
@@ -431,6 +434,7 @@ def population_statistics(samples: list[MotionStatistics]) -> PopulationStatisti
         component_ratio_range=np.stack([ratios.min(axis=0), ratios.max(axis=0)]),
         bin_profile=profile,
         bin_profile_range=profile_range,
+        bin_profile_sd=profile_sd,
         ap_profile=ap_profile,
         ap_profile_range=ap_profile_range,
         expansion=expansions.mean(axis=0),

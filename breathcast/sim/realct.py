@@ -39,11 +39,13 @@ from breathcast.model_box import lung_centred_grid, resample_to_spacing
 from breathcast.segmentation import ThoraxSegmentation, lung_bounding_box_mm, segment_thorax, signed_distance_mm
 from breathcast.sim.anatomy import Label
 from breathcast.sim.motion import (
+    APEX_FRACTION,
     LUNG_SHIFT_RANGES,
     MotionField,
     MotionParams,
     lung_posterior_shift,
     posterior_profile,
+    si_height_profile,
     smooth_step,
     without_folds,
 )
@@ -243,11 +245,12 @@ REAL_MOTION_RANGES: dict[str, tuple[float, float]] = {
     "si_nonlinearity": (0.15, 0.45),
     "hysteresis_s": (0.08, 0.25),
     "right_to_left": (0.85, 1.15),
-    "apex_exponent": (1.0, 1.6),
+    "apex_exponent": (1.2, 1.8),  # (1.0, 1.6) and no apex_fraction before 2026-12-06's profile calibration
     "lung_ap_ratio": (0.0, 0.06),
     "lung_lr_ratio": (0.0, 0.22),
     "posterior_gain": (0.7, 1.5),  # (0.5, 1.1) before 2026-12-06: gradient at equal height 1.02, DIR-Lab 1.53
     **LUNG_SHIFT_RANGES,
+    "apex_fraction": APEX_FRACTION,
 }
 
 
@@ -295,7 +298,7 @@ def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, g
 
     dome = seg.dome_z_mm[None]
     apex = seg.apex_z_mm
-    above = np.clip((apex - z) / np.maximum(apex - dome, 30.0), 0.0, 1.0) ** m.apex_exponent
+    above = si_height_profile(z, dome, apex, m, min_span_mm=30.0)
     below = 1.0 - 0.5 * np.clip((dome - z) / 150.0, 0.0, 1.0)
     profile = np.where(z > dome, above, below)
     depth = signed_distance_mm(seg.cavity, sp)  # mm inside the moving cavity
