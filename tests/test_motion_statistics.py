@@ -204,7 +204,7 @@ def test_cartoon_patient_moves_like_lungs() -> None:
 def test_the_cartoon_motion_decays_from_the_diaphragm_under_each_column(seed: int) -> None:
     """The decay with height starts on the diaphragm under each point, the rim of the dome as its top: the lowest
     fifth of the lungs moves clearly more than the second (DIR-Lab 1.26x on average). Measured from the dome's top,
-    as before 2026-12-06, the lowest two fifths moved alike (1.06-1.08x on these patients)."""
+    as before 2026-12-06, the lowest two fifths moved alike (1.06-1.08x with the same seeds)."""
     patient = simulate_patient(seed, SimulationConfig(grid_size=24, n_scans=1, supersampling=1, noise_hu=0.0))
     motion = dataclasses.replace(patient.motion, apex_exponent=1.5, apex_fraction=0.0, posterior_gain=0.0)
     field = field_to_lps_mm(build_motion_field(patient.anatomy, motion, patient.grid).displacement(1.0, 0.0), patient.grid)

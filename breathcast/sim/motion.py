@@ -4,8 +4,9 @@ The field is a pull-back displacement from the rest anatomy (amplitude 0): a sca
 (A, Ȧ) shows ``rest(x + u(x; A, Ȧ))``. It is built from two spatial basis fields with nonlinear
 coefficients, so that it is deliberately *not* the linear 5D model of Low et al. (u = α·A + β·Ȧ):
 
-* superior-inferior ``si``: largest at the diaphragm, decaying to the apex, larger at the back than at the front
-  (:func:`posterior_profile`), inside the rib cage only.
+* superior-inferior ``si``: largest on the diaphragm under each point, decaying to a fraction of it at the apex
+  (:func:`si_height_profile`), larger at the back than at the front (:func:`posterior_profile`), inside the rib cage
+  only.
   Its sharp (4 mm) edge at the inner chest wall is a shear: the lungs slide along the pleura, the chest
   wall and spine do not follow. Coefficient ``c_si(A) = A·(1 + κ) / (1 + κ·|A|)``: nonlinear in amplitude, saturating in deep
   breaths as the diaphragm's excursion does.
@@ -90,9 +91,9 @@ APEX_TAPER_MM = 30.0
 
 
 def si_height_profile(z: np.ndarray, dome: np.ndarray, apex: float, motion: MotionParams, min_span_mm: float = 1.0) -> np.ndarray:
-    """The superior-inferior motion's share by height above the diaphragm: 1 at the dome, ``apex_fraction`` at the
-    apex, ``apex_fraction + (1 - apex_fraction) r ** apex_exponent`` between (r = (apex - z) / (apex - dome): 1 at the
-    dome, 0 at the apex), fading to 0 within :data:`APEX_TAPER_MM` above the apex.
+    """The superior-inferior motion's share by height above the diaphragm: 1 on the diaphragm, ``apex_fraction`` at
+    the apex, ``apex_fraction + (1 - apex_fraction) r ** apex_exponent`` between (r = (apex - z) / (apex - dome): 1 on
+    the diaphragm, 0 at the apex), fading to 0 within :data:`APEX_TAPER_MM` above the apex.
 
     Args:
         z, dome: mm, broadcastable: the heights and the diaphragm's height under them (``apex - dome`` is taken as

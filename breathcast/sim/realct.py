@@ -12,8 +12,8 @@ patient of it in the same dataset format, with the same scan protocol and ground
    and the lungs (:func:`breathcast.sim.simulator.scanner_fov`). A tumour is added in a lung.
 3. **Motion** (:func:`build_real_motion_field`), the same two-basis model as the cartoon
    (:class:`~breathcast.sim.motion.MotionField`: nonlinear in amplitude, hysteresis through rate), built on the
-   segmentation (:mod:`breathcast.segmentation`): superior-inferior motion largest at the diaphragm, decaying to
-   the apex and into the abdomen (larger at the back than at the front, as in every DIR-Lab case:
+   segmentation (:mod:`breathcast.segmentation`): superior-inferior motion largest at the diaphragm, decaying to a
+   fraction of it at the apex (:func:`~breathcast.sim.motion.si_height_profile`) and into the abdomen (larger at the back than at the front, as in every DIR-Lab case:
    ``MotionParams.posterior_gain``), inside the cavity only (a 4 mm shear layer at its edge:
    the lungs slide along the pleura; chest wall, ribs and spine stay); the lungs' own anterior-posterior and lateral
    expansion with it, and their front-to-back motion that grows with height and distance from the midline
