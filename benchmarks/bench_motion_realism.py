@@ -146,6 +146,11 @@ def real_statistics(landmarks: Path) -> tuple[list[MotionStatistics], list[Motio
     return dirlab, [*dirlab, landmark_statistics(read_popi(landmarks / "popi"))]
 
 
+def _profile_standard_error(dirlab: PopulationStatistics) -> np.ndarray:
+    """(N_BINS,) the standard error of DIR-Lab's mean base-to-apex profile: SD / sqrt(cases)."""
+    return dirlab.bin_profile_sd / np.sqrt(len(dirlab.names))
+
+
 def verdicts(real: PopulationStatistics, dirlab: PopulationStatistics, synthetic: PopulationStatistics,
              samples: list[MotionStatistics]) -> dict[str, dict[str, object]]:
     """One {value, real, met} per criterion of :data:`CRITERIA`."""
@@ -154,7 +159,7 @@ def verdicts(real: PopulationStatistics, dirlab: PopulationStatistics, synthetic
     spread = synthetic.std_of_means_mm / real.std_of_means_mm
     low, high = dirlab.bin_profile_range
     in_profile = (synthetic.bin_profile >= low) & (synthetic.bin_profile <= high)
-    profile_se = dirlab.bin_profile_sd / np.sqrt(len(dirlab.names))
+    profile_se = _profile_standard_error(dirlab)
     profile_gap = np.abs(synthetic.bin_profile - dirlab.bin_profile) / profile_se
     ap_low, ap_high = dirlab.ap_profile_range
     in_ap_profile = (synthetic.ap_profile >= ap_low) & (synthetic.ap_profile <= ap_high)
@@ -222,9 +227,8 @@ def readme_table(real: PopulationStatistics, dirlab: PopulationStatistics, kinds
         ("profile", "\\|d\\| / mean, base -> apex (5 bins)", " ".join(f"{v:.2f}" for v in dirlab.bin_profile),
          lambda p: " ".join(f"{v:.2f}" for v in p.bin_profile)),
         ("profile_level", "the same, standard errors from DIR-Lab's mean per bin",
-         "± " + " ".join(f"{v:.2f}" for v in dirlab.bin_profile_sd / np.sqrt(len(dirlab.names))),
-         lambda p: " ".join(f"{v:.1f}" for v in np.abs(p.bin_profile - dirlab.bin_profile)
-                            / (dirlab.bin_profile_sd / np.sqrt(len(dirlab.names))))),
+         "± " + " ".join(f"{v:.2f}" for v in _profile_standard_error(dirlab)),
+         lambda p: " ".join(f"{v:.1f}" for v in np.abs(p.bin_profile - dirlab.bin_profile) / _profile_standard_error(dirlab))),
         ("ap_profile", "\\|d\\| / mean, anterior -> posterior (5 bins)", " ".join(f"{v:.2f}" for v in dirlab.ap_profile),
          lambda p: " ".join(f"{v:.2f}" for v in p.ap_profile)),
         ("si_ap_gradient", "\\|d_z\\| back over front at equal height (per mean \\|d_z\\|)",

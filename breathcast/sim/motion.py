@@ -42,6 +42,7 @@ __all__ = [
     "lung_posterior_shift",
     "SHIFT_TAPER_MM",
     "APEX_TAPER_MM",
+    "ABDOMEN_DECAY_MM",
     "APEX_FRACTION",
     "si_height_profile",
     "FOLD_FREE_AMPLITUDES",
@@ -89,11 +90,15 @@ class MotionParams:
 APEX_TAPER_MM = 30.0
 """Above the lung apex the superior-inferior motion fades to 0 over this."""
 
+ABDOMEN_DECAY_MM = 150.0
+"""Below the diaphragm the superior-inferior motion falls to half over this."""
+
 
 def si_height_profile(z: np.ndarray, dome: np.ndarray, apex: float, motion: MotionParams, min_span_mm: float = 1.0) -> np.ndarray:
-    """The superior-inferior motion's share by height above the diaphragm: 1 on the diaphragm, ``apex_fraction`` at
-    the apex, ``apex_fraction + (1 - apex_fraction) r ** apex_exponent`` between (r = (apex - z) / (apex - dome): 1 on
-    the diaphragm, 0 at the apex), fading to 0 within :data:`APEX_TAPER_MM` above the apex.
+    """The superior-inferior motion's share by height: 1 on the diaphragm, ``apex_fraction`` at the apex,
+    ``apex_fraction + (1 - apex_fraction) r ** apex_exponent`` between (r = (apex - z) / (apex - dome): 1 on the
+    diaphragm, 0 at the apex), fading to 0 within :data:`APEX_TAPER_MM` above the apex; below the diaphragm falling
+    to half over :data:`ABDOMEN_DECAY_MM` (the abdomen moves with it).
 
     Args:
         z, dome: mm, broadcastable: the heights and the diaphragm's height under them (``apex - dome`` is taken as
@@ -103,7 +108,9 @@ def si_height_profile(z: np.ndarray, dome: np.ndarray, apex: float, motion: Moti
     """
     r = np.clip((apex - z) / np.maximum(apex - dome, min_span_mm), 0.0, 1.0)
     fade = np.clip(1.0 + (apex - z) / APEX_TAPER_MM, 0.0, 1.0)
-    return (motion.apex_fraction + (1.0 - motion.apex_fraction) * r**motion.apex_exponent) * fade
+    above = (motion.apex_fraction + (1.0 - motion.apex_fraction) * r**motion.apex_exponent) * fade
+    below = 1.0 - 0.5 * np.clip((dome - z) / ABDOMEN_DECAY_MM, 0.0, 1.0)
+    return np.where(z > dome, above, below)
 
 
 LUNG_SHIFT_RANGES: dict[str, tuple[float, float]] = {
@@ -245,9 +252,7 @@ def build_motion_field(anatomy: AnatomyParams, motion: MotionParams, grid: Grid)
     right = smooth_step(-x, 20.0)
     dome = anatomy.dome_z[0] * right + anatomy.dome_z[1] * (1.0 - right)
     floor = diaphragm_z(anatomy, x, y, -1) * right + diaphragm_z(anatomy, x, y, 1) * (1.0 - right)
-    above = si_height_profile(z, floor, anatomy.apex_z, motion)
-    below = 1.0 - 0.5 * np.clip((floor - z) / 150.0, 0.0, 1.0)
-    profile = np.where(z > floor, above, below)
+    profile = si_height_profile(z, floor, anatomy.apex_z, motion)
     cax, cay = anatomy.cavity_half_axes
     depth = (1.0 - np.sqrt((x / cax) ** 2 + (y / cay) ** 2)) * min(cax, cay)  # ~mm inside the rib cage
     inside = smooth_step(depth, motion.sliding_width_mm)

@@ -13,8 +13,8 @@ patient of it in the same dataset format, with the same scan protocol and ground
 3. **Motion** (:func:`build_real_motion_field`), the same two-basis model as the cartoon
    (:class:`~breathcast.sim.motion.MotionField`: nonlinear in amplitude, hysteresis through rate), built on the
    segmentation (:mod:`breathcast.segmentation`): superior-inferior motion largest at the diaphragm, decaying to a
-   fraction of it at the apex (:func:`~breathcast.sim.motion.si_height_profile`) and into the abdomen (larger at the back than at the front, as in every DIR-Lab case:
-   ``MotionParams.posterior_gain``), inside the cavity only (a 4 mm shear layer at its edge:
+   fraction of it at the apex and into the abdomen (:func:`~breathcast.sim.motion.si_height_profile`; larger at the
+   back than at the front, as in every DIR-Lab case: ``MotionParams.posterior_gain``), inside the cavity only (a 4 mm shear layer at its edge:
    the lungs slide along the pleura; chest wall, ribs and spine stay); the lungs' own anterior-posterior and lateral
    expansion with it, and their front-to-back motion that grows with height and distance from the midline
    (:func:`~breathcast.sim.motion.lung_posterior_shift`); an outward chest-wall and abdominal-wall expansion that is zero at the spine.
@@ -298,9 +298,7 @@ def build_real_motion_field(seg: ThoraxSegmentation, motion: RealMotionParams, g
 
     dome = seg.dome_z_mm[None]
     apex = seg.apex_z_mm
-    above = si_height_profile(z, dome, apex, m, min_span_mm=30.0)
-    below = 1.0 - 0.5 * np.clip((dome - z) / 150.0, 0.0, 1.0)
-    profile = np.where(z > dome, above, below)
+    profile = si_height_profile(z, dome, apex, m, min_span_mm=30.0)
     depth = signed_distance_mm(seg.cavity, sp)  # mm inside the moving cavity
     inside = smooth_step(depth, m.sliding_width_mm)  # = sliding_weight(seg, width), from the depth computed once
     right = smooth_step(mid_x - x, 20.0)  # LPS: the patient's right is -x
