@@ -42,6 +42,21 @@ def first_call_in_new_process_ms() -> float:
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
+def field_kernels_in_new_process_ms() -> float:
+    """Import + the first field resize and coefficient field of each dtype (float32, float16) in a fresh process:
+    the daemon's field kernels at start-up (numba cache warm)."""
+    code = (
+        "import time; t = time.perf_counter(); import numpy as np; from breathcast.geometry import Grid;"
+        "from breathcast.resize import FieldResizer; from breathcast.stream.field_coefficients import FieldModel;"
+        "grid = Grid.centered((4, 4, 4), (20.0, 20.0, 20.0));"
+        "[FieldModel(np.ones((1, 3, 4, 4, 4), c), ((0, 0),), grid).field(np.ones(4), np.zeros(4), shape=(6, 6, 6), dtype=o)"
+        " for c in (np.float32, np.float16) for o in (np.float32, np.float16)];"
+        "[FieldResizer((4, 4, 4), (6, 6, 6), dtype=o)(np.ones((3, 4, 4, 4), np.float32)) for o in (np.float32, np.float16)];"
+        "print((time.perf_counter() - t) * 1e3)"
+    )
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
 def bench_kernels(size: int, repeats: int) -> dict[str, dict]:
     v = smooth_velocity(size)
     u = integrate_velocity(v)
@@ -58,6 +73,10 @@ def bench_kernels(size: int, repeats: int) -> dict[str, dict]:
     results = {name: {**time_call(fn, repeats, warmup=2), "target_ms": target} for name, (fn, target) in cases.items()}
     samples = [first_call_in_new_process_ms() for _ in range(3)]
     results["new process: import + first integrate_velocity (numba cache warm)"] = {
+        "median_ms": float(np.median(samples)), "p90_ms": float(np.max(samples)), "repeats": 3, "target_ms": None,
+    }
+    samples = [field_kernels_in_new_process_ms() for _ in range(3)]
+    results["new process: import + first field resize and coefficient field, float32 and float16 (numba cache warm)"] = {
         "median_ms": float(np.median(samples)), "p90_ms": float(np.max(samples)), "repeats": 3, "target_ms": None,
     }
     return results

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid
@@ -32,6 +32,8 @@ __all__ = [
     "FieldResizer",
     "resize_field",
     "evaluate_polynomial",
+    "store_as",
+    "load_float32",
 ]
 
 _KERNEL = dict(parallel=True, cache=True, fastmath=True, error_model="numpy", nogil=True)
@@ -101,9 +103,43 @@ def _half_bits(typingctx, x):
     return types.uint16(types.float32), codegen
 
 
-@njit(inline="always", cache=True)
-def _identity(x):
-    return x
+@intrinsic
+def _half_value(typingctx, bits):
+    """The bits of a float16 (uint16) -> its float32 value (vcvtph2ps with F16C)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+# Kernels read and write float16 arrays through uint16 views. These two helpers pick the conversion by type, so that
+# one kernel serves both dtypes: numba cannot cache a kernel made per dtype by a closure (every process compiled it
+# again, ~5 s, and added files to the cache).
+
+
+def store_as(value, out_row):
+    """In numba kernels: float32 ``value`` as an element of ``out_row`` (float32, or a uint16 view of float16)."""
+    raise NotImplementedError("only for numba kernels")
+
+
+def load_float32(value):
+    """In numba kernels: an element of a float32 array, or of a uint16 view of float16, as float32."""
+    raise NotImplementedError("only for numba kernels")
+
+
+@overload(store_as, inline="always")
+def _store_as(value, out_row):
+    if out_row.dtype == types.uint16:
+        return lambda value, out_row: _half_bits(value)
+    return lambda value, out_row: value
+
+
+@overload(load_float32, inline="always")
+def _load_float32(value):
+    if value == types.uint16:
+        return lambda value: _half_value(value)
+    return lambda value: value
 
 
 @njit(**_KERNEL)
@@ -118,48 +154,41 @@ def _resize_x(src, lo, hi, w, out):  # (C, Z, Y, Xs) -> (C, Z, Y, Xd): the gathe
                 dst[x] = a + w[x] * (row[hi[x]] - a)
 
 
-def _make_resize_zy(store):
-    @njit(**_KERNEL)
-    def resize_zy(src, zlo, zhi, zw, ylo, yhi, yw, m, out):
-        """(3, Zs, Ys, X) -> (3, Zd, Yd, X): per output slice, blend two source slices along z once, then each
-        output row blends two of those rows along y; components mixed by m while writing."""
-        _, _, nys, nx = src.shape
-        _, nzd, nyd, _ = out.shape
-        diagonal = m[0, 1] == 0 and m[0, 2] == 0 and m[1, 0] == 0 and m[1, 2] == 0 and m[2, 0] == 0 and m[2, 1] == 0
-        for z in prange(nzd):
-            z0, z1, wz = zlo[z], zhi[z], zw[z]
-            blended = np.empty((3, nys, nx), np.float32)
-            for c in range(3):
-                for y in range(nys):
-                    s0, s1, b = src[c, z0, y], src[c, z1, y], blended[c, y]
-                    for x in range(nx):
-                        b[x] = s0[x] + wz * (s1[x] - s0[x])
-            for y in range(nyd):
-                y0, y1, wy = ylo[y], yhi[y], yw[y]
-                a0, a1 = blended[0, y0], blended[0, y1]
-                b0, b1 = blended[1, y0], blended[1, y1]
-                c0, c1 = blended[2, y0], blended[2, y1]
-                o0, o1, o2 = out[0, z, y], out[1, z, y], out[2, z, y]
-                if diagonal:
-                    m0, m1, m2 = m[0, 0], m[1, 1], m[2, 2]
-                    for x in range(nx):
-                        o0[x] = store(m0 * (a0[x] + wy * (a1[x] - a0[x])))
-                        o1[x] = store(m1 * (b0[x] + wy * (b1[x] - b0[x])))
-                        o2[x] = store(m2 * (c0[x] + wy * (c1[x] - c0[x])))
-                else:
-                    for x in range(nx):
-                        a = a0[x] + wy * (a1[x] - a0[x])
-                        b = b0[x] + wy * (b1[x] - b0[x])
-                        c = c0[x] + wy * (c1[x] - c0[x])
-                        o0[x] = store(m[0, 0] * a + m[0, 1] * b + m[0, 2] * c)
-                        o1[x] = store(m[1, 0] * a + m[1, 1] * b + m[1, 2] * c)
-                        o2[x] = store(m[2, 0] * a + m[2, 1] * b + m[2, 2] * c)
-
-    return resize_zy
-
-
-_resize_zy_f32 = _make_resize_zy(_identity)
-_resize_zy_f16 = _make_resize_zy(_half_bits)  # writes into a uint16 view of the float16 output
+@njit(**_KERNEL)
+def _resize_zy(src, zlo, zhi, zw, ylo, yhi, yw, m, out):
+    """(3, Zs, Ys, X) -> (3, Zd, Yd, X): per output slice, blend two source slices along z once, then each
+    output row blends two of those rows along y; components mixed by m while writing."""
+    _, _, nys, nx = src.shape
+    _, nzd, nyd, _ = out.shape
+    diagonal = m[0, 1] == 0 and m[0, 2] == 0 and m[1, 0] == 0 and m[1, 2] == 0 and m[2, 0] == 0 and m[2, 1] == 0
+    for z in prange(nzd):
+        z0, z1, wz = zlo[z], zhi[z], zw[z]
+        blended = np.empty((3, nys, nx), np.float32)
+        for c in range(3):
+            for y in range(nys):
+                s0, s1, b = src[c, z0, y], src[c, z1, y], blended[c, y]
+                for x in range(nx):
+                    b[x] = s0[x] + wz * (s1[x] - s0[x])
+        for y in range(nyd):
+            y0, y1, wy = ylo[y], yhi[y], yw[y]
+            a0, a1 = blended[0, y0], blended[0, y1]
+            b0, b1 = blended[1, y0], blended[1, y1]
+            c0, c1 = blended[2, y0], blended[2, y1]
+            o0, o1, o2 = out[0, z, y], out[1, z, y], out[2, z, y]
+            if diagonal:
+                m0, m1, m2 = m[0, 0], m[1, 1], m[2, 2]
+                for x in range(nx):
+                    o0[x] = store_as(m0 * (a0[x] + wy * (a1[x] - a0[x])), o0)
+                    o1[x] = store_as(m1 * (b0[x] + wy * (b1[x] - b0[x])), o1)
+                    o2[x] = store_as(m2 * (c0[x] + wy * (c1[x] - c0[x])), o2)
+            else:
+                for x in range(nx):
+                    a = a0[x] + wy * (a1[x] - a0[x])
+                    b = b0[x] + wy * (b1[x] - b0[x])
+                    c = c0[x] + wy * (c1[x] - c0[x])
+                    o0[x] = store_as(m[0, 0] * a + m[0, 1] * b + m[0, 2] * c, o0)
+                    o1[x] = store_as(m[1, 0] * a + m[1, 1] * b + m[1, 2] * c, o1)
+                    o2[x] = store_as(m[2, 0] * a + m[2, 1] * b + m[2, 2] * c, o2)
 
 
 class FieldResizer:
@@ -204,10 +233,8 @@ class FieldResizer:
         elif out.shape != (3, *self.dst_shape) or out.dtype != self.dtype:
             raise BreathcastError(f"out must be a {self.dtype} array of shape (3, {self.dst_shape}), got {out.dtype} {out.shape}")
         _resize_x(np.ascontiguousarray(u, dtype=np.float32), *self._x, self._after_x)
-        if self.dtype == np.float16:
-            _resize_zy_f16(self._after_x, *self._zy, self.matrix, out.view(np.uint16))
-        else:
-            _resize_zy_f32(self._after_x, *self._zy, self.matrix, out)
+        # float16 is written as its bits into a uint16 view (numba has no float16 arrays)
+        _resize_zy(self._after_x, *self._zy, self.matrix, out.view(np.uint16) if self.dtype == np.float16 else out)
         return out
 
 

@@ -35,13 +35,11 @@ import json
 from typing import Any
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from breathcast.errors import BreathcastError
 from breathcast.geometry import Grid
-from breathcast.resize import axis_weights, trilinear_corners, voxel_to_lps_matrix
+from breathcast.resize import axis_weights, load_float32, store_as, trilinear_corners, voxel_to_lps_matrix
 
 __all__ = ["FieldModel", "state_basis", "reference_field", "field_model_from_predictor", "COEFFICIENT_DTYPES"]
 
@@ -51,93 +49,58 @@ COEFFICIENT_DTYPES = ("float32", "float16")
 _KERNEL = dict(parallel=True, cache=True, fastmath=True, error_model="numpy", nogil=True)
 
 
-@intrinsic
-def _half_store(typingctx, x):
-    """float32 -> the bits of the nearest float16 (numba has no float16 arrays: the output is a uint16 view)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-    return types.uint16(types.float32), codegen
-
-
-@intrinsic
-def _half_load(typingctx, bits):
-    """The bits of a float16 (uint16) -> its float32 value (vcvtph2ps with F16C)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
-
-
-@njit(inline="always", cache=True)
-def _same(x):
-    return x
-
-
-def _make_polynomial_x(load):
-    @njit(**_KERNEL)
-    def polynomial_x(coefficients, live, basis, xlo, xhi, xw, out):
-        """(K, 3, Z, Y, X) coefficients at (Z, K) basis -> (3, Z, Y, Xd): each row of the polynomial is made once and
-        resampled along x while it is in cache (the model-grid field is never written). Rows whose coefficients are
-        all zero (``live[c, z, y]`` 0: outside what moves, e.g. beyond a sliding mask) are not read."""
-        k_terms, _, nz, ny, nx = coefficients.shape
-        nxd = out.shape[3]
-        for k in prange(3 * nz):
-            c, z = k // nz, k % nz
-            row = np.empty(nx, np.float32)
-            for y in range(ny):
-                if not live[c, z, y]:
-                    dst = out[c, z, y]
-                    for x in range(nxd):
-                        dst[x] = 0.0
-                    continue
-                b0 = basis[z, 0]
-                src = coefficients[0, c, z, y]
-                for x in range(nx):
-                    row[x] = b0 * load(src[x])
-                for t in range(1, k_terms):
-                    bt = basis[z, t]
-                    src = coefficients[t, c, z, y]
-                    for x in range(nx):
-                        row[x] += bt * load(src[x])
+@njit(**_KERNEL)
+def _polynomial_x(coefficients, live, basis, xlo, xhi, xw, out):
+    """(K, 3, Z, Y, X) coefficients at (Z, K) basis -> (3, Z, Y, Xd): each row of the polynomial is made once and
+    resampled along x while it is in cache (the model-grid field is never written). Rows whose coefficients are
+    all zero (``live[c, z, y]`` 0: outside what moves, e.g. beyond a sliding mask) are not read."""
+    k_terms, _, nz, ny, nx = coefficients.shape
+    nxd = out.shape[3]
+    for k in prange(3 * nz):
+        c, z = k // nz, k % nz
+        row = np.empty(nx, np.float32)
+        for y in range(ny):
+            if not live[c, z, y]:
                 dst = out[c, z, y]
                 for x in range(nxd):
-                    v = row[xlo[x]]
-                    dst[x] = v + xw[x] * (row[xhi[x]] - v)
-
-    return polynomial_x
-
-
-def _make_resize_zy(store):
-    @njit(**_KERNEL)
-    def resize_zy(src, zlo, zhi, zw, ylo, yhi, yw, write, out):
-        """(3, Zs, Ys, X) float32 -> (3, Zd, Yd, X): per output slice two source slices blended along z once, then
-        each output row blends two of those rows along y and is written in the output dtype; rows with
-        ``write[c, z, y]`` 0 are left as they are (the caller knows they hold zeros already)."""
-        _, _, nys, nx = src.shape
-        _, nzd, nyd, _ = out.shape
-        for k in prange(3 * nzd):
-            c, z = k // nzd, k % nzd
-            s0, s1, wz = src[c, zlo[z]], src[c, zhi[z]], zw[z]
-            blended = np.empty((nys, nx), np.float32)
-            for y in range(nys):
+                    dst[x] = 0.0
+                continue
+            b0 = basis[z, 0]
+            src = coefficients[0, c, z, y]
+            for x in range(nx):
+                row[x] = b0 * load_float32(src[x])
+            for t in range(1, k_terms):
+                bt = basis[z, t]
+                src = coefficients[t, c, z, y]
                 for x in range(nx):
-                    blended[y, x] = s0[y, x] + wz * (s1[y, x] - s0[y, x])
-            for y in range(nyd):
-                if not write[c, z, y]:
-                    continue
-                r0, r1, wy = blended[ylo[y]], blended[yhi[y]], yw[y]
-                dst = out[c, z, y]
-                for x in range(nx):
-                    dst[x] = store(r0[x] + wy * (r1[x] - r0[x]))
-
-    return resize_zy
+                    row[x] += bt * load_float32(src[x])
+            dst = out[c, z, y]
+            for x in range(nxd):
+                v = row[xlo[x]]
+                dst[x] = v + xw[x] * (row[xhi[x]] - v)
 
 
-_POLYNOMIAL_X = {"float32": _make_polynomial_x(_same), "float16": _make_polynomial_x(_half_load)}
-_RESIZE_ZY = {"float32": _make_resize_zy(_same), "float16": _make_resize_zy(_half_store)}
+@njit(**_KERNEL)
+def _resize_zy(src, zlo, zhi, zw, ylo, yhi, yw, write, out):
+    """(3, Zs, Ys, X) float32 -> (3, Zd, Yd, X): per output slice two source slices blended along z once, then
+    each output row blends two of those rows along y and is written in the output dtype; rows with
+    ``write[c, z, y]`` 0 are left as they are (the caller knows they hold zeros already)."""
+    _, _, nys, nx = src.shape
+    _, nzd, nyd, _ = out.shape
+    for k in prange(3 * nzd):
+        c, z = k // nzd, k % nzd
+        s0, s1, wz = src[c, zlo[z]], src[c, zhi[z]], zw[z]
+        blended = np.empty((nys, nx), np.float32)
+        for y in range(nys):
+            for x in range(nx):
+                blended[y, x] = s0[y, x] + wz * (s1[y, x] - s0[y, x])
+        for y in range(nyd):
+            if not write[c, z, y]:
+                continue
+            r0, r1, wy = blended[ylo[y]], blended[yhi[y]], yw[y]
+            dst = out[c, z, y]
+            for x in range(nx):
+                dst[x] = store_as(r0[x] + wy * (r1[x] - r0[x]), dst)
 
 
 def state_basis(a: np.ndarray, r: np.ndarray, terms: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -237,12 +200,9 @@ class FieldModel:
             raise BreathcastError(f"the model produced a non-finite displacement (values up to {bound:.3g} mm do not fit {dtype})")
         x_weights, zy_weights, after_x, every_row, live_rows = self._plan(shape)
         c = self.coefficients.view(np.uint16) if self.dtype == "float16" else self.coefficients
-        _POLYNOMIAL_X[self.dtype](c, self._live, basis, *x_weights, after_x)
+        _polynomial_x(c, self._live, basis, *x_weights, after_x)
         write = live_rows if zeros_kept else every_row
-        if dtype == np.float16:
-            _RESIZE_ZY["float16"](after_x, *zy_weights, write, out.view(np.uint16))
-        else:
-            _RESIZE_ZY["float32"](after_x, *zy_weights, write, out)
+        _resize_zy(after_x, *zy_weights, write, out.view(np.uint16) if dtype == np.float16 else out)
         return out
 
     def at_lps(self, a: np.ndarray, r: np.ndarray, points_lps_mm: np.ndarray) -> np.ndarray:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -53,3 +57,27 @@ def test_bad_shapes_are_refused():
         resizer(np.zeros((3, 4, 4, 4), np.float32), out=np.zeros((3, 8, 8, 8), np.float16))
     with pytest.raises(BreathcastError, match="float32 or float16"):
         FieldResizer((4, 4, 4), (8, 8, 8), dtype=np.float64)
+
+
+_KERNEL_CACHE_PROBE = """
+import json, numpy as np
+from breathcast import resize
+from breathcast.geometry import Grid
+from breathcast.stream import field_coefficients
+grid = Grid.centered((4, 4, 4), (20.0, 20.0, 20.0))
+for coefficients in (np.float32, np.float16):
+    model = field_coefficients.FieldModel(np.ones((1, 3, 4, 4, 4), coefficients), ((0, 0),), grid)
+    for out in (np.float32, np.float16):
+        model.field(np.ones(4), np.zeros(4), shape=(6, 6, 6), dtype=out)
+        resize.FieldResizer((4, 4, 4), (6, 6, 6), dtype=out)(np.ones((3, 4, 4, 4), np.float32))
+kernels = [resize._resize_x, resize._resize_zy, field_coefficients._polynomial_x, field_coefficients._resize_zy]
+print(json.dumps([[sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values())] for k in kernels]))
+"""
+
+
+def test_a_new_process_loads_the_field_kernels_from_numbas_cache():
+    """Every float32/float16 variant of the field kernels compiles once per install, not once per process (a kernel
+    made by a closure is never found in numba's cache: ~5-9 s of compiling at every start of a daemon)."""
+    runs = [subprocess.run([sys.executable, "-c", _KERNEL_CACHE_PROBE], capture_output=True, text=True, check=True) for _ in range(2)]
+    hits_and_misses = json.loads(runs[1].stdout)
+    assert all(misses == 0 and hits > 0 for hits, misses in hits_and_misses), hits_and_misses
