@@ -10,7 +10,9 @@ canonical frame, lung-centred model box, direct path.
   (end-exhale) moves its 40 landmarks (pull-back: solve p + u(p) = q) and they are compared with the real
   phase-50 landmarks. Bar: mean TRE <= 2.5 mm (goal 1.5); no deformation 5.6 mm. Beside it, where the error lies
   (:func:`landmark_error_parts`): the predicted and real motion per component (LR, AP, SI), the SI motion of each
-  lung, the TRE at the best single scale of the predicted motion, and DIR-Lab's spread of the same between patients.
+  lung, the TRE at the best single scale of the predicted motion, and DIR-Lab's spread of the same between patients;
+  and a population reference without a network (:func:`population_reference`): DIR-Lab's average motion pattern given
+  POPI's true mean motion, i.e. what a model that sees no patient-specific motion can reach.
 - **Anatomical plausibility** on the three real CTs, plan -> the other end of the breath (4D-Lung phase 5 is
   taken as exhale: amplitude 0 -> 1; POPI is inhale: 1 -> 0): mean |u| of the vertebrae and outside the body
   (<= 1 mm), of the chest wall 5-25 mm outside the lungs (<= 3 mm), of the lowest fifth of the lungs (>= 8 mm),
@@ -47,8 +49,9 @@ from breathcast.io.dicom_io import read_ct_series
 from breathcast.io.landmarks import read_dirlab_cases, read_popi
 from breathcast.model_box import check_plan, model_box_volume, resample_onto
 from breathcast.motion_prior import motion_prior
-from breathcast.segmentation import signed_distance_mm
+from breathcast.segmentation import segment_thorax, signed_distance_mm
 from breathcast.sim.anatomy import LUNG_LABELS
+from breathcast.sim.landmark_model import fit_landmark_model, leave_one_out_tre
 from breathcast.sim.motion_statistics import si_ap_gradient
 from breathcast.warp import count_folds
 
@@ -134,6 +137,7 @@ def popi_landmarks(package) -> tuple[dict, tuple]:
     now_alone, _ = alone.target_positions(field_at(alone, 0.0))
     result["tre_mean_mm_network_alone"] = float(np.linalg.norm(now_alone - exhale, axis=1).mean())
     result["tre_mean_mm_prior_alone"] = float(np.linalg.norm(inhale + prior_full - exhale, axis=1).mean())
+    result["population_reference"] = population_reference(full, inhale, exhale)
     return result, (full, predictor, u, inhale, exhale, now)
 
 
@@ -149,11 +153,17 @@ def landmark_error_parts(plan_points: np.ndarray, predicted: np.ndarray, real: n
     Per component (LR, AP, SI): mean |predicted|, mean |real|, their signed means and the mean |error|; the right/left
     ratio of SI motion and how much more the back moves than the front at equal height
     (:func:`~breathcast.sim.motion_statistics.si_ap_gradient`, at the plan positions), predicted and real; the mean
-    TRE after the best single scale s of the predicted motion (least squares, s = <p, r> / <p, p>); and, over DIR-Lab's
+    TRE after the best single scale s of the predicted motion (least squares, s = <p, r> / <p, p>), and after the best
+    scale of each lung's SI motion alone (the points right and left of the median x); and, over DIR-Lab's
     10 cases (exhale -> inhale, the same measures), the range of the signed mean AP and of the right/left SI ratio: how
     far these differ between patients.
     """
     scale = float((predicted * real).sum() / max(float((predicted * predicted).sum()), 1e-12))
+    per_lung = predicted.copy()
+    right = plan_points[:, 0] < np.median(plan_points[:, 0])
+    for side in (right, ~right):
+        si = predicted[side, 2]
+        per_lung[side, 2] *= float(si @ real[side, 2]) / max(float(si @ si), 1e-12)
     dirlab = read_dirlab_cases(DATA / "landmarks" / "dirlab")
     signed_ap = [float((c.inhale_mm - c.exhale_mm)[:, 1].mean()) for c in dirlab]
     right_left = [_right_left_si(c.exhale_mm, c.inhale_mm - c.exhale_mm) for c in dirlab]
@@ -166,8 +176,33 @@ def landmark_error_parts(plan_points: np.ndarray, predicted: np.ndarray, real: n
         "si_ap_gradient": {"predicted": si_ap_gradient(plan_points, predicted),
                            "real": si_ap_gradient(plan_points, real)},
         "best_scale": scale, "tre_mean_mm_at_best_scale": float(np.linalg.norm(scale * predicted - real, axis=1).mean()),
+        "tre_mean_mm_at_best_si_scale_per_lung": float(np.linalg.norm(per_lung - real, axis=1).mean()),
         "dirlab_signed_mean_ap_mm_range": [min(signed_ap), max(signed_ap)],
         "dirlab_right_left_si_ratio_range": [min(right_left), max(right_left)],
+    }
+
+
+def population_reference(volume: Volume, inhale: np.ndarray, exhale: np.ndarray) -> dict:
+    """How well the average pattern of real lungs places POPI's landmarks: the population model of DIR-Lab's 10 cases
+    (:func:`~breathcast.sim.landmark_model.fit_landmark_model`, inhale -> exhale) given POPI's true mean |SI| motion (an
+    oracle no served model has), the points placed in the lungs by the landmarks' own extent (as in the fit) and by
+    the segmented lungs' (1st-99th percentiles of the lung voxels); and the same model's error on each DIR-Lab case
+    when fitted on the other nine (:func:`~breathcast.sim.landmark_model.leave_one_out_tre`)."""
+    cases = read_dirlab_cases(DATA / "landmarks" / "dirlab")
+    model = fit_landmark_model(cases)
+    real = exhale - inhale
+    mean_si = float(np.abs(real[:, 2]).mean())
+    seg = segment_thorax(volume)
+    lungs = np.percentile(seg.grid.index_to_lps(np.argwhere(seg.lungs)), [1.0, 99.0], axis=0)
+    by_landmarks = model.predict(inhale, mean_si)
+    by_lungs = model.predict(inhale, mean_si, (lungs[0], lungs[1]))
+    leave_one_out = leave_one_out_tre(cases)
+    return {
+        "tre_mean_mm_by_landmark_extent": float(np.linalg.norm(by_landmarks - real, axis=1).mean()),
+        "tre_mean_mm_by_lung_extent": float(np.linalg.norm(by_lungs - real, axis=1).mean()),
+        "right_left_si_ratio_by_lung_extent": _right_left_si(inhale, by_lungs),
+        "dirlab_leave_one_out_tre_mean_mm": float(np.mean(leave_one_out)),
+        "dirlab_mean_motion_mm": float(np.mean([np.linalg.norm(c.displacement_mm, axis=1).mean() for c in cases])),
     }
 
 
@@ -415,9 +450,17 @@ def main() -> None:
               f"{rl['predicted']:.2f}, real {rl['real']:.2f}. Back over front at equal height (SI, per mean |SI|): "
               f"predicted {parts['si_ap_gradient']['predicted']:.2f}, real {parts['si_ap_gradient']['real']:.2f}. "
               f"TRE at the best single scale of the predicted motion "
-              f"({parts['best_scale']:.2f}): {parts['tre_mean_mm_at_best_scale']:.2f} mm. DIR-Lab's 10 cases (exhale -> inhale): "
+              f"({parts['best_scale']:.2f}): {parts['tre_mean_mm_at_best_scale']:.2f} mm; with each lung's SI motion at its "
+              f"best scale: {parts['tre_mean_mm_at_best_si_scale_per_lung']:.2f} mm. DIR-Lab's 10 cases (exhale -> inhale): "
               f"signed mean AP {parts['dirlab_signed_mean_ap_mm_range'][0]:.2f} to {parts['dirlab_signed_mean_ap_mm_range'][1]:.2f} mm, "
               f"right/left SI ratio {parts['dirlab_right_left_si_ratio_range'][0]:.2f} to {parts['dirlab_right_left_si_ratio_range'][1]:.2f}.")
+    ref = popi["population_reference"]
+    table += (f"\n\nPopulation reference (no network): DIR-Lab's average motion pattern (`breathcast/sim/landmark_model.py`) given "
+              f"POPI's true mean SI motion reads {ref['tre_mean_mm_by_landmark_extent']:.2f} mm on POPI (points placed by the "
+              f"landmarks' extent, as fitted) or {ref['tre_mean_mm_by_lung_extent']:.2f} mm (by the segmented lungs'), right/left "
+              f"SI ratio {ref['right_left_si_ratio_by_lung_extent']:.2f}; fitted on nine DIR-Lab cases it reads "
+              f"{ref['dirlab_leave_one_out_tre_mean_mm']:.2f} mm on the tenth (mean over the ten; their mean motion "
+              f"{ref['dirlab_mean_motion_mm']:.2f} mm).")
     print(table)
     if not args.no_readme:
         update_readme_table(args.name, table)
