@@ -26,6 +26,7 @@ __all__ = [
     "resample_to_spacing",
     "PlanCheck",
     "check_plan",
+    "NO_TRACHEA_WARNING",
     "lung_centre_mm",
     "lungs_cut_along_z",
     "field_of_view_along_z",
@@ -77,12 +78,18 @@ class PlanCheck:
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
+NO_TRACHEA_WARNING = "no trachea in view: the CT's superior-inferior direction could not be checked against its anatomy"
+"""A plan's warning where too little trachea is in view (a field of view below the carina; a coarse simulated CT)."""
+
+
 def check_plan(volume: Volume) -> PlanCheck:
     """Find the lungs of a canonical planning CT and check the plan is inside what the model knows.
 
     Raises:
         PlanRejected: no lungs; an anterior-posterior direction that contradicts the anatomy (the spine in
-            front of the lungs); an HU calibration that is not CT's (lungs or soft tissue far off their HU).
+            front of the lungs); a superior-inferior direction that contradicts it (the trachea below the lungs'
+            middle: slices in reverse order, or a feet-first scan whose header says head-first); an HU calibration
+            that is not CT's (lungs or soft tissue far off their HU).
     """
     small = resample_to_spacing(volume, SEGMENTATION_SPACING_MM)
     try:
@@ -104,7 +111,15 @@ def check_plan(volume: Volume) -> PlanCheck:
             f"(spine {seg.spine_offset_mm:+.0f} mm, mediastinum {seg.heart_offset_mm:+.0f} mm from the lungs' centre, "
             "posterior +): check the orientation in the file's header"
         )
+    if seg.superior_inferior_ok is False:
+        raise PlanRejected(
+            "plan rejected: the CT's superior-inferior direction contradicts its anatomy (only "
+            f"{100.0 * seg.airways_above_fraction:.0f} % of the trachea and main bronchi above the lungs' middle): check "
+            "the slice order and the patient position (head or feet first) in the file's header"
+        )
     warnings = []
+    if seg.superior_inferior_ok is None:
+        warnings.append(NO_TRACHEA_WARNING)
     lungs = seg.lungs
     cut_low, cut_high = lungs_cut_along_z(seg)
     if cut_low or cut_high:

@@ -46,6 +46,10 @@ SPINE_MARGIN_MM = 5.0
 """The still zone around the vertebrae that the moving cavity keeps clear of."""
 DISC_MM = 8.0
 """Intervertebral discs are darker than bone: the spine is closed along z over this distance."""
+MIN_AIRWAY_ML = 2.0
+"""Less trachea and main bronchi than this in view cannot tell the CT's superior-inferior direction."""
+TRACHEA_MIN_LENGTH_MM = 40.0
+"""A narrow midline air tube this long along z is taken as trachea even where it does not join the lungs."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,10 @@ class ThoraxSegmentation:
         spine_ml: volume of the vertebral column found (the largest midline bone, in front or behind), ml.
         heart_lr_offset_mm: x of the soft tissue between the lungs minus the body's midline: positive when
             the heart lies to the patient's left, as it does but in rare dextrocardia.
+        airway_ml: volume of the trachea and main bronchi found (the airways, and a narrow midline air tube at
+            least :data:`TRACHEA_MIN_LENGTH_MM` long that does not join the lungs), ml.
+        airways_above_fraction: the share of that volume above the lungs' mid-height: most of it, as it must in a
+            correctly oriented CT (NaN without airways).
     """
 
     labels: np.ndarray
@@ -79,6 +87,16 @@ class ThoraxSegmentation:
     heart_offset_mm: float = float("nan")
     spine_ml: float = 0.0
     heart_lr_offset_mm: float = float("nan")
+    airway_ml: float = 0.0
+    airways_above_fraction: float = float("nan")
+
+    @property
+    def superior_inferior_ok(self) -> bool | None:
+        """Whether the anatomy agrees with the grid's superior-inferior direction: the trachea and the main bronchi
+        lie in the upper half of the lungs' height. None when less than :data:`MIN_AIRWAY_ML` of them is in view."""
+        if self.airway_ml < MIN_AIRWAY_ML:
+            return None
+        return self.airways_above_fraction > 0.5
 
     @property
     def anterior_posterior_ok(self) -> bool:
@@ -237,6 +255,14 @@ def _airways(air_organs: np.ndarray, x_mm: np.ndarray, mid_x: float, spacing_zyx
     return airways
 
 
+def _trachea(inner_air: np.ndarray, airways: np.ndarray, x_mm: np.ndarray, mid_x: float, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+    """(Z, Y, X) bool: the airways and every narrow midline air tube at least :data:`TRACHEA_MIN_LENGTH_MM` long
+    along z, joined to the lungs or not (coarse voxels part a simulated trachea from them)."""
+    tubes, _ = ndimage.label(_airways(inner_air, x_mm, mid_x, spacing_zyx))
+    long = [i + 1 for i, box in enumerate(ndimage.find_objects(tubes)) if (box[0].stop - box[0].start) * spacing_zyx[0] >= TRACHEA_MIN_LENGTH_MM]
+    return airways | np.isin(tubes, long)
+
+
 def segment_thorax(volume: Volume) -> ThoraxSegmentation:
     """Segment a canonical thorax CT (HU); see the module docstring for what comes out.
 
@@ -251,7 +277,8 @@ def segment_thorax(volume: Volume) -> ThoraxSegmentation:
     y_mm = grid.origin[1] + grid.spacing[1] * np.arange(hu.shape[1])
     z_mm = (grid.origin[2] + grid.spacing[2] * np.arange(hu.shape[0]))[:, None, None]
 
-    air_organs = _air_organs(hu, _outside_air(hu, sp), sp)
+    outside = _outside_air(hu, sp)
+    air_organs = _air_organs(hu, outside, sp)
     # Body: tissue and the air organs, opened to drop the couch and cables, the largest component, filled.
     body = _largest_component(ndimage.binary_opening((hu > BODY_HU) | air_organs, structure=_ball(3.0, sp)))
     body = _fill_slices(body) | air_organs
@@ -285,6 +312,9 @@ def segment_thorax(volume: Volume) -> ThoraxSegmentation:
     mediastinum = np.argwhere((hu[middle] > -200.0) & (hu[middle] < BONE_HU) & hull[middle] & ~lungs[middle])
     heart_offset = float(y_mm[mediastinum[:, 1]].mean() - lung_y) if len(mediastinum) else float("nan")
     heart_lr = float(x_mm[mediastinum[:, 2]].mean() - mid_x) if len(mediastinum) else float("nan")
+    trachea = _trachea((hu < AIR_HU) & body & ~outside, airways, x_mm, mid_x, sp)
+    trachea_slices = np.argwhere(trachea)[:, 0]
+    above = float((trachea_slices > 0.5 * (lung_slices[0] + lung_slices[-1])).mean()) if len(trachea_slices) else float("nan")
     footprint = hull.any(axis=0)  # the rib cage seen from above
     inner_body = signed_distance_mm(body, sp) > WALL_MM
     abdomen = below & inner_body & (footprint[None] | (z_mm < z_mm[lung_slices[0], 0, 0]))
@@ -302,6 +332,7 @@ def segment_thorax(volume: Volume) -> ThoraxSegmentation:
         labels, cavity, spine, dome.astype(np.float32), float(z_mm[lung_slices[-1], 0, 0]), grid,
         spine_offset_mm=spine_offset, heart_offset_mm=heart_offset,
         spine_ml=float(column.sum() * np.prod(sp) / 1000.0), heart_lr_offset_mm=heart_lr,
+        airway_ml=float(trachea.sum() * np.prod(sp) / 1000.0), airways_above_fraction=above,
     )
 
 

@@ -32,7 +32,7 @@ from breathcast.io.dataset import open_dataset, read_patient
 from breathcast.io.dicom_io import read_ct_series, write_ct_series
 from breathcast.io.four_dct import read_4dct, write_4dct
 from breathcast.metrics import endpoint_error_mm
-from breathcast.model_box import MODEL_BOX_MM
+from breathcast.model_box import MODEL_BOX_MM, NO_TRACHEA_WARNING
 from breathcast.sim.anatomy import LUNG_LABELS
 from breathcast.sim.four_dct import FourDCTConfig, breathing_cycle, simulate_4dct
 from breathcast.sim.simulator import SimulationConfig
@@ -279,7 +279,8 @@ def test_daemon_serves_the_five_d_package(folder, boxed, five_d_package, tmp_pat
     with running_daemon(config, plan, five_d_package) as daemon, daemon_clients(daemon) as (tx, rx, ctl):
         seq, t0 = healthy(tx, rx)
         status = ctl.status()
-        assert status["state"] == "running" and status["plan"]["warnings"] == []
+        # the simulated phases' trachea is too thin for their voxels: the plan's one warning says so
+        assert status["state"] == "running" and status["plan"]["warnings"] == [NO_TRACHEA_WARNING]
         moved = []
         for level in (0.0, 1.0):  # hold end-exhale, then end-inhale, for a whole window each
             seq = send_trace(tx, seq, t0, 150, amplitude=level)

@@ -7,7 +7,8 @@ import pytest
 
 from breathcast.errors import PlanRejected
 from breathcast.geometry import Grid, Volume
-from breathcast.model_box import check_plan, lung_centred_grid, model_box_of_simulation, model_box_volume, resample_onto
+from breathcast.model_box import NO_TRACHEA_WARNING, check_plan, lung_centred_grid, model_box_of_simulation, model_box_volume, resample_onto
+from breathcast.sim.simulator import SimulationConfig, simulate_patient
 
 
 def test_resample_onto_the_same_grid_is_the_identity():
@@ -63,6 +64,20 @@ def test_a_plan_cut_through_the_lungs_gets_a_warning(small_patient):
                (grid.origin[0], grid.origin[1], grid.origin[2] + grid.spacing[2] * keep.start))
     check = check_plan(Volume(small_patient.reference_hu[keep], cut))
     assert any("cut at the base" in w for w in check.warnings)
+
+
+def test_a_plan_upside_down_is_rejected_and_one_without_trachea_is_served_with_a_warning():
+    """The trachea tells head from feet: above the lungs' middle as stored; slices in reverse order are refused; a
+    field of view below the carina cannot tell, and the plan says so (at 64³ the cartoon's trachea is visible)."""
+    patient = simulate_patient(3, SimulationConfig(grid_size=64, n_scans=1, noise_hu=0.0, crop_probability=0.0))
+    hu, grid = patient.reference_hu, patient.grid
+    assert NO_TRACHEA_WARNING not in check_plan(Volume(hu, grid)).warnings
+    with pytest.raises(PlanRejected, match="superior-inferior direction contradicts its anatomy"):
+        check_plan(Volume(np.ascontiguousarray(hu[::-1]), grid))
+    lung_z = np.flatnonzero(np.isin(patient.reference_labels, (4, 5)).any(axis=(1, 2)))
+    keep = int(lung_z.mean())  # the lower half of the lungs and below
+    lower = Grid((keep,) + grid.shape[1:], grid.spacing, grid.origin)
+    assert NO_TRACHEA_WARNING in check_plan(Volume(np.ascontiguousarray(hu[:keep]), lower)).warnings
 
 
 def test_manifest_box_comes_from_the_simulation_config():

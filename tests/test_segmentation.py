@@ -88,12 +88,19 @@ def _real_ct(relative: str) -> Volume:
     ("ct/lungct-examples/lungct-0001-phase5.nii.gz", False),
 ])
 def test_real_ct_lungs_and_orientation(relative, ap_ok):
-    """On the real CTs: two lungs of a plausible volume, bone found, and the header's orientation judged."""
-    canonical = _real_ct(relative)
-    seg = segment_thorax(resample_to_spacing(canonical, 3.0))
+    """On the real CTs: two lungs of a plausible volume, bone found, and the header's orientation judged (head to
+    feet by the trachea: right as stored, wrong with the slices reversed)."""
+    canonical = resample_to_spacing(_real_ct(relative), 3.0)
+    seg = segment_thorax(canonical)
     assert 1500.0 < seg.lung_volume_ml() < 8000.0
     assert (seg.labels == Label.LUNG_LEFT).any() and (seg.labels == Label.LUNG_RIGHT).any()
     assert seg.anterior_posterior_ok is ap_ok
+    z = canonical.grid.origin[2] + canonical.grid.spacing[2] * np.arange(canonical.shape[0])
+    for keep in (np.ones(len(z), bool), z >= z[0] + 60.0, z <= z[-1] - 60.0):  # whole; cropped 60 mm from below, above
+        grid = Grid((int(keep.sum()),) + canonical.shape[1:], canonical.grid.spacing, (*canonical.grid.origin[:2], float(z[keep][0])))
+        cropped = Volume(np.ascontiguousarray(canonical.array[keep]), grid)
+        assert segment_thorax(cropped).superior_inferior_ok is True
+        assert segment_thorax(cropped.with_array(np.ascontiguousarray(cropped.array[::-1]))).superior_inferior_ok is False
 
 
 @pytest.mark.parametrize("relative", ["ct/popi-phase00", "ct/lungct-examples/lungct-0103-phase5.nii.gz",

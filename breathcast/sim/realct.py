@@ -117,8 +117,12 @@ def load_anatomy_source(path: Path | str, spacing_mm: float = 3.0) -> AnatomySou
         raise BreathcastError(f"{path}: no such CT (a DICOM series folder or a NIfTI file)")
     canonical, _ = to_canonical(_read_ct(path))
     volume = resample_to_spacing(canonical, spacing_mm)
+    seg = segment_thorax(volume)
+    if seg.superior_inferior_ok is False:
+        raise BreathcastError(f"{path}: the CT's superior-inferior direction contradicts its anatomy (the trachea below the "
+                              "lungs' middle): check its slice order and patient position")
     flipped = False
-    if not segment_thorax(volume).anterior_posterior_ok:
+    if not seg.anterior_posterior_ok:
         volume = volume.with_array(np.ascontiguousarray(volume.array[:, ::-1, :]))
         if not segment_thorax(volume).anterior_posterior_ok:
             raise BreathcastError(f"{path}: cannot tell anterior from posterior in this CT (no spine, no mediastinum found)")
