@@ -114,7 +114,7 @@ def check_plan(volume: Volume) -> PlanCheck:
     if seg.superior_inferior_ok is False:
         raise PlanRejected(
             "plan rejected: the CT's superior-inferior direction contradicts its anatomy (only "
-            f"{100.0 * seg.airways_above_fraction:.0f} % of the trachea and main bronchi above the lungs' middle): check "
+            f"{100.0 * seg.trachea_above_fraction:.0f} % of the trachea and main bronchi above the lungs' middle): check "
             "the slice order and the patient position (head or feet first) in the file's header"
         )
     warnings = []

@@ -46,7 +46,7 @@ SPINE_MARGIN_MM = 5.0
 """The still zone around the vertebrae that the moving cavity keeps clear of."""
 DISC_MM = 8.0
 """Intervertebral discs are darker than bone: the spine is closed along z over this distance."""
-MIN_AIRWAY_ML = 2.0
+MIN_TRACHEA_ML = 2.0
 """Less trachea and main bronchi than this in view cannot tell the CT's superior-inferior direction."""
 TRACHEA_MIN_LENGTH_MM = 40.0
 """A narrow midline air tube this long along z is taken as trachea even where it does not join the lungs."""
@@ -71,10 +71,10 @@ class ThoraxSegmentation:
         spine_ml: volume of the vertebral column found (the largest midline bone, in front or behind), ml.
         heart_lr_offset_mm: x of the soft tissue between the lungs minus the body's midline: positive when
             the heart lies to the patient's left, as it does but in rare dextrocardia.
-        airway_ml: volume of the trachea and main bronchi found (the airways, and a narrow midline air tube at
+        trachea_ml: volume of the trachea and main bronchi found (the airways, and a narrow midline air tube at
             least :data:`TRACHEA_MIN_LENGTH_MM` long that does not join the lungs), ml.
-        airways_above_fraction: the share of that volume above the lungs' mid-height: most of it, as it must in a
-            correctly oriented CT (NaN without airways).
+        trachea_above_fraction: the share of that volume above the lungs' mid-height: most of it, as it must in a
+            correctly oriented CT (NaN without any).
     """
 
     labels: np.ndarray
@@ -87,16 +87,16 @@ class ThoraxSegmentation:
     heart_offset_mm: float = float("nan")
     spine_ml: float = 0.0
     heart_lr_offset_mm: float = float("nan")
-    airway_ml: float = 0.0
-    airways_above_fraction: float = float("nan")
+    trachea_ml: float = 0.0
+    trachea_above_fraction: float = float("nan")
 
     @property
     def superior_inferior_ok(self) -> bool | None:
         """Whether the anatomy agrees with the grid's superior-inferior direction: the trachea and the main bronchi
-        lie in the upper half of the lungs' height. None when less than :data:`MIN_AIRWAY_ML` of them is in view."""
-        if self.airway_ml < MIN_AIRWAY_ML:
+        lie in the upper half of the lungs' height. None when less than :data:`MIN_TRACHEA_ML` of them is in view."""
+        if self.trachea_ml < MIN_TRACHEA_ML:
             return None
-        return self.airways_above_fraction > 0.5
+        return self.trachea_above_fraction > 0.5
 
     @property
     def anterior_posterior_ok(self) -> bool:
@@ -332,7 +332,7 @@ def segment_thorax(volume: Volume) -> ThoraxSegmentation:
         labels, cavity, spine, dome.astype(np.float32), float(z_mm[lung_slices[-1], 0, 0]), grid,
         spine_offset_mm=spine_offset, heart_offset_mm=heart_offset,
         spine_ml=float(column.sum() * np.prod(sp) / 1000.0), heart_lr_offset_mm=heart_lr,
-        airway_ml=float(trachea.sum() * np.prod(sp) / 1000.0), airways_above_fraction=above,
+        trachea_ml=float(trachea.sum() * np.prod(sp) / 1000.0), trachea_above_fraction=above,
     )
 
 
