@@ -114,8 +114,8 @@ def _half_value(typingctx, bits):
 
 
 # Kernels read and write float16 arrays through uint16 views. These two helpers pick the conversion by type, so that
-# one kernel serves both dtypes: numba cannot cache a kernel made per dtype by a closure (every process compiled it
-# again, ~5 s, and added files to the cache).
+# one kernel serves both dtypes: numba cannot cache a kernel made per dtype by a closure (every process compiled the
+# field kernels again, 8.6 s in all, and added files to the cache: README "Benchmarks").
 
 
 def store_as(value, out_row):
