@@ -33,28 +33,30 @@ def smooth_velocity(size: int, max_voxels: float = 2.5, sigma_voxels: float = 6.
     return (v * (max_voxels / np.abs(v).max())).astype(np.float32)
 
 
+def _in_new_process_ms(code: str) -> float:
+    """Milliseconds from a fresh process's start of ``code`` (Python, after ``import time``) to its end."""
+    timed = f"import time; t = time.perf_counter(); {code}; print((time.perf_counter() - t) * 1e3)"
+    return float(subprocess.run([sys.executable, "-c", timed], capture_output=True, text=True, check=True).stdout)
+
+
 def first_call_in_new_process_ms() -> float:
     """Import + first scaling and squaring in a fresh process: what a daemon pays at start-up (numba cache warm)."""
-    code = (
-        "import time; t = time.perf_counter(); import numpy as np; from breathcast.warp import integrate_velocity;"
-        "integrate_velocity(np.zeros((3, 8, 8, 8), np.float32)); print((time.perf_counter() - t) * 1e3)"
+    return _in_new_process_ms(
+        "import numpy as np; from breathcast.warp import integrate_velocity; integrate_velocity(np.zeros((3, 8, 8, 8), np.float32))"
     )
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def field_kernels_in_new_process_ms() -> float:
     """Import + the first field resize and coefficient field of each dtype (float32, float16) in a fresh process:
     the daemon's field kernels at start-up (numba cache warm)."""
-    code = (
-        "import time; t = time.perf_counter(); import numpy as np; from breathcast.geometry import Grid;"
+    return _in_new_process_ms(
+        "import numpy as np; from breathcast.geometry import Grid;"
         "from breathcast.resize import FieldResizer; from breathcast.stream.field_coefficients import FieldModel;"
         "grid = Grid.centered((4, 4, 4), (20.0, 20.0, 20.0));"
         "[FieldModel(np.ones((1, 3, 4, 4, 4), c), ((0, 0),), grid).field(np.ones(4), np.zeros(4), shape=(6, 6, 6), dtype=o)"
         " for c in (np.float32, np.float16) for o in (np.float32, np.float16)];"
-        "[FieldResizer((4, 4, 4), (6, 6, 6), dtype=o)(np.ones((3, 4, 4, 4), np.float32)) for o in (np.float32, np.float16)];"
-        "print((time.perf_counter() - t) * 1e3)"
+        "[FieldResizer((4, 4, 4), (6, 6, 6), dtype=o)(np.ones((3, 4, 4, 4), np.float32)) for o in (np.float32, np.float16)]"
     )
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def bench_kernels(size: int, repeats: int) -> dict[str, dict]:

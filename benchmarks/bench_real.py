@@ -30,6 +30,7 @@ canonical frame, lung-centred model box, direct path.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +50,10 @@ from breathcast.io.dicom_io import read_ct_series
 from breathcast.io.landmarks import read_dirlab_cases, read_popi
 from breathcast.model_box import check_plan, model_box_volume, resample_onto
 from breathcast.motion_prior import motion_prior
-from breathcast.segmentation import segment_thorax, signed_distance_mm
+from breathcast.segmentation import ThoraxSegmentation, signed_distance_mm
 from breathcast.sim.anatomy import LUNG_LABELS
 from breathcast.sim.landmark_model import fit_landmark_model, leave_one_out_tre
-from breathcast.sim.motion_statistics import si_ap_gradient
+from breathcast.sim.motion_statistics import point_extent_mm, si_ap_gradient
 from breathcast.warp import count_folds
 
 DATA = ROOT.parent / "shared" / "data"
@@ -137,13 +138,24 @@ def popi_landmarks(package) -> tuple[dict, tuple]:
     now_alone, _ = alone.target_positions(field_at(alone, 0.0))
     result["tre_mean_mm_network_alone"] = float(np.linalg.norm(now_alone - exhale, axis=1).mean())
     result["tre_mean_mm_prior_alone"] = float(np.linalg.norm(inhale + prior_full - exhale, axis=1).mean())
-    result["population_reference"] = population_reference(full, inhale, exhale)
+    result["population_reference"] = population_reference(predictor.plan_check.segmentation, inhale, exhale)
     return result, (full, predictor, u, inhale, exhale, now)
 
 
+@functools.cache
+def dirlab_cases() -> tuple:
+    """DIR-Lab's 10 cases of landmark pairs, read once."""
+    return tuple(read_dirlab_cases(DATA / "landmarks" / "dirlab"))
+
+
+def _right_lung(position: np.ndarray) -> np.ndarray:
+    """(N,) bool: the points right of the median x (LPS: smaller x), taken as the right lung's."""
+    return position[:, 0] < np.median(position[:, 0])
+
+
 def _right_left_si(position: np.ndarray, motion: np.ndarray) -> float:
-    """Mean |SI motion| of the points right of the median x (LPS: smaller x) over that of the points left of it."""
-    right = position[:, 0] < np.median(position[:, 0])
+    """Mean |SI motion| of the points of :func:`_right_lung` over that of the others."""
+    right = _right_lung(position)
     return float(np.abs(motion[right, 2]).mean() / np.abs(motion[~right, 2]).mean())
 
 
@@ -160,11 +172,11 @@ def landmark_error_parts(plan_points: np.ndarray, predicted: np.ndarray, real: n
     """
     scale = float((predicted * real).sum() / max(float((predicted * predicted).sum()), 1e-12))
     per_lung = predicted.copy()
-    right = plan_points[:, 0] < np.median(plan_points[:, 0])
+    right = _right_lung(plan_points)
     for side in (right, ~right):
         si = predicted[side, 2]
         per_lung[side, 2] *= float(si @ real[side, 2]) / max(float(si @ si), 1e-12)
-    dirlab = read_dirlab_cases(DATA / "landmarks" / "dirlab")
+    dirlab = dirlab_cases()
     signed_ap = [float((c.inhale_mm - c.exhale_mm)[:, 1].mean()) for c in dirlab]
     right_left = [_right_left_si(c.exhale_mm, c.inhale_mm - c.exhale_mm) for c in dirlab]
     return {
@@ -182,20 +194,20 @@ def landmark_error_parts(plan_points: np.ndarray, predicted: np.ndarray, real: n
     }
 
 
-def population_reference(volume: Volume, inhale: np.ndarray, exhale: np.ndarray) -> dict:
+def population_reference(lungs_segmentation: ThoraxSegmentation, inhale: np.ndarray, exhale: np.ndarray) -> dict:
     """How well the average pattern of real lungs places POPI's landmarks: the population model of DIR-Lab's 10 cases
     (:func:`~breathcast.sim.landmark_model.fit_landmark_model`, inhale -> exhale) given POPI's true mean |SI| motion (an
     oracle no served model has), the points placed in the lungs by the landmarks' own extent (as in the fit) and by
-    the segmented lungs' (1st-99th percentiles of the lung voxels); and the same model's error on each DIR-Lab case
-    when fitted on the other nine (:func:`~breathcast.sim.landmark_model.leave_one_out_tre`)."""
-    cases = read_dirlab_cases(DATA / "landmarks" / "dirlab")
+    the segmented lungs' (``lungs_segmentation``, the plan check's: 1st-99th percentiles of the lung voxels); and the
+    same model's error on each DIR-Lab case when fitted on the other nine
+    (:func:`~breathcast.sim.landmark_model.leave_one_out_tre`)."""
+    cases = list(dirlab_cases())
     model = fit_landmark_model(cases)
     real = exhale - inhale
     mean_si = float(np.abs(real[:, 2]).mean())
-    seg = segment_thorax(volume)
-    lungs = np.percentile(seg.grid.index_to_lps(np.argwhere(seg.lungs)), [1.0, 99.0], axis=0)
+    lung_voxels = lungs_segmentation.grid.index_to_lps(np.argwhere(lungs_segmentation.lungs))
     by_landmarks = model.predict(inhale, mean_si)
-    by_lungs = model.predict(inhale, mean_si, (lungs[0], lungs[1]))
+    by_lungs = model.predict(inhale, mean_si, point_extent_mm(lung_voxels))
     leave_one_out = leave_one_out_tre(cases)
     return {
         "tre_mean_mm_by_landmark_extent": float(np.linalg.norm(by_landmarks - real, axis=1).mean()),

@@ -23,3 +23,10 @@ def shared_data_file(relative: str) -> Path:
 def small_patient() -> SimulatedPatient:
     """A 48³ patient with 6 noiseless scans, the whole body in view: quick, its ground truth exact up to interpolation."""
     return simulate_patient(13, SimulationConfig(grid_size=48, n_scans=6, noise_hu=0.0, crop_probability=0.0))
+
+
+@pytest.fixture(scope="session")
+def thorax64() -> SimulatedPatient:
+    """A 64³ patient with one noiseless scan, the whole body in view: its trachea is seen (at 48³ it is not), which
+    the plan check's head-feet cue needs."""
+    return simulate_patient(3, SimulationConfig(grid_size=64, n_scans=1, noise_hu=0.0, crop_probability=0.0))

@@ -8,7 +8,6 @@ import pytest
 from breathcast.errors import PlanRejected
 from breathcast.geometry import Grid, Volume
 from breathcast.model_box import NO_TRACHEA_WARNING, check_plan, lung_centred_grid, model_box_of_simulation, model_box_volume, resample_onto
-from breathcast.sim.simulator import SimulationConfig, simulate_patient
 
 
 def test_resample_onto_the_same_grid_is_the_identity():
@@ -66,10 +65,10 @@ def test_a_plan_cut_through_the_lungs_gets_a_warning(small_patient):
     assert any("cut at the base" in w for w in check.warnings)
 
 
-def test_a_plan_upside_down_is_rejected_and_one_without_trachea_is_served_with_a_warning():
+def test_a_plan_upside_down_is_rejected_and_one_without_trachea_is_served_with_a_warning(thorax64):
     """The trachea tells head from feet: above the lungs' middle as stored; slices in reverse order are refused; a
     field of view below the carina cannot tell, and the plan says so (at 64³ the cartoon's trachea is visible)."""
-    patient = simulate_patient(3, SimulationConfig(grid_size=64, n_scans=1, noise_hu=0.0, crop_probability=0.0))
+    patient = thorax64
     hu, grid = patient.reference_hu, patient.grid
     assert NO_TRACHEA_WARNING not in check_plan(Volume(hu, grid)).warnings
     with pytest.raises(PlanRejected, match="superior-inferior direction contradicts its anatomy"):

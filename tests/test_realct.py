@@ -20,7 +20,7 @@ from breathcast.sim.realct import (
     simulate_realct_patient,
 )
 from breathcast.sim.motion_statistics import field_statistics
-from breathcast.sim.simulator import SimulationConfig, simulate_patient
+from breathcast.sim.simulator import SimulationConfig
 from breathcast.warp import count_folds
 from tests.conftest import shared_data_file
 
@@ -141,16 +141,15 @@ def test_a_source_whose_header_reverses_front_and_back_is_flipped(small_patient,
     assert source.flipped_anterior_posterior
 
 
-def test_a_source_whose_slices_run_feet_to_head_is_refused(tmp_path):
+def test_a_source_whose_slices_run_feet_to_head_is_refused(thorax64, tmp_path):
     """A CT whose trachea lies below its lungs' middle is not flipped by guesswork: the source is refused, saying why."""
     import nibabel as nib
 
     from breathcast.io.dataset import grid_to_nifti_affine
 
-    patient = simulate_patient(3, SimulationConfig(grid_size=64, n_scans=1, noise_hu=0.0, crop_probability=0.0))
-    upside_down = np.ascontiguousarray(patient.reference_hu[::-1])
+    upside_down = np.ascontiguousarray(thorax64.reference_hu[::-1])
     path = tmp_path / "ct.nii.gz"
-    nib.save(nib.Nifti1Image(upside_down.transpose(2, 1, 0), grid_to_nifti_affine(patient.grid)), path)
+    nib.save(nib.Nifti1Image(upside_down.transpose(2, 1, 0), grid_to_nifti_affine(thorax64.grid)), path)
     with pytest.raises(BreathcastError, match="superior-inferior direction contradicts its anatomy"):
         load_anatomy_source(path)
 

@@ -35,7 +35,6 @@ from stream_fixtures import (  # noqa: F401  (fixtures)
 
 from breathcast.errors import PlanRejected
 from breathcast.geometry import Grid, Volume
-from breathcast.sim.simulator import SimulationConfig, simulate_patient
 from breathcast.stream.client import ControlClient, SampleSender, Subscriber
 from breathcast.stream.config import PlausibilityConfig
 from breathcast.stream.faults import Fuzzer, GateWatcher, frame_violations, reply_violations, run_fuzz
@@ -360,22 +359,21 @@ def test_sigterm_ends_the_daemon_in_2_s_with_a_thread_stuck_and_the_torn_log_rep
     assert math.isfinite(contents.records[0]["t_wall"])
 
 
-def _water() -> Volume:
+def _water(_thorax) -> Volume:
     grid = Grid((24, 32, 32), (10.0, 10.0, 10.0), origin=(-155.0, -155.0, -115.0))
     return Volume(np.full(grid.shape, 30.0, np.float32), grid)
 
 
-def _upside_down_thorax() -> Volume:
-    """A cartoon thorax at 64³ (its trachea visible) with its slices in reverse order."""
-    patient = simulate_patient(3, SimulationConfig(grid_size=64, n_scans=1, noise_hu=0.0, crop_probability=0.0))
-    return Volume(np.ascontiguousarray(patient.reference_hu[::-1]), patient.grid)
+def _upside_down(thorax) -> Volume:
+    """``thorax`` (64³: its trachea visible) with its slices in reverse order."""
+    return Volume(np.ascontiguousarray(thorax.reference_hu[::-1]), thorax.grid)
 
 
 @pytest.mark.parametrize("volume, reason", [
     (_water, "no lungs found"),
-    (_upside_down_thorax, "superior-inferior direction contradicts its anatomy"),
+    (_upside_down, "superior-inferior direction contradicts its anatomy"),
 ])
-def test_a_lung_centred_package_rejects_a_plan_it_does_not_know(tmp_path, volume, reason):
+def test_a_lung_centred_package_rejects_a_plan_it_does_not_know(tmp_path, thorax64, volume, reason):
     """No patching: a lung-centred package (as the shipped one) refuses, at load, a CT with no lungs and a thorax
     whose slices run feet to head under a head-first header; the gate holds `plan_rejected` and status says why."""
     import torch
@@ -391,7 +389,7 @@ def test_a_lung_centred_package_rejects_a_plan_it_does_not_know(tmp_path, volume
     trace = TraceSpec(window_samples=448, sample_interval_s=2.3 / 447, slices=16)
     package = export_cvae(model, tmp_path / "boxed", trace=trace,
                           training={"model_box": {"anchor": "lungs", "extent_mm": [400.0, 400.0, 320.0]}})
-    ct = volume()
+    ct = volume(thorax64)
     plan = Plan(ct, np.zeros(ct.shape[0]), name="unknown")
     config = make_config(tmp_path)
     daemon = Daemon(config, plan=plan, package=package).start()

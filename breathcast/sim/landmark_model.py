@@ -4,7 +4,8 @@ The displacement of a point between two breathing states, per mm of the patient'
 as a quadratic function of its normalised position in the lungs (height, front-back, distance from the midline)
 with right-lung terms, fitted by least squares to several patients' landmark pairs (DIR-Lab's 10 cases).
 Positions are normalised as in :mod:`breathcast.sim.motion_statistics`: by the 1st and 99th percentiles of the
-sample's own points, so landmarks without images are placed in their lungs by where they are.
+sample's own points (:func:`~breathcast.sim.motion_statistics.point_extent_mm`), so landmarks without images are
+placed in their lungs by where they are.
 
 It is a reference, not a predictor the engine serves: given a patient's mean motion it says how well the average
 pattern of real lungs places that patient's landmarks, i.e. how much of a landmark error no anatomy-blind model
@@ -20,6 +21,7 @@ import numpy as np
 
 from breathcast.errors import BreathcastError
 from breathcast.io.landmarks import LandmarkPairs
+from breathcast.sim.motion_statistics import point_extent_mm
 
 __all__ = ["TERMS", "LandmarkMotionModel", "fit_landmark_model", "leave_one_out_tre"]
 
@@ -28,14 +30,11 @@ TERMS = ("1", "h", "a", "l", "h^2", "a^2", "h a", "h l", "a l", "r", "r h", "r a
 distance from the midline (0 midline, 1 lateral), r 1 in the right lung (x below the lungs' middle: the patient's
 right is LPS -x) and 0 in the left."""
 
-_PERCENTILES = (1.0, 99.0)
-
-
 def _design(points_mm: np.ndarray, extent_mm: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(N, len(TERMS)) the terms at ``points_mm`` (N, 3) (x, y, z) mm, x left, y posterior, z superior, normalised by
     ``extent_mm`` (low, high corners, mm) or, when it is None, by the points' own 1st-99th percentiles."""
     q = np.asarray(points_mm, dtype=np.float64)
-    low, high = extent_mm if extent_mm is not None else np.percentile(q, _PERCENTILES, axis=0)
+    low, high = extent_mm if extent_mm is not None else point_extent_mm(q)
     p = (q - np.asarray(low)) / np.maximum(np.asarray(high) - np.asarray(low), 1e-9)
     h, a = p[:, 2], p[:, 1]
     lateral = np.abs(p[:, 0] - 0.5) * 2.0

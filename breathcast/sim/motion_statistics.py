@@ -42,6 +42,7 @@ __all__ = [
     "lung_shift",
     "lung_shift_design",
     "si_ap_gradient",
+    "point_extent_mm",
 ]
 
 N_BINS = 5
@@ -301,7 +302,7 @@ def si_ap_gradient(exhale_mm: np.ndarray, displacement_mm: np.ndarray) -> float:
 def lung_shift_design(exhale_mm: np.ndarray, displacement_mm: np.ndarray) -> np.ndarray:
     """(N, 3) ``|d_z| (1, h, l)`` of :func:`lung_shift`: d_y = design @ (c, a, b)."""
     q = np.asarray(exhale_mm, dtype=np.float64)
-    low, high = np.percentile(q, _EXTENT_PERCENTILES, axis=0)
+    low, high = point_extent_mm(q)
     half = np.maximum(0.5 * (high - low), 1e-9)
     height = np.clip((q[:, 2] - 0.5 * (low[2] + high[2])) / half[2], -1.0, 1.0)
     lateral = np.clip(np.abs(q[:, 0] - 0.5 * (low[0] + high[0])) / half[0], 0.0, 1.0)
@@ -309,9 +310,16 @@ def lung_shift_design(exhale_mm: np.ndarray, displacement_mm: np.ndarray) -> np.
     return si[:, None] * np.stack([np.ones_like(height), height, lateral], axis=1)
 
 
+def point_extent_mm(points_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high), each (3,) mm: the 1st and 99th percentiles of the points (N, 3) along each axis, where a sample's
+    lungs are taken to end (landmarks without images and simulated lungs alike)."""
+    low, high = np.percentile(np.asarray(points_mm, dtype=np.float64), _EXTENT_PERCENTILES, axis=0)
+    return low, high
+
+
 def _normalised_position(q: np.ndarray) -> np.ndarray:
     """(N, 3) each coordinate of the points ``q`` (N, 3) mm, 0 at its 1st percentile and 1 at its 99th (unclipped)."""
-    low, high = np.percentile(q, _EXTENT_PERCENTILES, axis=0)
+    low, high = point_extent_mm(q)
     return (q - low) / np.maximum(high - low, 1e-9)
 
 
